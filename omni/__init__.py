@@ -1,0 +1,3 @@
+"""Omni: omnichannel marketing-automation orchestration on Prefect."""
+
+__version__ = "0.1.0"

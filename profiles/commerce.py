@@ -1,0 +1,230 @@
+"""Carts and orders derived from e-commerce events, independent of the order events arrive in.
+
+They are rebuilt from a customer's whole commerce history whenever a batch brings that customer a
+commerce event (or a merge), so a late or shuffled event lands exactly where it belongs:
+
+- An ``Order Completed`` on any channel (web, app, a store's POS; with or without ``cart_id``) is an
+  order, and converts every cart activity before it (at the same instant counts as before).
+- The open cart is the net of ``Product Added`` / ``Product Removed`` since the customer's last
+  ``Order Completed``: lines keyed by product_id (else sku, else name), value Σ price × quantity over
+  lines with quantity > 0, last activity the latest add / remove.
+- ``Order Updated`` with ``status`` ``placed`` / ``ready_for_pickup`` / ``picked_up`` moves an order of
+  the same customer (the latest update by event time wins); ``ready_for_pickup`` and ``picked_up`` mark
+  it a pickup order.
+- Fulfillment is ``properties.fulfillment`` when it is ``ship``, ``pickup`` or ``in_store``; else
+  ``in_store`` for a purchase on the ``store`` channel and ``ship`` for the others.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
+
+from profiles.identity import chunked
+from profiles.models import Cart, CartStatus, Event, Order, OrderStatus
+from profiles.segment import COMMERCE_EVENTS, ORDER_COMPLETED, ORDER_UPDATED, PRODUCT_EVENTS
+
+FULFILLMENTS = ("ship", "pickup", "in_store")
+ORDER_STATUSES = tuple(s.value for s in OrderStatus)
+
+
+def _num(value: Any, default: float | None = None) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return default
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, bool | dict | list):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+@dataclass
+class _CartState:
+    lines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+    cart_id: str | None = None
+    currency: str | None = None
+
+    def apply(self, name: str, props: dict, at: datetime) -> None:
+        key = _text(props.get("product_id")) or _text(props.get("sku")) or _text(props.get("name")) or "?"
+        line = self.lines.setdefault(
+            key,
+            {
+                "product_id": _text(props.get("product_id")),
+                "sku": None,
+                "name": None,
+                "price": None,
+                "quantity": 0.0,
+            },
+        )
+        quantity = _num(props.get("quantity"), 1.0) or 1.0
+        line["quantity"] += quantity if name == "Product Added" else -quantity
+        price = _num(props.get("price"))
+        # The latest price seen wins (events are applied in time order).
+        if price is not None:
+            line["price"] = price
+        for attr in ("sku", "name"):
+            if _text(props.get(attr)):
+                line[attr] = _text(props.get(attr))
+        self.started_at = self.started_at or at
+        self.updated_at = at
+        self.cart_id = _text(props.get("cart_id")) or self.cart_id
+        self.currency = _text(props.get("currency")) or self.currency
+
+    def row(self, customer_id: int, status: str, **extra: Any) -> dict[str, Any]:
+        items = []
+        for line in self.lines.values():
+            if line["quantity"] > 0:
+                quantity = line["quantity"]
+                items.append({**line, "quantity": int(quantity) if quantity.is_integer() else quantity})
+        value = round(sum((item["price"] or 0.0) * item["quantity"] for item in items), 2)
+        return {
+            "customer_id": customer_id,
+            "status": status,
+            "cart_id": self.cart_id,
+            "items": items,
+            "item_count": int(sum(item["quantity"] for item in items)),
+            "value": value,
+            "currency": (self.currency or "")[:3] or None,
+            "started_at": self.started_at,
+            "updated_at": self.updated_at,
+            "converted_at": extra.get("converted_at"),
+            "order_id": extra.get("order_id"),
+        }
+
+
+def _order_row(customer_id: int, event: Any) -> dict[str, Any]:
+    props = event.properties or {}
+    products = props.get("products") if isinstance(props.get("products"), list) else []
+    items = [p for p in products if isinstance(p, dict)]
+    total = _num(props.get("total"))
+    if total is None:
+        total = _num(props.get("revenue"))
+    if total is None:
+        total = sum((_num(p.get("price"), 0.0) or 0.0) * (_num(p.get("quantity"), 1.0) or 1.0) for p in items)
+    fulfillment = _text(props.get("fulfillment"))
+    if fulfillment not in FULFILLMENTS:
+        fulfillment = "in_store" if event.channel == "store" else "ship"
+    return {
+        "order_id": (_text(props.get("order_id")) or event.message_id)[:255],
+        "customer_id": customer_id,
+        "channel": event.channel,
+        "total": round(total, 2),
+        "currency": (_text(props.get("currency")) or "")[:3] or None,
+        "fulfillment": fulfillment,
+        "store_id": _text(props.get("store_id")),
+        "status": OrderStatus.PLACED.value,
+        "items": items,
+        "placed_at": event.occurred_at,
+        "ready_at": None,
+        "picked_up_at": None,
+        "updated_at": event.occurred_at,
+    }
+
+
+def derive_commerce(customer_id: int, events: Iterable[Any]) -> tuple[list[dict], list[dict]]:
+    """Carts and orders of one customer from their commerce events (any order)."""
+    # Time order; at the same instant an order comes after the activity it converts.
+    ordered = sorted(events, key=lambda e: (e.occurred_at, e.name == ORDER_COMPLETED, e.message_id))
+    carts: list[dict] = []
+    orders: dict[str, dict] = {}
+    updates: list[Any] = []
+    cart = _CartState()
+    for event in ordered:
+        props = event.properties or {}
+        if event.name in PRODUCT_EVENTS:
+            cart.apply(event.name, props, event.occurred_at)
+        elif event.name == ORDER_COMPLETED:
+            order = _order_row(customer_id, event)
+            orders[order["order_id"]] = order
+            if cart.started_at is not None:
+                carts.append(
+                    cart.row(
+                        customer_id,
+                        CartStatus.CONVERTED.value,
+                        converted_at=event.occurred_at,
+                        order_id=order["order_id"],
+                    )
+                )
+                cart = _CartState()
+        elif event.name == ORDER_UPDATED:
+            updates.append(event)
+    if cart.started_at is not None:
+        carts.append(cart.row(customer_id, CartStatus.OPEN.value))
+    for event in updates:
+        props = event.properties or {}
+        order = orders.get(_text(props.get("order_id")) or "")
+        if order is None:
+            continue
+        status = _text(props.get("status"))
+        if status in ORDER_STATUSES:
+            order["status"] = status
+            order["updated_at"] = event.occurred_at
+            if status == OrderStatus.READY_FOR_PICKUP.value:
+                order["ready_at"] = event.occurred_at
+                order["fulfillment"] = "pickup"
+            elif status == OrderStatus.PICKED_UP.value:
+                order["picked_up_at"] = event.occurred_at
+                order["fulfillment"] = "pickup"
+        fulfillment = _text(props.get("fulfillment"))
+        if fulfillment in FULFILLMENTS:
+            order["fulfillment"] = fulfillment
+        if _text(props.get("store_id")):
+            order["store_id"] = _text(props.get("store_id"))
+    return carts, list(orders.values())
+
+
+def rebuild_commerce(session: Session, customer_ids: Iterable[int]) -> None:
+    """Re-derive the carts and orders of ``customer_ids`` from their events (set-based reads and writes)."""
+    ids = sorted(set(customer_ids))
+    if not ids:
+        return
+    events = Event.__table__
+    carts_table = Cart.__table__
+    orders_table = Order.__table__
+    for chunk in chunked(ids):
+        rows = session.execute(
+            select(
+                events.c.customer_id,
+                events.c.name,
+                events.c.channel,
+                events.c.message_id,
+                events.c.properties,
+                events.c.occurred_at,
+            ).where(events.c.customer_id.in_(chunk), events.c.name.in_(sorted(COMMERCE_EVENTS)))
+        ).all()
+        by_customer: dict[int, list[Any]] = defaultdict(list)
+        for row in rows:
+            by_customer[row.customer_id].append(row)
+        new_carts: list[dict] = []
+        new_orders: dict[str, dict] = {}
+        for customer_id, customer_events in by_customer.items():
+            carts, orders = derive_commerce(customer_id, customer_events)
+            new_carts.extend(carts)
+            for order in orders:
+                new_orders[order["order_id"]] = order
+        session.execute(delete(carts_table).where(carts_table.c.customer_id.in_(chunk)))
+        session.execute(delete(orders_table).where(orders_table.c.customer_id.in_(chunk)))
+        order_ids = list(new_orders)
+        for id_chunk in chunked(order_ids):
+            # The same order id may have been derived for another customer before: latest wins.
+            session.execute(delete(orders_table).where(orders_table.c.order_id.in_(id_chunk)))
+        if new_carts:
+            session.execute(insert(carts_table), new_carts)
+        if new_orders:
+            session.execute(insert(orders_table), list(new_orders.values()))

@@ -1,0 +1,365 @@
+"""The tables of the profile store (SQLModel).
+
+The schema itself is owned by the Alembic migrations in ``profiles/migrations``; a test checks that
+these models and the migrated database agree, so a change here needs a migration beside it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlmodel import Field, SQLModel
+
+from profiles.db import JSONType, UTCDateTime
+
+# 64-bit ids on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
+BigIntId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Channel(StrEnum):
+    """Touchpoint channels an event can come from or a message can go out on."""
+
+    WEB = "web"
+    APP = "app"
+    STORE = "store"
+    CALL_CENTER = "call_center"
+    CHAT = "chat"
+    EMAIL = "email"
+    SMS = "sms"
+    PUSH = "push"
+    SOCIAL = "social"
+
+
+class ConsentChannel(StrEnum):
+    """Channels that carry marketing consent. Email and ads are allowed unless opted out;
+    SMS and push need an opt-in."""
+
+    EMAIL = "email"
+    SMS = "sms"
+    PUSH = "push"
+    ADS = "ads"
+
+
+class ConsentStatus(StrEnum):
+    OPTED_IN = "opted_in"
+    OPTED_OUT = "opted_out"
+
+
+class IdentityKind(StrEnum):
+    USER_ID = "user_id"
+    ANONYMOUS_ID = "anonymous_id"
+    EMAIL = "email"
+    PHONE = "phone"
+    DEVICE_TOKEN = "device_token"
+    LOYALTY_ID = "loyalty_id"
+
+
+def _id_column() -> Any:
+    return Field(default=None, sa_column=Column(BigIntId, primary_key=True, autoincrement=True))
+
+
+def _customer_fk(*, nullable: bool = False, index: bool = True) -> Any:
+    return Field(
+        default=None,
+        sa_column=Column(BigIntId, ForeignKey("customers.id"), nullable=nullable, index=index),
+    )
+
+
+def _ts(*, nullable: bool = True, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+def _json(default: Any) -> Any:
+    return Field(default_factory=default, sa_column=Column(JSONType, nullable=False))
+
+
+class Customer(SQLModel, table=True):
+    __tablename__ = "customers"
+
+    id: int | None = _id_column()
+    email: str | None = Field(default=None, sa_column=Column(String(320), index=True))
+    phone: str | None = Field(default=None, sa_column=Column(String(32), index=True))
+    first_name: str | None = Field(default=None, sa_column=Column(String(200)))
+    last_name: str | None = Field(default=None, sa_column=Column(String(200)))
+    locale: str | None = Field(default=None, sa_column=Column(String(35)))
+    # Explicit ``traits.timezone``; ``context_timezone`` is the latest ``context.timezone`` seen.
+    timezone: str | None = Field(default=None, sa_column=Column(String(64)))
+    context_timezone: str | None = Field(default=None, sa_column=Column(String(64)))
+    context_timezone_at: datetime | None = _ts()
+    home_store_id: str | None = Field(default=None, sa_column=Column(String(100), index=True))
+    traits: dict = _json(dict)
+    # Time of the newest identify applied: an older identify only fills traits that are missing,
+    # so the profile does not depend on the order events arrive in.
+    traits_at: datetime | None = _ts()
+    created_at: datetime | None = _ts(nullable=False)
+    updated_at: datetime | None = _ts(nullable=False)
+    merged_into: int | None = Field(
+        default=None, sa_column=Column(BigIntId, ForeignKey("customers.id"), nullable=True, index=True)
+    )
+
+
+class Identity(SQLModel, table=True):
+    __tablename__ = "identities"
+    __table_args__ = (UniqueConstraint("kind", "value", name="uq_identities_kind_value"),)
+
+    id: int | None = _id_column()
+    kind: str = Field(sa_column=Column(String(32), nullable=False))
+    value: str = Field(sa_column=Column(String(512), nullable=False))
+    customer_id: int | None = _customer_fk()
+    created_at: datetime | None = _ts(nullable=False)
+
+
+class Event(SQLModel, table=True):
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_customer_name_occurred", "customer_id", "name", "occurred_at"),
+        Index("ix_events_name_occurred", "name", "occurred_at"),
+    )
+
+    id: int | None = _id_column()
+    message_id: str = Field(sa_column=Column(String(255), nullable=False, unique=True))
+    customer_id: int | None = Field(
+        default=None, sa_column=Column(BigIntId, ForeignKey("customers.id"), nullable=False)
+    )
+    type: str = Field(sa_column=Column(String(16), nullable=False))
+    # track: the event name; page / screen: the page name; identify / alias / group: null.
+    name: str | None = Field(default=None, sa_column=Column(String(255)))
+    channel: str = Field(sa_column=Column(String(32), nullable=False))
+    # track / page / screen: properties; identify / group: traits; alias: {"previousId": ...}.
+    properties: dict = _json(dict)
+    context: dict = _json(dict)
+    user_id: str | None = Field(default=None, sa_column=Column(String(512)))
+    anonymous_id: str | None = Field(default=None, sa_column=Column(String(512)))
+    occurred_at: datetime | None = _ts(nullable=False)
+    received_at: datetime | None = _ts(nullable=False)
+
+
+class Consent(SQLModel, table=True):
+    __tablename__ = "consents"
+    __table_args__ = (UniqueConstraint("customer_id", "channel", name="uq_consents_customer_channel"),)
+
+    id: int | None = _id_column()
+    customer_id: int | None = _customer_fk(index=False)
+    channel: str = Field(sa_column=Column(String(16), nullable=False))
+    status: str = Field(sa_column=Column(String(16), nullable=False))
+    source: str = Field(sa_column=Column(String(200), nullable=False))
+    updated_at: datetime | None = _ts(nullable=False)
+
+
+class Store(SQLModel, table=True):
+    __tablename__ = "stores"
+
+    id: str = Field(sa_column=Column(String(100), primary_key=True))
+    name: str = Field(sa_column=Column(String(200), nullable=False))
+    address: str | None = Field(default=None, sa_column=Column(String(500)))
+    city: str | None = Field(default=None, sa_column=Column(String(200)))
+    region: str | None = Field(default=None, sa_column=Column(String(200)))
+    postal_code: str | None = Field(default=None, sa_column=Column(String(32)))
+    country: str | None = Field(default=None, sa_column=Column(String(2)))
+    phone: str | None = Field(default=None, sa_column=Column(String(32)))
+    email: str | None = Field(default=None, sa_column=Column(String(320)))
+    timezone: str | None = Field(default=None, sa_column=Column(String(64)))
+    # {"mon": "09:00-20:00", ...}
+    hours: dict = _json(dict)
+    latitude: float | None = Field(default=None, sa_column=Column(Float))
+    longitude: float | None = Field(default=None, sa_column=Column(Float))
+    created_at: datetime | None = _ts(nullable=False)
+    updated_at: datetime | None = _ts(nullable=False)
+
+
+class CartStatus(StrEnum):
+    OPEN = "open"
+    CONVERTED = "converted"
+
+
+class Cart(SQLModel, table=True):
+    """A cart derived from Product Added / Product Removed events (see ``profiles.commerce``)."""
+
+    __tablename__ = "carts"
+    __table_args__ = (Index("ix_carts_status_updated", "status", "updated_at"),)
+
+    id: int | None = _id_column()
+    customer_id: int | None = _customer_fk()
+    status: str = Field(sa_column=Column(String(16), nullable=False))
+    cart_id: str | None = Field(default=None, sa_column=Column(String(255)))
+    # [{"product_id", "sku", "name", "price", "quantity"}], only lines with quantity > 0
+    items: list = _json(list)
+    item_count: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    value: float = Field(default=0.0, sa_column=Column(Float, nullable=False))
+    currency: str | None = Field(default=None, sa_column=Column(String(3)))
+    started_at: datetime | None = _ts(nullable=False)
+    # Last activity: the latest add / remove.
+    updated_at: datetime | None = _ts(nullable=False)
+    converted_at: datetime | None = _ts()
+    order_id: str | None = Field(default=None, sa_column=Column(String(255)))
+
+
+class OrderStatus(StrEnum):
+    PLACED = "placed"
+    READY_FOR_PICKUP = "ready_for_pickup"
+    PICKED_UP = "picked_up"
+
+
+class Order(SQLModel, table=True):
+    """An order derived from Order Completed (any channel) and Order Updated events."""
+
+    __tablename__ = "orders"
+    __table_args__ = (Index("ix_orders_status_fulfillment", "status", "fulfillment"),)
+
+    order_id: str = Field(sa_column=Column(String(255), primary_key=True))
+    customer_id: int | None = _customer_fk()
+    channel: str = Field(sa_column=Column(String(32), nullable=False))
+    total: float = Field(default=0.0, sa_column=Column(Float, nullable=False))
+    currency: str | None = Field(default=None, sa_column=Column(String(3)))
+    fulfillment: str = Field(sa_column=Column(String(16), nullable=False))
+    store_id: str | None = Field(default=None, sa_column=Column(String(100)))
+    status: str = Field(sa_column=Column(String(32), nullable=False))
+    items: list = _json(list)
+    placed_at: datetime | None = _ts(nullable=False)
+    ready_at: datetime | None = _ts()
+    picked_up_at: datetime | None = _ts()
+    updated_at: datetime | None = _ts(nullable=False)
+
+
+class RejectedEvent(SQLModel, table=True):
+    """Input that could not be stored, kept verbatim with the reason, so a person can fix and replay it."""
+
+    __tablename__ = "rejected_events"
+
+    id: int | None = _id_column()
+    source: str = Field(sa_column=Column(String(1000), nullable=False))
+    raw: str = Field(sa_column=Column(Text, nullable=False))
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    received_at: datetime | None = _ts(nullable=False, index=True)
+
+
+class OutboxMessage(SQLModel, table=True):
+    """What the default ``outbox`` connector "sent": the message exactly as it would have gone out."""
+
+    __tablename__ = "outbox"
+
+    id: int | None = _id_column()
+    delivery_id: str = Field(sa_column=Column(String(255), nullable=False, unique=True))
+    channel: str = Field(sa_column=Column(String(16), nullable=False, index=True))
+    customer_id: int | None = Field(default=None, sa_column=Column(BigIntId, nullable=True, index=True))
+    recipient: str | None = Field(default=None, sa_column=Column(String(1000)))
+    template: str | None = Field(default=None, sa_column=Column(String(255)))
+    subject: str | None = Field(default=None, sa_column=Column(Text))
+    body: str | None = Field(default=None, sa_column=Column(Text))
+    payload: dict = _json(dict)
+    sent_at: datetime | None = _ts(nullable=False, index=True)
+
+
+class AudienceMembership(SQLModel, table=True):
+    """One stay of a customer in an audience; a customer who leaves and comes back gets a new row."""
+
+    __tablename__ = "audience_memberships"
+    __table_args__ = (
+        Index("ix_audience_memberships_audience_exited", "audience", "exited_at"),
+        Index(
+            "uq_audience_memberships_open",
+            "audience",
+            "customer_id",
+            unique=True,
+            sqlite_where=text("exited_at IS NULL"),
+            postgresql_where=text("exited_at IS NULL"),
+        ),
+    )
+
+    id: int | None = _id_column()
+    audience: str = Field(sa_column=Column(String(200), nullable=False))
+    customer_id: int | None = _customer_fk()
+    entered_at: datetime | None = _ts(nullable=False)
+    exited_at: datetime | None = _ts()
+
+
+class AudienceBuild(SQLModel, table=True):
+    __tablename__ = "audience_builds"
+    __table_args__ = (Index("ix_audience_builds_audience_built", "audience", "built_at"),)
+
+    id: int | None = _id_column()
+    audience: str = Field(sa_column=Column(String(200), nullable=False))
+    built_at: datetime | None = _ts(nullable=False)
+    size: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    entered: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    exited: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    duration_ms: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+
+
+class Enrollment(SQLModel, table=True):
+    __tablename__ = "enrollments"
+    __table_args__ = (Index("ix_enrollments_sequence_status_next", "sequence", "status", "next_run_at"),)
+
+    id: int | None = _id_column()
+    sequence: str = Field(sa_column=Column(String(200), nullable=False))
+    customer_id: int | None = _customer_fk()
+    # active, completed, exited, holdout
+    status: str = Field(sa_column=Column(String(16), nullable=False))
+    step_index: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    next_run_at: datetime | None = _ts()
+    enrolled_at: datetime | None = _ts(nullable=False)
+    exited_at: datetime | None = _ts()
+    exit_reason: str | None = Field(default=None, sa_column=Column(String(500)))
+    updated_at: datetime | None = _ts(nullable=False)
+
+
+class Delivery(SQLModel, table=True):
+    """One message to one customer for one step; claimed before the connector is called."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("enrollment_id", "step_id", name="uq_deliveries_enrollment_step"),
+        Index("ix_deliveries_customer_created", "customer_id", "created_at"),
+        Index("ix_deliveries_status", "status"),
+    )
+
+    id: int | None = _id_column()
+    # "enrollment:<id>:<step>" or "campaign:<name>:<customer>": unique, and the idempotency key
+    # handed to the connector.
+    dedupe_key: str = Field(sa_column=Column(String(500), nullable=False, unique=True))
+    enrollment_id: int | None = Field(
+        default=None, sa_column=Column(BigIntId, ForeignKey("enrollments.id"), nullable=True)
+    )
+    campaign: str | None = Field(default=None, sa_column=Column(String(200)))
+    step_id: str = Field(sa_column=Column(String(200), nullable=False))
+    customer_id: int | None = _customer_fk(index=False)
+    channel: str = Field(sa_column=Column(String(16), nullable=False))
+    connector: str = Field(sa_column=Column(String(64), nullable=False))
+    # pending, sending, sent, failed, skipped, unknown
+    status: str = Field(sa_column=Column(String(16), nullable=False))
+    attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False))
+    provider_message_id: str | None = Field(default=None, sa_column=Column(String(500)))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    marketing: bool = Field(default=True, sa_column=Column(Boolean, nullable=False))
+    next_attempt_at: datetime | None = _ts()
+    created_at: datetime | None = _ts(nullable=False)
+    updated_at: datetime | None = _ts(nullable=False)
+    sent_at: datetime | None = _ts()
+
+
+class StoreMetadata(SQLModel, table=True):
+    """Small key/value facts about the store itself (e.g. a generated unsubscribe secret)."""
+
+    __tablename__ = "omni_metadata"
+
+    key: str = Field(sa_column=Column(String(200), primary_key=True))
+    value: str = Field(sa_column=Column(Text, nullable=False))
+    updated_at: datetime | None = _ts(nullable=False)
+
+
+metadata = SQLModel.metadata

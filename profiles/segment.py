@@ -1,0 +1,399 @@
+"""Validation and normalisation of Segment-spec payloads (identify, track, page, screen, group, alias).
+
+A payload either becomes a :class:`Payload` ready to store, or raises :class:`Rejected` with a reason a
+person can act on. This is the hot path of ingestion, so the checks are plain Python, not pydantic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import orjson
+import phonenumbers
+
+from profiles.models import Channel, ConsentChannel, ConsentStatus, IdentityKind
+
+MAX_PAYLOAD_BYTES = 32 * 1024  # Segment: 32 KB per call or batch item
+MAX_MESSAGE_ID_CHARS = 255
+
+PAYLOAD_TYPES = ("identify", "track", "page", "screen", "group", "alias")
+OMNI_CHANNELS = frozenset(c.value for c in Channel)
+# Segment's own ``context.channel`` values (set by its libraries) mapped onto touchpoints.
+SEGMENT_CHANNELS = {"browser": Channel.WEB.value, "mobile": Channel.APP.value, "server": Channel.WEB.value}
+
+# identify traits that carry consent: trait -> (channel, status when true, status when false)
+CONSENT_TRAITS = {
+    "email_opt_out": (ConsentChannel.EMAIL, ConsentStatus.OPTED_OUT, ConsentStatus.OPTED_IN),
+    "sms_opt_in": (ConsentChannel.SMS, ConsentStatus.OPTED_IN, ConsentStatus.OPTED_OUT),
+    "push_opt_in": (ConsentChannel.PUSH, ConsentStatus.OPTED_IN, ConsentStatus.OPTED_OUT),
+    "ads_opt_out": (ConsentChannel.ADS, ConsentStatus.OPTED_OUT, ConsentStatus.OPTED_IN),
+}
+CONSENT_EVENTS = {"Unsubscribed": ConsentStatus.OPTED_OUT, "Subscribed": ConsentStatus.OPTED_IN}
+CONSENT_CHANNELS = frozenset(c.value for c in ConsentChannel)
+
+PRODUCT_EVENTS = frozenset({"Product Added", "Product Removed"})
+ORDER_COMPLETED = "Order Completed"
+ORDER_UPDATED = "Order Updated"
+COMMERCE_EVENTS = PRODUCT_EVENTS | {ORDER_COMPLETED, ORDER_UPDATED}
+
+
+class Rejected(ValueError):
+    """A payload that cannot be stored; the message is the reason kept in ``rejected_events``."""
+
+
+@dataclass(slots=True)
+class ConsentChange:
+    channel: str
+    status: str
+    source: str
+
+
+@dataclass(slots=True)
+class Payload:
+    """A valid payload, normalised."""
+
+    message_id: str
+    type: str
+    name: str | None
+    channel: str
+    user_id: str | None
+    anonymous_id: str | None
+    properties: dict
+    context: dict
+    occurred_at: datetime
+    # (kind, value) pairs that identify the customer
+    identities: list[tuple[str, str]]
+    # alias: the previous id to attach to userId's customer (kind decided against the store)
+    previous_id: str | None = None
+    # identify: normalised profile fields and the full traits
+    profile: dict[str, Any] = field(default_factory=dict)
+    traits: dict | None = None
+    consents: list[ConsentChange] = field(default_factory=list)
+    context_timezone: str | None = None
+
+
+def parse_timestamp(value: Any, field_name: str) -> datetime:
+    """ISO-8601 to an aware UTC datetime; a timestamp without an offset is read as UTC (Segment sends UTC)."""
+    if not isinstance(value, str) or not value.strip():
+        raise Rejected(f"unparseable {field_name} {value!r}: expected an ISO-8601 string")
+    text = value.strip()
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise Rejected(f"unparseable {field_name} {value!r}: expected ISO-8601") from None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _identifier(payload: dict, key: str) -> str | None:
+    value = payload.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise Rejected(f"{key} must be a string, got {type(value).__name__}")
+    text = str(value).strip()
+    if len(text) > 512:
+        raise Rejected(f"{key} is longer than 512 characters")
+    return text or None
+
+
+def _object(payload: dict, key: str) -> dict:
+    value = payload.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Rejected(f"'{key}' must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def normalize_email(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    email = value.strip().lower()
+    if "@" not in email or email.startswith("@") or email.endswith("@") or len(email) > 320:
+        return None
+    return email
+
+
+def normalize_phone(value: Any, default_region: str) -> str | None:
+    """E.164 (``+14155550100``) or None when the number is not a valid phone number."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        number = phonenumbers.parse(value.strip(), default_region)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+_ZONES: dict[str, bool] = {}
+
+
+def valid_timezone(name: Any) -> str | None:
+    if not isinstance(name, str) or not name or len(name) > 64:
+        return None
+    known = _ZONES.get(name)
+    if known is None:
+        try:
+            ZoneInfo(name)
+            known = True
+        except (ZoneInfoNotFoundError, ValueError):
+            known = False
+        _ZONES[name] = known
+    return name if known else None
+
+
+def derive_message_id(payload: dict) -> str:
+    """A deterministic id from the payload's content, for payloads sent without a messageId."""
+    digest = hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"omni-{digest[:40]}"
+
+
+def resolve_channel(context: dict) -> str:
+    raw = context.get("channel")
+    if raw is None or raw == "":
+        return Channel.WEB.value
+    if not isinstance(raw, str):
+        raise Rejected(f"context.channel must be a string, got {type(raw).__name__}")
+    value = raw.strip().lower()
+    if value in OMNI_CHANNELS:
+        return value
+    if value in SEGMENT_CHANNELS:
+        return SEGMENT_CHANNELS[value]
+    allowed = ", ".join(sorted(OMNI_CHANNELS | SEGMENT_CHANNELS.keys()))
+    raise Rejected(f"unknown context.channel {raw!r} (expected one of {allowed})")
+
+
+def _number(properties: dict, key: str, event: str) -> float | None:
+    value = properties.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise Rejected(f"{event}: properties.{key} must be a number, got {value!r}")
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise Rejected(f"{event}: properties.{key} must be a number, got {value!r}")
+
+
+def _check_commerce(event: str, properties: dict) -> None:
+    if event in PRODUCT_EVENTS:
+        _number(properties, "price", event)
+        quantity = _number(properties, "quantity", event)
+        if quantity is not None and quantity <= 0:
+            raise Rejected(f"{event}: properties.quantity must be positive, got {properties['quantity']!r}")
+        if not any(properties.get(k) not in (None, "") for k in ("product_id", "sku", "name")):
+            raise Rejected(f"{event} without properties.product_id, sku or name")
+    elif event == ORDER_COMPLETED:
+        for key in ("total", "revenue", "subtotal"):
+            _number(properties, key, event)
+        products = properties.get("products")
+        if products is not None and not isinstance(products, list):
+            raise Rejected(f"{event}: properties.products must be an array")
+    elif event == ORDER_UPDATED:
+        if properties.get("order_id") in (None, ""):
+            raise Rejected(f"{event} without properties.order_id")
+
+
+def _profile_from_traits(traits: dict, context: dict, default_region: str) -> dict[str, Any]:
+    profile: dict[str, Any] = {}
+    email = normalize_email(traits.get("email"))
+    if email:
+        profile["email"] = email
+    phone = normalize_phone(traits.get("phone"), default_region)
+    if phone:
+        profile["phone"] = phone
+    for column, keys in (
+        ("first_name", ("first_name", "firstName")),
+        ("last_name", ("last_name", "lastName")),
+    ):
+        for key in keys:
+            value = traits.get(key)
+            if isinstance(value, str) and value.strip():
+                profile[column] = value.strip()[:200]
+                break
+    locale = traits.get("locale") or context.get("locale")
+    if isinstance(locale, str) and locale.strip():
+        profile["locale"] = locale.strip()[:35]
+    timezone = valid_timezone(traits.get("timezone"))
+    if timezone:
+        profile["timezone"] = timezone
+    store = traits.get("home_store_id")
+    if isinstance(store, str | int) and not isinstance(store, bool) and str(store).strip():
+        profile["home_store_id"] = str(store).strip()[:100]
+    return profile
+
+
+def _identities(
+    user_id: str | None, anonymous_id: str | None, traits: dict, context: dict, default_region: str
+) -> list[tuple[str, str]]:
+    keys: list[tuple[str, str]] = []
+    if user_id:
+        keys.append((IdentityKind.USER_ID.value, user_id))
+    if anonymous_id:
+        keys.append((IdentityKind.ANONYMOUS_ID.value, anonymous_id))
+    email = normalize_email(traits.get("email"))
+    if email:
+        keys.append((IdentityKind.EMAIL.value, email))
+    phone = normalize_phone(traits.get("phone"), default_region)
+    if phone:
+        keys.append((IdentityKind.PHONE.value, phone))
+    loyalty = traits.get("loyalty_id")
+    if isinstance(loyalty, str | int) and not isinstance(loyalty, bool) and str(loyalty).strip():
+        keys.append((IdentityKind.LOYALTY_ID.value, str(loyalty).strip()))
+    device = context.get("device")
+    if isinstance(device, dict):
+        token = device.get("token")
+        if isinstance(token, str) and token.strip():
+            keys.append((IdentityKind.DEVICE_TOKEN.value, token.strip()))
+    return keys
+
+
+def validate_payload(obj: Any, *, size: int, received_at: datetime, default_region: str = "US") -> Payload:
+    """Validate one Segment payload (already parsed JSON) and normalise it.
+
+    Args:
+        obj: the parsed payload.
+        size: its size in bytes as received, for the 32 KB limit.
+        received_at: when Omni received it; the event time when it has neither timestamp nor sentAt.
+        default_region: ISO country for phone numbers without a country code.
+
+    Raises:
+        Rejected: with the reason, when the payload cannot be stored.
+    """
+    if not isinstance(obj, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(obj), "a number"
+        )
+        raise Rejected(f"expected a JSON object, got {kind}")
+    if size > MAX_PAYLOAD_BYTES:
+        raise Rejected(
+            f"payload is {size} bytes, over the Segment limit of 32 KB ({MAX_PAYLOAD_BYTES} bytes)"
+        )
+
+    kind = obj.get("type")
+    if kind is None:
+        raise Rejected("missing 'type'")
+    if not isinstance(kind, str) or kind.strip().lower() not in PAYLOAD_TYPES:
+        if kind == "batch":
+            raise Rejected("a batch envelope cannot be nested inside another batch")
+        raise Rejected(f"unknown type {kind!r} (expected one of {', '.join(PAYLOAD_TYPES)})")
+    kind = kind.strip().lower()
+
+    user_id = _identifier(obj, "userId")
+    anonymous_id = _identifier(obj, "anonymousId")
+    context = _object(obj, "context")
+    properties = _object(obj, "properties")
+    traits = _object(obj, "traits")
+    context_traits = context.get("traits") if isinstance(context.get("traits"), dict) else {}
+
+    previous_id = None
+    if kind == "alias":
+        previous_id = _identifier(obj, "previousId")
+        if not previous_id:
+            raise Rejected("alias without a previousId")
+        if not user_id:
+            raise Rejected("alias without a userId")
+    elif not user_id and not anonymous_id:
+        raise Rejected("neither userId nor anonymousId")
+
+    name: str | None = None
+    if kind == "track":
+        event = obj.get("event")
+        if not isinstance(event, str) or not event.strip():
+            raise Rejected("track without an event name")
+        name = event.strip()[:255]
+    elif kind in ("page", "screen"):
+        page = obj.get("name")
+        if isinstance(page, str) and page.strip():
+            name = page.strip()[:255]
+    elif kind == "group":
+        group_id = _identifier(obj, "groupId")
+        if not group_id:
+            raise Rejected("group without a groupId")
+        traits = {**traits, "groupId": group_id}
+
+    message_id = obj.get("messageId")
+    if message_id is None or message_id == "":
+        message_id = derive_message_id(obj)
+    elif isinstance(message_id, bool) or not isinstance(message_id, str | int):
+        raise Rejected(f"messageId must be a string, got {type(message_id).__name__}")
+    else:
+        message_id = str(message_id)
+        if len(message_id) > MAX_MESSAGE_ID_CHARS:
+            raise Rejected(f"messageId is longer than {MAX_MESSAGE_ID_CHARS} characters")
+
+    if obj.get("timestamp") not in (None, ""):
+        occurred_at = parse_timestamp(obj["timestamp"], "timestamp")
+    elif obj.get("sentAt") not in (None, ""):
+        occurred_at = parse_timestamp(obj["sentAt"], "sentAt")
+    else:
+        occurred_at = received_at
+
+    channel = resolve_channel(context)
+
+    consents: list[ConsentChange] = []
+    profile: dict[str, Any] = {}
+    identity_traits = {**context_traits, **traits} if kind == "identify" else context_traits
+    if kind == "identify":
+        for trait, (consent_channel, when_true, when_false) in CONSENT_TRAITS.items():
+            if trait in traits:
+                value = traits[trait]
+                if not isinstance(value, bool):
+                    raise Rejected(f"traits.{trait} must be true or false, got {value!r}")
+                status = when_true if value else when_false
+                consents.append(
+                    ConsentChange(consent_channel.value, status.value, f"identify:traits.{trait}")
+                )
+        profile = _profile_from_traits(traits, context, default_region)
+    elif kind == "track":
+        if name in CONSENT_EVENTS:
+            consent_channel = properties.get("channel")
+            if consent_channel not in CONSENT_CHANNELS:
+                raise Rejected(
+                    f"{name}: properties.channel must be one of {', '.join(sorted(CONSENT_CHANNELS))}, "
+                    f"got {consent_channel!r}"
+                )
+            consents.append(ConsentChange(consent_channel, CONSENT_EVENTS[name].value, f"track:{name}"))
+        elif name in COMMERCE_EVENTS:
+            _check_commerce(name, properties)
+
+    if kind == "identify":
+        stored = traits
+    elif kind == "group":
+        stored = traits
+    elif kind == "alias":
+        stored = {"previousId": previous_id}
+    else:
+        stored = properties
+
+    return Payload(
+        message_id=message_id,
+        type=kind,
+        name=name,
+        channel=channel,
+        user_id=user_id,
+        anonymous_id=anonymous_id,
+        properties=stored,
+        context=context,
+        occurred_at=occurred_at,
+        identities=_identities(user_id, anonymous_id, identity_traits, context, default_region),
+        previous_id=previous_id,
+        profile=profile,
+        traits=traits if kind == "identify" else None,
+        consents=consents,
+        context_timezone=valid_timezone(context.get("timezone")),
+    )
