@@ -1,11 +1,16 @@
-"""The ``omni`` command line. Each command group lives in a module of its own and calls the same
-engine functions the Prefect flows call, so no command needs a Prefect server."""
+"""The ``omni`` command line. Each command group lives in a module of its own (``omni/cli/<group>.py``
+with a ``register(app)`` function) and calls the same engine functions the Prefect flows call, so no
+command needs a Prefect server."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import typer
 
-from omni.cli import store
+# Command modules, in the order their commands are listed in `omni --help`.
+COMMAND_MODULES = ("store", "audiences", "sequences", "campaigns", "templates", "outbox", "demo")
 
 app = typer.Typer(
     name="omni",
@@ -14,7 +19,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-store.register(app)
+
+for _name in COMMAND_MODULES:
+    if importlib.util.find_spec(f"omni.cli.{_name}") is not None:
+        importlib.import_module(f"omni.cli.{_name}").register(app)
 
 
 def main() -> None:
