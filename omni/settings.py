@@ -7,6 +7,7 @@ environment; the environment wins over the defaults here.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +34,18 @@ class Settings(BaseSettings):
     )
     default_phone_region: str = Field(
         default="US", description="ISO country used to read phone numbers written without a +country code."
+    )
+    audiences_dir: Path | None = Field(
+        default=None, description="Folder of audience definitions (*.yaml); default: the built-in audiences/."
+    )
+    sequences_dir: Path | None = Field(
+        default=None, description="Folder of sequence definitions (*.yaml); default: the built-in sequences/."
+    )
+    campaigns_dir: Path | None = Field(
+        default=None, description="Folder of campaign definitions (*.yaml); default: ./campaigns."
+    )
+    templates_dir: Path | None = Field(
+        default=None, description="Folder of message templates by channel; default: the built-in templates/."
     )
     ingest_batch_size: int = Field(
         default=5000, ge=1, le=100_000, description="Payloads committed per transaction when ingesting."
