@@ -8,6 +8,7 @@ from typing import Annotated
 
 import orjson
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from sqlalchemy import func, select
@@ -168,7 +169,7 @@ def _fmt_time(value) -> str:
 def _print_profile(view: dict) -> None:
     c = view["customer"]
     name = " ".join(p for p in (c["first_name"], c["last_name"]) if p) or "(no name)"
-    console.print(f"[bold]{name}[/]  customer {c['id']}", highlight=False)
+    console.print(f"[bold]{escape(name)}[/]  customer {c['id']}", highlight=False)
     lines = [
         ("email", c["email"]),
         ("phone", c["phone"]),
@@ -180,7 +181,7 @@ def _print_profile(view: dict) -> None:
     ]
     for label, value in lines:
         if value:
-            console.print(f"  {label:<14}{value}", highlight=False)
+            console.print(f"  {label:<14}{value}", highlight=False, markup=False)
     console.print(
         "  identities    " + ", ".join(f"{i['kind']}={i['value']}" for i in view["identities"]),
         highlight=False,
@@ -188,7 +189,7 @@ def _print_profile(view: dict) -> None:
     consent = ", ".join(
         f"{ch} {'yes' if v['allowed'] else 'no'} ({v['status']})" for ch, v in view["consents"].items()
     )
-    console.print(f"  consent       {consent}", highlight=False)
+    console.print(f"  consent       {consent}", highlight=False, markup=False)
     open_carts = [cart for cart in view["carts"] if cart["status"] == "open"]
     for cart in open_carts:
         items = (
@@ -202,12 +203,14 @@ def _print_profile(view: dict) -> None:
             f"  open cart     {cart['value']:.2f} {cart['currency'] or ''} - {items} "
             f"(last activity {_fmt_time(cart['updated_at'])})",
             highlight=False,
+            markup=False,
         )
     for order in view["orders"][:5]:
         console.print(
             f"  order         {order['order_id']} {order['total']:.2f} via {order['channel']}, "
             f"{order['fulfillment']}, {order['status']} ({_fmt_time(order['placed_at'])})",
             highlight=False,
+            markup=False,
         )
     table = Table(title="Timeline (newest first)", title_justify="left", show_lines=False)
     for column in ("time", "channel", "event", "details"):
@@ -289,7 +292,9 @@ def rejected_list(
         table_view.add_column(column, overflow="fold")
     for item in items:
         raw = item["raw"] if len(item["raw"]) <= 120 else item["raw"][:117] + "..."
-        table_view.add_row(_fmt_time(item["received_at"]), item["source"], item["reason"], raw)
+        table_view.add_row(
+            _fmt_time(item["received_at"]), escape(item["source"]), escape(item["reason"]), escape(raw)
+        )
     console.print(table_view)
 
 
@@ -354,7 +359,7 @@ def stores_list(database_url: DatabaseUrlOption = None, json: JsonOption = False
     for column in ("id", "name", "city", "timezone"):
         table.add_column(column)
     for s in stores:
-        table.add_row(s["id"], s["name"], s["city"] or "", s["timezone"] or "")
+        table.add_row(escape(s["id"]), escape(s["name"]), escape(s["city"] or ""), s["timezone"] or "")
     console.print(table)
 
 

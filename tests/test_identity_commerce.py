@@ -1,0 +1,347 @@
+"""Identity resolution, merges, and carts / orders derived independently of arrival order.
+Runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+
+from profiles.db import session_scope
+from profiles.identity import resolve_customer_key
+from profiles.ingest import ingest_payloads
+from profiles.models import Cart, Consent, Customer, Event, Identity, Order
+
+NOW = datetime(2026, 6, 2, 12, 0, tzinfo=UTC)
+
+
+def ingest(engine, *payloads, batch_size=None):
+    return ingest_payloads(engine, list(payloads), now=NOW, batch_size=batch_size)
+
+
+def all_rows(engine, model, *where):
+    with session_scope(engine) as s:
+        return s.execute(select(model).where(*where)).scalars().all()
+
+
+def live_customers(engine):
+    return all_rows(engine, Customer, Customer.merged_into.is_(None))
+
+
+def ts(hour: int, minute: int = 0, day: int = 2) -> str:
+    return f"2026-06-{day:02d}T{hour:02d}:{minute:02d}:00Z"
+
+
+def add(mid, who, product, price, qty=1, at=ts(9), **props):
+    return {
+        "type": "track",
+        **who,
+        "event": "Product Added",
+        "messageId": mid,
+        "timestamp": at,
+        "properties": {
+            "product_id": product,
+            "name": product.title(),
+            "price": price,
+            "quantity": qty,
+            **props,
+        },
+    }
+
+
+def remove(mid, who, product, qty=1, at=ts(9)):
+    return {
+        "type": "track",
+        **who,
+        "event": "Product Removed",
+        "messageId": mid,
+        "timestamp": at,
+        "properties": {"product_id": product, "quantity": qty},
+    }
+
+
+def completed(mid, who, order_id, total, at=ts(10), channel=None, **props):
+    payload = {
+        "type": "track",
+        **who,
+        "event": "Order Completed",
+        "messageId": mid,
+        "timestamp": at,
+        "properties": {"order_id": order_id, "total": total, **props},
+    }
+    if channel:
+        payload["context"] = {"channel": channel}
+    return payload
+
+
+def updated(mid, who, order_id, status, at):
+    return {
+        "type": "track",
+        **who,
+        "event": "Order Updated",
+        "messageId": mid,
+        "timestamp": at,
+        "properties": {"order_id": order_id, "status": status},
+    }
+
+
+ANON = {"anonymousId": "anon-1"}
+USER = {"userId": "u1"}
+
+
+def test_identify_attaches_anonymous_history_to_the_known_customer(engine):
+    ingest(engine, {"type": "page", **ANON, "name": "Home", "messageId": "p1"})
+    ingest(engine, {"type": "identify", **USER, **ANON, "messageId": "i1", "traits": {"email": "a@x.org"}})
+    [customer] = live_customers(engine)
+    assert {e.customer_id for e in all_rows(engine, Event)} == {customer.id}
+    kinds = {(i.kind, i.value) for i in all_rows(engine, Identity)}
+    assert kinds == {("anonymous_id", "anon-1"), ("user_id", "u1"), ("email", "a@x.org")}
+
+
+def test_event_for_anonymous_id_arriving_after_the_identify_lands_on_the_customer(engine):
+    ingest(engine, {"type": "identify", **USER, **ANON, "messageId": "i1", "timestamp": ts(10)})
+    ingest(
+        engine, {"type": "track", **ANON, "event": "Product Viewed", "messageId": "v1", "timestamp": ts(9)}
+    )
+    [customer] = live_customers(engine)
+    assert {e.customer_id for e in all_rows(engine, Event)} == {customer.id}
+
+
+def test_alias_links_previous_id_to_user_id(engine):
+    ingest(engine, {"type": "page", **ANON, "messageId": "p1"})
+    ingest(engine, {"type": "track", **USER, "event": "Signed In", "messageId": "t1"})
+    assert len(live_customers(engine)) == 2
+    ingest(engine, {"type": "alias", "userId": "u1", "previousId": "anon-1", "messageId": "a1"})
+    assert len(live_customers(engine)) == 1
+    assert len({e.customer_id for e in all_rows(engine, Event)}) == 1
+
+
+def test_email_and_phone_are_normalised_identities_that_link_channels(engine):
+    ingest(
+        engine,
+        {
+            "type": "identify",
+            "userId": "web-1",
+            "messageId": "i1",
+            "traits": {"email": " Ana@Example.org", "phone": "+1 415-555-0100"},
+        },
+    )
+    # The store's POS knows the customer by loyalty id and phone only.
+    ingest(
+        engine,
+        {
+            "type": "identify",
+            "userId": "pos-77",
+            "messageId": "i2",
+            "context": {"channel": "store"},
+            "traits": {"phone": "+14155550100", "loyalty_id": "L-9"},
+        },
+    )
+    [customer] = live_customers(engine)
+    with session_scope(engine) as s:
+        for key in (
+            "ana@example.org",
+            "ANA@example.org",
+            "+14155550100",
+            "(415) 555-0100",
+            "L-9",
+            "pos-77",
+            str(customer.id),
+        ):
+            assert resolve_customer_key(s, key) == customer.id, key
+        assert resolve_customer_key(s, "nobody@example.org") is None
+
+
+def test_payload_linking_two_existing_customers_merges_everything_into_the_known_one(engine):
+    # Customer A: anonymous browsing with a cart and an email opt-out (newest consent).
+    ingest(
+        engine,
+        add("a1", ANON, "tee", 20.0, qty=2, at=ts(8)),
+        {
+            "type": "track",
+            **ANON,
+            "event": "Unsubscribed",
+            "messageId": "un",
+            "timestamp": ts(8, 30),
+            "properties": {"channel": "email"},
+        },
+    )
+    # Customer B: known user with an older email opt-in, a store order and an identify.
+    ingest(
+        engine,
+        {
+            "type": "identify",
+            **USER,
+            "messageId": "i0",
+            "timestamp": ts(7),
+            "traits": {"email": "b@x.org", "first_name": "Bea"},
+        },
+        {
+            "type": "track",
+            **USER,
+            "event": "Subscribed",
+            "messageId": "sub",
+            "timestamp": ts(7, 30),
+            "properties": {"channel": "email"},
+        },
+        completed("o0", USER, "o-0", 50.0, at=ts(6), channel="store"),
+    )
+    assert len(live_customers(engine)) == 2
+    anon_customer = all_rows(engine, Identity, Identity.value == "anon-1")[0].customer_id
+    known_customer = all_rows(engine, Identity, Identity.value == "u1")[0].customer_id
+
+    ingest(engine, {"type": "identify", **USER, **ANON, "messageId": "link", "timestamp": ts(11)})
+
+    [survivor] = live_customers(engine)
+    assert survivor.id == known_customer
+    loser = all_rows(engine, Customer, Customer.id == anon_customer)[0]
+    assert loser.merged_into == survivor.id
+    assert {e.customer_id for e in all_rows(engine, Event)} == {survivor.id}
+    assert {i.customer_id for i in all_rows(engine, Identity)} == {survivor.id}
+    [consent] = all_rows(engine, Consent)
+    assert (consent.customer_id, consent.status) == (survivor.id, "opted_out")  # newest decision kept
+    [cart] = all_rows(engine, Cart)
+    assert (cart.customer_id, cart.status, cart.value) == (survivor.id, "open", 40.0)
+    [order] = all_rows(engine, Order)
+    assert order.customer_id == survivor.id
+    assert survivor.first_name == "Bea" and survivor.email == "b@x.org"
+    with session_scope(engine) as s:
+        assert resolve_customer_key(s, str(anon_customer)) == survivor.id
+
+
+def test_merge_chain_is_flattened(engine):
+    ingest(engine, {"type": "page", "anonymousId": "a", "messageId": "1"})
+    ingest(engine, {"type": "page", "anonymousId": "b", "messageId": "2"})
+    ingest(engine, {"type": "page", "anonymousId": "c", "messageId": "3"})
+    ingest(engine, {"type": "alias", "userId": "u", "previousId": "a", "messageId": "4"})
+    ingest(engine, {"type": "identify", "userId": "u", "anonymousId": "b", "messageId": "5"})
+    ingest(engine, {"type": "identify", "userId": "u", "anonymousId": "c", "messageId": "6"})
+    [survivor] = live_customers(engine)
+    merged = all_rows(engine, Customer, Customer.merged_into.is_not(None))
+    assert {c.merged_into for c in merged} == {survivor.id}
+
+
+def test_open_cart_is_net_of_adds_and_removes_with_value_and_last_activity(engine):
+    ingest(
+        engine,
+        add("1", USER, "tee", 19.5, qty=2, at=ts(9), cart_id="c-1"),
+        add("2", USER, "cap", 10.0, at=ts(9, 5)),
+        remove("3", USER, "cap", at=ts(9, 10)),
+        add("4", USER, "sock", 4.25, qty=3, at=ts(9, 7)),
+    )
+    [cart] = all_rows(engine, Cart)
+    assert cart.status == "open"
+    assert cart.value == 19.5 * 2 + 4.25 * 3
+    assert cart.item_count == 5
+    assert {i["product_id"]: i["quantity"] for i in cart.items} == {"tee": 2, "sock": 3}
+    assert cart.updated_at == datetime(2026, 6, 2, 9, 10, tzinfo=UTC)
+    assert cart.cart_id == "c-1"
+
+
+def test_store_purchase_without_cart_id_converts_the_online_cart(engine):
+    ingest(engine, add("1", USER, "tee", 20.0, at=ts(9), cart_id="web-cart"))
+    ingest(engine, completed("2", USER, "pos-1", 20.0, at=ts(15), channel="store"))  # no cart_id
+    [cart] = all_rows(engine, Cart)
+    assert (cart.status, cart.order_id) == ("converted", "pos-1")
+    [order] = all_rows(engine, Order)
+    assert (order.channel, order.fulfillment, order.status) == ("store", "in_store", "placed")
+
+
+def test_activity_after_the_last_order_is_a_new_open_cart(engine):
+    ingest(
+        engine,
+        add("1", USER, "tee", 20.0, at=ts(9)),
+        completed("2", USER, "o-1", 20.0, at=ts(10)),
+        add("3", USER, "cap", 12.0, at=ts(11)),
+    )
+    carts = sorted(all_rows(engine, Cart), key=lambda c: c.started_at)
+    assert [(c.status, c.value) for c in carts] == [("converted", 20.0), ("open", 12.0)]
+
+
+def test_pickup_order_moves_with_order_updated(engine):
+    ingest(
+        engine,
+        completed("1", USER, "o-9", 30.0, at=ts(9), fulfillment="pickup", store_id="s-1"),
+        updated("2", USER, "o-9", "ready_for_pickup", ts(12)),
+    )
+    [order] = all_rows(engine, Order)
+    assert (order.fulfillment, order.status, order.store_id) == ("pickup", "ready_for_pickup", "s-1")
+    assert order.ready_at == datetime(2026, 6, 2, 12, 0, tzinfo=UTC)
+    ingest(engine, updated("3", USER, "o-9", "picked_up", ts(16)))
+    [order] = all_rows(engine, Order)
+    assert order.status == "picked_up"
+    assert order.picked_up_at == datetime(2026, 6, 2, 16, 0, tzinfo=UTC)
+
+
+def snapshot(engine):
+    carts = sorted(
+        (
+            c.status,
+            round(c.value, 2),
+            c.item_count,
+            c.updated_at,
+            c.order_id,
+            tuple(sorted((i["product_id"], i["quantity"]) for i in c.items)),
+        )
+        for c in all_rows(engine, Cart)
+    )
+    orders = sorted(
+        (o.order_id, o.channel, o.total, o.fulfillment, o.status, o.placed_at)
+        for o in all_rows(engine, Order)
+    )
+    customers = len(live_customers(engine))
+    return carts, orders, customers
+
+
+def history():
+    """Two days of a customer: anonymous browsing, login, carts, an online order, a store purchase, pickup."""
+    return [
+        add("h1", ANON, "tee", 20.0, qty=2, at=ts(9, day=1)),
+        {
+            "type": "identify",
+            **USER,
+            **ANON,
+            "messageId": "h2",
+            "timestamp": ts(9, 30, day=1),
+            "traits": {"email": "ana@x.org"},
+        },
+        remove("h3", USER, "tee", at=ts(9, 40, day=1)),
+        add("h4", ANON, "cap", 15.0, at=ts(9, 50, day=1)),
+        completed("h5", USER, "o-web", 35.0, at=ts(10, day=1), fulfillment="pickup", store_id="s-1"),
+        updated("h6", USER, "o-web", "ready_for_pickup", ts(14, day=1)),
+        updated("h7", USER, "o-web", "picked_up", ts(18, day=1)),
+        add("h8", USER, "sock", 5.0, qty=4, at=ts(9, day=2)),
+        completed("h9", {"userId": "u1"}, "pos-2", 20.0, at=ts(12, day=2), channel="store"),
+        add("h10", ANON, "hat", 30.0, at=ts(13, day=2)),
+        remove("h11", USER, "hat", at=ts(13, 5, day=2)),
+        add("h12", USER, "hat", 28.0, at=ts(13, 10, day=2)),
+    ]
+
+
+def test_carts_and_orders_do_not_depend_on_arrival_order(database_url):
+    from profiles.db import create_store_engine
+
+    expected_engine = create_store_engine(database_url)
+    ingest(expected_engine, *history())
+    expected = snapshot(expected_engine)
+    assert expected[0][-1][0] == "open" or any(c[0] == "open" for c in expected[0])
+    assert expected[2] == 1
+    rng = random.Random(7)
+    for attempt in range(4):
+        _empty_store(expected_engine)
+        shuffled = history()
+        rng.shuffle(shuffled)
+        # Arrive in several batches and separate runs, in shuffled order.
+        for start in range(0, len(shuffled), 3):
+            ingest(expected_engine, *shuffled[start : start + 3], batch_size=2)
+        assert snapshot(expected_engine) == expected, f"shuffle {attempt}"
+    expected_engine.dispose()
+
+
+def _empty_store(engine):
+    from profiles.models import metadata
+
+    with engine.begin() as conn:
+        for table in reversed(metadata.sorted_tables):
+            conn.execute(table.delete())
