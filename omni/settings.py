@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -50,6 +50,65 @@ class Settings(BaseSettings):
     ingest_batch_size: int = Field(
         default=5000, ge=1, le=100_000, description="Payloads committed per transaction when ingesting."
     )
+
+    # --- Channel connectors (see docs/connectors.md). Each channel's provider, `outbox` by default.
+    email_connector: str = Field(default="outbox", description="Email provider: outbox, sendgrid or webhook.")
+    sms_connector: str = Field(default="outbox", description="SMS provider: outbox, twilio_sms or webhook.")
+    push_connector: str = Field(default="outbox", description="Push provider: outbox, fcm_push or webhook.")
+    ads_connector: str = Field(default="outbox", description="Ad audiences: outbox or meta_audience.")
+    webhook_connector: str = Field(
+        default="outbox", description="Operational webhooks (store clienteling / POS): outbox or webhook."
+    )
+    connector_timeout: float = Field(
+        default=10.0, gt=0, le=300, description="Seconds before a provider request times out."
+    )
+    email_from: str = Field(
+        default="Omni <noreply@example.com>", description='Sender of emails: "Name <address>" or an address.'
+    )
+    email_reply_to: str | None = Field(default=None, description="Optional Reply-To address of emails.")
+    # SendGrid v3 Mail Send
+    sendgrid_api_key: SecretStr | None = Field(default=None, description="SendGrid API key (mail.send).")
+    sendgrid_base_url: str = Field(
+        default="https://api.sendgrid.com", description="SendGrid API host (EU: https://api.eu.sendgrid.com)."
+    )
+    sendgrid_sandbox: bool = Field(default=False, description="Validate only: SendGrid sends nothing.")
+    sendgrid_asm_group_id: int | None = Field(default=None, description="SendGrid unsubscribe group.")
+    # Meta custom audiences
+    meta_access_token: SecretStr | None = Field(
+        default=None, description="Meta system-user token with ads_management."
+    )
+    meta_ad_account_id: str | None = Field(default=None, description="Meta ad account id (act_...).")
+    meta_base_url: str = Field(default="https://graph.facebook.com", description="Meta Graph API host.")
+    meta_api_version: str = Field(default="v25.0", description="Meta Graph API version.")
+    meta_audiences: dict[str, str] = Field(
+        default_factory=dict,
+        description='Omni audience -> Meta custom audience id, JSON: {"cart_retargeting": "2385..."}.',
+    )
+    # Twilio Programmable Messaging
+    twilio_account_sid: str | None = Field(default=None, description="Twilio Account SID (AC...).")
+    twilio_auth_token: SecretStr | None = Field(default=None, description="Twilio auth token.")
+    twilio_from: str | None = Field(
+        default=None, description="Sender: E.164 number, alphanumeric id, or Messaging Service SID (MG...)."
+    )
+    twilio_base_url: str = Field(default="https://api.twilio.com", description="Twilio REST API host.")
+    twilio_status_callback_url: str | None = Field(default=None, description="Optional StatusCallback URL.")
+    # Firebase Cloud Messaging HTTP v1
+    fcm_project_id: str | None = Field(default=None, description="Firebase project id.")
+    fcm_credentials_file: Path | None = Field(default=None, description="Service-account JSON key file.")
+    fcm_base_url: str = Field(default="https://fcm.googleapis.com", description="FCM API host.")
+    # Signed JSON webhooks
+    webhook_url: str | None = Field(default=None, description="URL the webhook connector POSTs to.")
+    webhook_secret: SecretStr | None = Field(default=None, description="HMAC-SHA256 key signing webhooks.")
+    # Templates and links
+    unsubscribe_secret: SecretStr | None = Field(
+        default=None,
+        description="HMAC key of unsubscribe links; default: a random secret `omni init` keeps in the store.",
+    )
+    unsubscribe_base_url: str = Field(
+        default="http://localhost:8000/unsubscribe", description="Where unsubscribe links point (?token=...)."
+    )
+    site_url: str = Field(default="https://shop.example.com", description="Shop URL for links in messages.")
+    brand_name: str = Field(default="Omni Shop", description="Brand name shown in messages.")
 
     @field_validator("database_url")
     @classmethod

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from profiles.bulk import insert_rows
 from profiles.identity import chunked
 from profiles.models import Cart, CartStatus, Event, Order, OrderStatus
 from profiles.segment import COMMERCE_EVENTS, ORDER_COMPLETED, ORDER_UPDATED, PRODUCT_EVENTS
@@ -224,7 +225,5 @@ def rebuild_commerce(session: Session, customer_ids: Iterable[int]) -> None:
         for id_chunk in chunked(order_ids):
             # The same order id may have been derived for another customer before: latest wins.
             session.execute(delete(orders_table).where(orders_table.c.order_id.in_(id_chunk)))
-        if new_carts:
-            session.execute(insert(carts_table), new_carts)
-        if new_orders:
-            session.execute(insert(orders_table), list(new_orders.values()))
+        insert_rows(session, carts_table, new_carts)
+        insert_rows(session, orders_table, list(new_orders.values()))

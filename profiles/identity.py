@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from profiles.bulk import insert_rows
 from profiles.models import (
     Cart,
     Consent,
@@ -163,8 +164,7 @@ def resolve_customers(
         if (kind, value) not in existing_keys
     ]
     # Identities of merged-away customers were moved by merge_customers already.
-    if new_identities:
-        session.execute(insert(Identity.__table__), new_identities)
+    insert_rows(session, Identity.__table__, new_identities)
     return [final[uf.find(ref)] for ref in refs], merged_survivors
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import IO, Any
 
 import orjson
-from sqlalchemy import Engine, bindparam, insert, select, text, update
+from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from omni.settings import get_settings
+from profiles.bulk import insert_rows
 from profiles.commerce import rebuild_commerce
 from profiles.consent import ConsentDecision, apply_consents
 from profiles.db import session_scope, utcnow
@@ -211,8 +212,9 @@ def store_batch(
 
     if payloads:
         customer_ids, merged = resolve_customers(session, payloads, now=now)
-        session.execute(
-            insert(Event.__table__),
+        insert_rows(
+            session,
+            Event.__table__,
             [
                 {
                     "message_id": p.message_id,
@@ -245,8 +247,7 @@ def store_batch(
             if p.type == "track" and p.name in COMMERCE_EVENTS
         }
         rebuild_commerce(session, commerce | merged)
-    if rejected_rows:
-        session.execute(insert(RejectedEvent.__table__), rejected_rows)
+    insert_rows(session, RejectedEvent.__table__, rejected_rows)
     result.accepted = len(payloads)
     result.rejected = len(rejected_rows)
     return result

@@ -1,0 +1,215 @@
+"""Benchmark: ingest N synthetic Segment events into a fresh SQLite store.
+
+Prints events/s and peak memory of Omni's ingestion beside the floor: plain ``sqlite3`` ``executemany``
+inserting the same raw payload lines into a single table, in the same run. Each side runs in a child
+process of its own, so each peak memory figure is that side's alone.
+
+    python benchmarks/ingest.py                       # 1,000,000 events over 100,000 customers
+    python benchmarks/ingest.py --events 100000 --customers 10000
+
+Targets (issue 2): >= 20,000 events/s, within 3x of the floor, peak memory under 300 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PRODUCTS = [(f"sku-{i}", f"Product {i}", round(5 + (i * 7.3) % 95, 2)) for i in range(200)]
+CHANNELS = ["web", "app", "store", "call_center", "chat"]
+PAGES = ["Home", "Category", "Product", "Search", "Cart"]
+
+
+def generate(path: Path, events: int, customers: int, seed: int = 7) -> None:
+    """Write ``events`` JSON lines over ``customers`` customers, interleaved across customers the way a
+    real feed is: round r emits the r-th event of every customer, in a shuffled customer order."""
+    rng = random.Random(seed)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    per_customer = max(1, events // customers)
+    written = 0
+    order = list(range(customers))
+    with path.open("w") as out:
+        for step in range(per_customer):
+            rng.shuffle(order)
+            for c in order:
+                if written >= events:
+                    return
+                at = (start + timedelta(days=step * 3 + rng.random() * 3)).isoformat().replace("+00:00", "Z")
+                anon = f"anon-{c}"
+                user = f"user-{c}"
+                mid = f"bench-{c}-{step}"
+                channel = CHANNELS[rng.randrange(len(CHANNELS))] if step > 2 else "web"
+                if step == 0:
+                    payload = {"type": "page", "anonymousId": anon, "name": "Home"}
+                elif step == 1:
+                    payload = {
+                        "type": "identify",
+                        "userId": user,
+                        "anonymousId": anon,
+                        "traits": {
+                            "email": f"customer{c}@example.org",
+                            "first_name": f"Name{c}",
+                            "phone": f"+1415555{c % 10000:04d}",
+                            "sms_opt_in": c % 3 == 0,
+                        },
+                    }
+                else:
+                    roll = rng.random()
+                    who = {"userId": user} if rng.random() < 0.7 else {"anonymousId": anon}
+                    if roll < 0.45:
+                        payload = {"type": "page", **who, "name": PAGES[rng.randrange(len(PAGES))]}
+                    elif roll < 0.75:
+                        sku, name, price = PRODUCTS[rng.randrange(len(PRODUCTS))]
+                        payload = {
+                            "type": "track",
+                            **who,
+                            "event": "Product Added",
+                            "properties": {"product_id": sku, "name": name, "price": price, "quantity": 1},
+                        }
+                    elif roll < 0.82:
+                        sku, _, _ = PRODUCTS[rng.randrange(len(PRODUCTS))]
+                        payload = {
+                            "type": "track",
+                            **who,
+                            "event": "Product Removed",
+                            "properties": {"product_id": sku, "quantity": 1},
+                        }
+                    elif roll < 0.9:
+                        payload = {
+                            "type": "track",
+                            **who,
+                            "event": "Order Completed",
+                            "properties": {
+                                "order_id": f"o-{c}-{step}",
+                                "total": round(rng.random() * 200, 2),
+                            },
+                        }
+                    else:
+                        payload = {
+                            "type": "track",
+                            **who,
+                            "event": "Product Viewed",
+                            "properties": {"product_id": PRODUCTS[rng.randrange(len(PRODUCTS))][0]},
+                        }
+                payload.update(messageId=mid, timestamp=at, context={"channel": channel})
+                out.write(json.dumps(payload, separators=(",", ":")) + "\n")
+                written += 1
+
+
+def run_floor(path: Path, db: Path) -> dict:
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE raw_events (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)")
+    started = time.perf_counter()
+    count = 0
+    with path.open() as source:
+        batch: list[tuple[str]] = []
+        for line in source:
+            batch.append((line.rstrip("\n"),))
+            if len(batch) >= 5000:
+                conn.executemany("INSERT INTO raw_events (payload) VALUES (?)", batch)
+                conn.commit()
+                count += len(batch)
+                batch = []
+        if batch:
+            conn.executemany("INSERT INTO raw_events (payload) VALUES (?)", batch)
+            conn.commit()
+            count += len(batch)
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return {"events": count, "seconds": elapsed}
+
+
+def run_omni(path: Path, db: Path) -> dict:
+    from profiles.db import create_store_engine, upgrade_schema
+    from profiles.ingest import ingest_files
+
+    engine = create_store_engine(f"sqlite:///{db}")
+    upgrade_schema(engine)
+    started = time.perf_counter()
+    result = ingest_files(engine, [str(path)], now=datetime(2026, 12, 1, tzinfo=UTC))
+    elapsed = time.perf_counter() - started
+    return {"events": result.read, **result.as_dict(), "seconds": elapsed}
+
+
+def child(phase: str, path: Path, db: Path) -> None:
+    result = run_floor(path, db) if phase == "floor" else run_omni(path, db)
+    result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--customers", type=int, default=100_000)
+    parser.add_argument("--phase", choices=["floor", "omni"], help=argparse.SUPPRESS)
+    parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:
+        child(args.phase, args.input, args.db)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="omni-bench-") as tmp:
+        tmpdir = Path(tmp)
+        data = tmpdir / "events.jsonl"
+        print(f"generating {args.events:,} events over {args.customers:,} customers ...", flush=True)
+        generate(data, args.events, args.customers)
+        size_mb = data.stat().st_size / 1e6
+        print(f"input: {size_mb:,.1f} MB of JSON lines", flush=True)
+        figures = {}
+        for phase in ("floor", "omni"):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--phase",
+                    phase,
+                    "--input",
+                    str(data),
+                    "--db",
+                    str(tmpdir / f"{phase}.db"),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+            figures[phase] = json.loads(out.stdout.strip().splitlines()[-1])
+        floor, omni = figures["floor"], figures["omni"]
+        floor_rate = floor["events"] / floor["seconds"]
+        omni_rate = omni["events"] / omni["seconds"]
+        ratio = omni["seconds"] / floor["seconds"]
+        print()
+        print(f"{'':28}{'seconds':>10}{'events/s':>12}{'peak MB':>10}")
+        for label, side, rate in (
+            ("sqlite3 executemany (floor)", floor, floor_rate),
+            ("omni ingest", omni, omni_rate),
+        ):
+            print(f"{label:28}{side['seconds']:>10.1f}{rate:>12,.0f}{side['peak_mb']:>10.0f}")
+        print()
+        counts = ", ".join(f"{key} {omni[key]:,}" for key in ("accepted", "duplicates", "rejected"))
+        print(f"omni: {counts}")
+        print(f"ratio to floor: {ratio:.1f}x (target <= 3x)")
+        print(f"events/s: {omni_rate:,.0f} (target >= 20,000)")
+        print(f"peak memory: {omni['peak_mb']:.0f} MB (target < 300 MB)")
+
+
+if __name__ == "__main__":
+    main()
