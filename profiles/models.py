@@ -325,7 +325,7 @@ class Delivery(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("enrollment_id", "step_id", name="uq_deliveries_enrollment_step"),
         Index("ix_deliveries_customer_created", "customer_id", "created_at"),
-        Index("ix_deliveries_status", "status"),
+        Index("ix_deliveries_status_next", "status", "next_attempt_at"),
     )
 
     id: int | None = _id_column()
@@ -340,6 +340,11 @@ class Delivery(SQLModel, table=True):
     customer_id: int | None = _customer_fk(index=False)
     channel: str = Field(sa_column=Column(String(16), nullable=False))
     connector: str = Field(sa_column=Column(String(64), nullable=False))
+    # What goes out, fixed when the delivery is created: the template, or for ads the ad audience and
+    # the action (add / remove).
+    template: str | None = Field(default=None, sa_column=Column(String(255)))
+    ad_audience: str | None = Field(default=None, sa_column=Column(String(255)))
+    action: str | None = Field(default=None, sa_column=Column(String(16)))
     # pending, sending, sent, failed, skipped, unknown
     status: str = Field(sa_column=Column(String(16), nullable=False))
     attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False))

@@ -340,6 +340,9 @@ def upgrade() -> None:
         sa.Column("customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("channel", sa.String(length=16), nullable=False),
         sa.Column("connector", sa.String(length=64), nullable=False),
+        sa.Column("template", sa.String(length=255), nullable=True),
+        sa.Column("ad_audience", sa.String(length=255), nullable=True),
+        sa.Column("action", sa.String(length=16), nullable=True),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("provider_message_id", sa.String(length=500), nullable=True),
@@ -363,13 +366,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
         batch_op.create_index("ix_deliveries_customer_created", ["customer_id", "created_at"], unique=False)
-        batch_op.create_index("ix_deliveries_status", ["status"], unique=False)
+        batch_op.create_index("ix_deliveries_status_next", ["status", "next_attempt_at"], unique=False)
 
 
 def downgrade() -> None:
 
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
-        batch_op.drop_index("ix_deliveries_status")
+        batch_op.drop_index("ix_deliveries_status_next")
         batch_op.drop_index("ix_deliveries_customer_created")
 
     op.drop_table("deliveries")

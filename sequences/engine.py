@@ -1,0 +1,1108 @@
+"""The sequence engine: enrollment, exits, steps and the one dispatcher every message goes through.
+
+Design: **steps create deliveries; one dispatcher sends them.**
+
+A tick at ``now`` (:func:`run_tick`):
+
+1. rebuilds, at ``now``, the audiences its sequences are triggered by;
+2. marks deliveries left ``sending`` by an interrupted tick (older than ``sending_timeout``): email, SMS
+   and push become ``unknown`` and are **not resent** (at most once); ad-audience syncs go back to
+   ``pending`` (idempotent, at least once);
+3. enrolls new entrants with one ``INSERT ... SELECT`` per sequence; held-out customers (a deterministic
+   bucket of customer and sequence) are recorded with status ``holdout`` and never messaged;
+4. exits active enrollments whose exit rule holds (an event on any channel after enrollment, and/or
+   leaving the trigger audience), records the reason, drops their pending deliveries and queues removal
+   from every ad audience the sequence added them to;
+5. walks due enrollments in batches: ``wait`` sets the next run time, ``branch`` evaluates an audience
+   condition for the whole batch in SQL, ``send`` creates a ``pending`` delivery (unique per enrollment
+   and step) and parks the enrollment until the delivery is resolved;
+6. dispatches due ``pending`` deliveries (of sequences and campaigns alike) in batches: consent and
+   reachability, quiet hours in the customer's timezone and the cross-channel frequency cap (both
+   postpone), rendering, then an atomic **claim** (``pending`` → ``sending``, committed) before the
+   connector is called with the whole batch through the shared retry layer; results are recorded, a
+   ``sent`` message is written back to the profile as an event (``Email Sent`` ...), what is still
+   retryable is retried on later ticks with backoff up to ``max_attempts``, a permanent failure (or an
+   unreachable customer) moves to the step's ``fallback`` channel when it has one, and the enrollment
+   advances.
+
+Steps 5 and 6 repeat until nothing moves, so a tick that finds a send followed by an elapsed wait
+completes both. Two ticks at once never double-send: the unique delivery row and the atomic claim
+decide who sends (the ``run-sequences`` deployment also has a concurrency limit of 1).
+"""
+
+from __future__ import annotations
+
+import time as time_module
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, exists, func, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from profiles.bulk import insert_rows
+from profiles.db import session_scope
+from profiles.identity import chunked
+from profiles.models import AudienceMembership, Customer, Delivery, Enrollment, Event
+from sequences.definitions import BranchStep, CampaignDefinition, SendStep, SequenceDefinition, WaitStep
+from sequences.policy import (
+    MESSAGE_CHANNELS,
+    Contact,
+    DeliveryPolicy,
+    cap_until,
+    holdout_bucket_sql,
+    load_contacts,
+    next_local_time,
+    quiet_until,
+    recent_messages,
+)
+
+SENT_EVENTS = {
+    "email": "Email Sent",
+    "sms": "SMS Sent",
+    "push": "Push Sent",
+    "ads": "Audience Synced",
+    "webhook": "Webhook Sent",
+}
+EVENT_CHANNELS = {"email": "email", "sms": "sms", "push": "push", "ads": "social", "webhook": "web"}
+FINAL_STATUSES = ("sent", "failed", "skipped", "unknown")
+MAX_ROUNDS = 20
+FALLBACK = "/fallback"
+REMOVE = "/remove"
+
+
+@dataclass
+class StepCounts:
+    sent: int = 0
+    postponed: int = 0
+    skipped_consent: int = 0
+    failed: int = 0
+    retrying: int = 0
+    unknown: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class SequenceReport:
+    enrolled: int = 0
+    held_out: int = 0
+    exited: int = 0
+    completed: int = 0
+    exit_reasons: Counter = field(default_factory=Counter)
+    steps: dict[str, StepCounts] = field(default_factory=lambda: defaultdict(StepCounts))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "enrolled": self.enrolled,
+            "held_out": self.held_out,
+            "exited": self.exited,
+            "completed": self.completed,
+            "exit_reasons": dict(self.exit_reasons),
+            "steps": {step: counts.as_dict() for step, counts in self.steps.items()},
+        }
+
+
+@dataclass
+class TickReport:
+    now: datetime
+    audiences: dict[str, dict[str, int]] = field(default_factory=dict)
+    sequences: dict[str, SequenceReport] = field(default_factory=lambda: defaultdict(SequenceReport))
+    campaigns: dict[str, StepCounts] = field(default_factory=lambda: defaultdict(StepCounts))
+    # (channel, customer_id, template or audience) of each message sent, for people (the demo)
+    sent: list[tuple[str, int, str]] = field(default_factory=list)
+
+    def counts_for(self, delivery: Any) -> StepCounts:
+        if delivery.campaign:
+            return self.campaigns[delivery.campaign]
+        sequence, step = delivery.sequence, delivery.step_id.split("/")[0]
+        return self.sequences[sequence].steps[step]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "now": self.now,
+            "audiences": self.audiences,
+            "sequences": {name: report.as_dict() for name, report in self.sequences.items()},
+            "campaigns": {name: counts.as_dict() for name, counts in self.campaigns.items()},
+        }
+
+
+class UnknownSequence(KeyError):
+    def __str__(self) -> str:
+        return f"unknown sequence {self.args[0]!r} (known: {', '.join(self.args[1]) or 'none'})"
+
+
+@dataclass
+class Dispatcher:
+    """Sends due deliveries; built once per tick (connectors are checked before anything is claimed)."""
+
+    engine: Engine
+    now: datetime
+    policy: DeliveryPolicy
+    sequences: Mapping[str, SequenceDefinition]
+    campaigns: Mapping[str, CampaignDefinition]
+    report: TickReport
+    settings: Any = None
+    retry_policy: Any = None
+    sleep: Callable[[float], None] = time_module.sleep
+    connectors: dict[str, Any] = field(default_factory=dict)
+
+    def connector(self, channel: str) -> Any:
+        if channel not in self.connectors:
+            from connectors import get_connector
+
+            self.connectors[channel] = get_connector(
+                channel, self.settings, engine=self.engine, clock=lambda: self.now
+            )
+        return self.connectors[channel]
+
+    def close(self) -> None:
+        for connector in self.connectors.values():
+            connector.close()
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _insert_ignore(
+    session: Session, table: Any, rows: list[dict[str, Any]], returning: Any = None
+) -> list[Any]:
+    """INSERT rows, skipping those that violate a unique constraint; returns the ``returning`` values."""
+    if not rows:
+        return []
+    dialect = session.get_bind().dialect.name
+    module = postgresql if dialect == "postgresql" else sqlite
+    statement = module.insert(table).on_conflict_do_nothing()
+    if returning is None:
+        session.execute(statement, rows)
+        return []
+    found: list[Any] = []
+    for row in rows:  # RETURNING with ON CONFLICT is per statement; inserts here are small batches
+        result = session.execute(statement.values(**row).returning(returning)).first()
+        if result is not None:
+            found.append(result[0])
+    return found
+
+
+def provider_of(channel: str, settings: Any) -> str:
+    from connectors import provider_for
+
+    try:
+        return provider_for(channel, settings)
+    except Exception:  # noqa: BLE001 - recorded only; the dispatcher reports a bad setting properly
+        return "unknown"
+
+
+# --- 2. interrupted sends ----------------------------------------------------------------------------
+
+
+def recover_interrupted(
+    session: Session, *, now: datetime, policy: DeliveryPolicy, report: TickReport
+) -> None:
+    deliveries = Delivery.__table__
+    stale = and_(deliveries.c.status == "sending", deliveries.c.updated_at < now - policy.sending_timeout)
+    rows = session.execute(
+        select(
+            deliveries.c.id,
+            deliveries.c.enrollment_id,
+            deliveries.c.campaign,
+            deliveries.c.step_id,
+            deliveries.c.channel,
+        ).where(stale)
+    ).all()
+    if not rows:
+        return
+    at_most_once = [r.id for r in rows if r.channel != "ads"]
+    at_least_once = [r.id for r in rows if r.channel == "ads"]
+    if at_most_once:
+        session.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_(at_most_once))
+            .values(
+                status="unknown",
+                updated_at=now,
+                error="interrupted while sending; not resent (at most once for email, SMS and push)",
+            )
+        )
+    if at_least_once:
+        session.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_(at_least_once))
+            .values(status="pending", next_attempt_at=now, updated_at=now)
+        )
+    sequences = _sequence_names(session, [r.enrollment_id for r in rows if r.enrollment_id])
+    for row in rows:
+        if row.channel != "ads":
+            counts = (
+                report.campaigns[row.campaign]
+                if row.campaign
+                else report.sequences[sequences[row.enrollment_id]].steps[row.step_id.split("/")[0]]
+            )
+            counts.unknown += 1
+    _advance(
+        session,
+        [(r.enrollment_id, r.step_id) for r in rows if r.enrollment_id and r.channel != "ads"],
+        now=now,
+    )
+
+
+def _sequence_names(session: Session, enrollment_ids: Iterable[int]) -> dict[int, str]:
+    table = Enrollment.__table__
+    names: dict[int, str] = {}
+    for chunk in chunked(sorted(set(enrollment_ids))):
+        names.update(session.execute(select(table.c.id, table.c.sequence).where(table.c.id.in_(chunk))).all())
+    return names
+
+
+# --- 3. enrollment -----------------------------------------------------------------------------------
+
+
+def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, report: TickReport) -> None:
+    enrollments = Enrollment.__table__
+    customers = Customer.__table__
+    if sequence.trigger_audience:
+        members = AudienceMembership.__table__
+        entrants = (
+            select(members.c.customer_id.label("customer_id"), members.c.entered_at.label("since"))
+            .join(customers, and_(customers.c.id == members.c.customer_id, customers.c.merged_into.is_(None)))
+            .where(
+                members.c.audience == sequence.trigger_audience,
+                members.c.exited_at.is_(None),
+                members.c.entered_at <= now,
+            )
+        ).subquery()
+    else:
+        events = Event.__table__
+        since = now - timedelta(days=1)
+        last = session.execute(
+            select(func.max(enrollments.c.enrolled_at)).where(enrollments.c.sequence == sequence.name)
+        ).scalar()
+        if last is not None:
+            since = last
+        entrants = (
+            select(events.c.customer_id.label("customer_id"), func.min(events.c.occurred_at).label("since"))
+            .where(
+                events.c.name == sequence.trigger_event,
+                events.c.occurred_at > since,
+                events.c.occurred_at <= now,
+            )
+            .group_by(events.c.customer_id)
+        ).subquery()
+    previous = [enrollments.c.status == "active", enrollments.c.enrolled_at >= entrants.c.since]
+    if sequence.reenter_after is not None:
+        previous.append(enrollments.c.enrolled_at > now - sequence.reenter_after)
+    already = exists().where(
+        enrollments.c.sequence == sequence.name,
+        enrollments.c.customer_id == entrants.c.customer_id,
+        or_(*previous),
+    )
+    threshold = round(sequence.holdout_percent * 100)
+    held = holdout_bucket_sql(entrants.c.customer_id, sequence.name) < threshold
+    for status, condition in (("holdout", held), ("active", ~held)):
+        if status == "holdout" and threshold == 0:
+            continue
+        chosen = select(
+            literal(sequence.name),
+            entrants.c.customer_id,
+            literal(status),
+            literal(0),
+            literal(now if status == "active" else None, type_=Enrollment.__table__.c.next_run_at.type),
+            literal(now, type_=enrollments.c.enrolled_at.type),
+            literal(now, type_=enrollments.c.updated_at.type),
+        ).where(~already, condition if threshold else literal(True))
+        result = session.execute(
+            enrollments.insert().from_select(
+                [
+                    "sequence",
+                    "customer_id",
+                    "status",
+                    "step_index",
+                    "next_run_at",
+                    "enrolled_at",
+                    "updated_at",
+                ],
+                chosen,
+            )
+        )
+        counts = report.sequences[sequence.name]
+        if status == "holdout":
+            counts.held_out += result.rowcount
+        else:
+            counts.enrolled += result.rowcount
+
+
+# --- 4. exits ----------------------------------------------------------------------------------------
+
+
+def exit_enrollments(
+    session: Session, sequence: SequenceDefinition, *, now: datetime, report: TickReport, settings: Any = None
+) -> None:
+    enrollments = Enrollment.__table__
+    active = and_(enrollments.c.sequence == sequence.name, enrollments.c.status == "active")
+    rules: list[tuple[str, Any]] = []
+    if sequence.exit.event:
+        events = Event.__table__
+        filters = [
+            events.c.customer_id == enrollments.c.customer_id,
+            events.c.name == sequence.exit.event,
+            events.c.occurred_at > enrollments.c.enrolled_at,
+            events.c.occurred_at <= now,
+        ]
+        for key, value in sequence.exit.properties.items():
+            filters.append(events.c.properties[key].as_string() == str(value))
+        rules.append((f"event: {sequence.exit.event}", exists().where(*filters)))
+    if sequence.exit.left_audience:
+        members = AudienceMembership.__table__
+        rules.append(
+            (
+                f"left audience {sequence.trigger_audience}",
+                ~exists().where(
+                    members.c.audience == sequence.trigger_audience,
+                    members.c.customer_id == enrollments.c.customer_id,
+                    members.c.exited_at.is_(None),
+                ),
+            )
+        )
+    rules.append(
+        (
+            "customer merged into another",
+            exists().where(
+                Customer.__table__.c.id == enrollments.c.customer_id,
+                Customer.__table__.c.merged_into.is_not(None),
+            ),
+        )
+    )
+    exited: list[int] = []
+    for reason, rule in rules:
+        ids = list(session.execute(select(enrollments.c.id).where(active, rule)).scalars())
+        for chunk in chunked(ids):
+            session.execute(
+                update(enrollments)
+                .where(enrollments.c.id.in_(chunk), enrollments.c.status == "active")
+                .values(status="exited", exited_at=now, exit_reason=reason, next_run_at=None, updated_at=now)
+            )
+        report.sequences[sequence.name].exited += len(ids)
+        if ids:
+            report.sequences[sequence.name].exit_reasons[reason] += len(ids)
+        exited.extend(ids)
+    if not exited:
+        return
+    deliveries = Delivery.__table__
+    for chunk in chunked(exited):
+        session.execute(
+            update(deliveries)
+            .where(deliveries.c.enrollment_id.in_(chunk), deliveries.c.status == "pending")
+            .values(status="skipped", error="enrollment exited", updated_at=now)
+        )
+        # Take them out of every ad audience the sequence added them to.
+        added = session.execute(
+            select(deliveries).where(
+                deliveries.c.enrollment_id.in_(chunk),
+                deliveries.c.channel == "ads",
+                deliveries.c.action == "add",
+                deliveries.c.status.in_(("sent", "sending", "unknown")),
+            )
+        ).all()
+        removals = [
+            {
+                "dedupe_key": f"{d.dedupe_key}{REMOVE}",
+                "enrollment_id": d.enrollment_id,
+                "campaign": None,
+                "step_id": f"{d.step_id}{REMOVE}",
+                "customer_id": d.customer_id,
+                "channel": "ads",
+                "connector": provider_of("ads", settings),
+                "template": None,
+                "ad_audience": d.ad_audience,
+                "action": "remove",
+                "status": "pending",
+                "attempts": 0,
+                "marketing": False,
+                "next_attempt_at": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for d in added
+        ]
+        _insert_ignore(session, deliveries, removals)
+
+
+# --- 5. walking steps --------------------------------------------------------------------------------
+
+
+def walk_due(
+    engine: Engine,
+    sequences: Mapping[str, SequenceDefinition],
+    *,
+    now: datetime,
+    policy: DeliveryPolicy,
+    report: TickReport,
+    audience_definitions: Mapping[str, Any],
+    settings: Any = None,
+) -> int:
+    """Advance every due enrollment as far as it can go now; returns how many moved."""
+    enrollments = Enrollment.__table__
+    moved = 0
+    seen: set[int] = set()
+    while True:
+        with session_scope(engine) as session:
+            rows = session.execute(
+                select(enrollments)
+                .where(
+                    enrollments.c.sequence.in_(list(sequences)),
+                    enrollments.c.status == "active",
+                    enrollments.c.next_run_at <= now,
+                    enrollments.c.id.not_in(seen) if seen else literal(True),
+                )
+                .order_by(enrollments.c.next_run_at, enrollments.c.id)
+                .limit(policy.batch_size)
+            ).all()
+            if not rows:
+                return moved
+            seen.update(r.id for r in rows)
+            moved += _walk_batch(
+                session,
+                rows,
+                sequences,
+                now=now,
+                policy=policy,
+                report=report,
+                audience_definitions=audience_definitions,
+                settings=settings,
+            )
+
+
+def _walk_batch(
+    session: Session,
+    rows: Sequence[Any],
+    sequences: Mapping[str, SequenceDefinition],
+    *,
+    now: datetime,
+    policy: DeliveryPolicy,
+    report: TickReport,
+    audience_definitions: Mapping[str, Any],
+    settings: Any,
+) -> int:
+    from audiences import compile_condition
+
+    enrollments = Enrollment.__table__
+    zones: dict[int, str] | None = None
+    branch_members: dict[tuple[str, str], set[int]] = {}
+    customer_ids = [r.customer_id for r in rows]
+    updates: list[dict[str, Any]] = []
+    new_deliveries: list[dict[str, Any]] = []
+    for row in rows:
+        sequence = sequences[row.sequence]
+        index, due = row.step_index, row.next_run_at
+        status, next_run = "active", due
+        for _ in range(len(sequence.steps) * 2 + 1):
+            if index >= len(sequence.steps):
+                status, next_run = "completed", None
+                report.sequences[sequence.name].completed += 1
+                break
+            step = sequence.steps[index]
+            if isinstance(step, WaitStep):
+                if step.duration is not None:
+                    next_run = due + step.duration
+                else:
+                    if zones is None:
+                        from sequences.policy import customer_timezones
+
+                        zones = customer_timezones(session, customer_ids, policy.default_timezone)
+                    next_run = next_local_time(
+                        due, step.until, zones.get(row.customer_id, policy.default_timezone)
+                    )
+                index += 1
+                if next_run > now:
+                    break
+                due = next_run
+                continue
+            if isinstance(step, BranchStep):
+                key = (sequence.name, step.id)
+                if key not in branch_members:
+                    selected = compile_condition(step.condition, now=now, definitions=audience_definitions)
+                    ids = selected.subquery()
+                    branch_members[key] = set(
+                        session.execute(select(ids.c[0]).where(ids.c[0].in_(customer_ids))).scalars()
+                    )
+                if row.customer_id in branch_members[key]:
+                    index = sequence.step_index(step.then)
+                elif step.otherwise:
+                    index = sequence.step_index(step.otherwise)
+                else:
+                    index += 1
+                continue
+            assert isinstance(step, SendStep)
+            new_deliveries.append(
+                _delivery_row(
+                    key=f"enrollment:{row.id}:{step.id}",
+                    enrollment_id=row.id,
+                    campaign=None,
+                    step_id=step.id,
+                    customer_id=row.customer_id,
+                    channel=step.channel,
+                    template=step.template,
+                    ad_audience=step.audience,
+                    now=now,
+                    settings=settings,
+                )
+            )
+            next_run = None  # parked until the delivery is resolved
+            break
+        updates.append(
+            {
+                "b_id": row.id,
+                "step_index": index,
+                "next_run_at": next_run,
+                "status": status,
+                "updated_at": now,
+            }
+        )
+    from sqlalchemy import bindparam
+
+    session.execute(update(enrollments).where(enrollments.c.id == bindparam("b_id")), updates)
+    deliveries = Delivery.__table__
+    _insert_ignore(session, deliveries, new_deliveries)
+    # A delivery that already existed and is resolved (a re-walk after an interruption) advances at once.
+    keys = [d["dedupe_key"] for d in new_deliveries]
+    resolved = []
+    for chunk in chunked(keys):
+        resolved.extend(
+            session.execute(
+                select(deliveries.c.enrollment_id, deliveries.c.step_id).where(
+                    deliveries.c.dedupe_key.in_(chunk), deliveries.c.status.in_(FINAL_STATUSES)
+                )
+            ).all()
+        )
+    _advance(session, [(r.enrollment_id, r.step_id) for r in resolved], now=now)
+    return len(rows)
+
+
+def _delivery_row(
+    *,
+    key: str,
+    enrollment_id: int | None,
+    campaign: str | None,
+    step_id: str,
+    customer_id: int,
+    channel: str,
+    template: str | None,
+    ad_audience: str | None,
+    now: datetime,
+    settings: Any,
+    next_attempt_at: datetime | None = None,
+) -> dict[str, Any]:
+    return {
+        "dedupe_key": key,
+        "enrollment_id": enrollment_id,
+        "campaign": campaign,
+        "step_id": step_id,
+        "customer_id": customer_id,
+        "channel": channel,
+        "connector": provider_of(channel, settings),
+        "template": template,
+        "ad_audience": ad_audience,
+        "action": "add" if channel == "ads" else None,
+        "status": "pending",
+        "attempts": 0,
+        "marketing": True,
+        "next_attempt_at": next_attempt_at or now,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def _advance(session: Session, resolved: Iterable[tuple[int | None, str]], *, now: datetime) -> None:
+    """Move enrollments past the send step a resolved delivery belonged to (idempotent)."""
+    enrollments = Enrollment.__table__
+    sequences_by_id: dict[int, str] = {}
+    pairs = [(e, s) for e, s in resolved if e is not None and not s.endswith(REMOVE)]
+    if not pairs:
+        return
+    sequences_by_id = _sequence_names(session, [e for e, _ in pairs])
+    from sequences.definitions import load_sequences
+
+    definitions = _DEFINITIONS.get("sequences") or load_sequences()
+    for enrollment_id, step_id in pairs:
+        sequence = definitions.get(sequences_by_id.get(enrollment_id, ""))
+        if sequence is None:
+            continue
+        try:
+            index = sequence.step_index(step_id.split("/")[0])
+        except KeyError:
+            continue
+        session.execute(
+            update(enrollments)
+            .where(
+                enrollments.c.id == enrollment_id,
+                enrollments.c.status == "active",
+                enrollments.c.step_index == index,
+                enrollments.c.next_run_at.is_(None),
+            )
+            .values(step_index=index + 1, next_run_at=now, updated_at=now)
+        )
+
+
+# Definitions in use by the running tick (so _advance does not reload YAML per call).
+_DEFINITIONS: dict[str, Any] = {}
+
+
+# --- 6. dispatching ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Due:
+    id: int
+    dedupe_key: str
+    enrollment_id: int | None
+    campaign: str | None
+    step_id: str
+    customer_id: int
+    channel: str
+    template: str | None
+    ad_audience: str | None
+    action: str | None
+    attempts: int
+    sequence: str | None = None
+
+
+def dispatch_due(dispatcher: Dispatcher) -> int:
+    """Send every due pending delivery, a batch at a time; returns how many were resolved or postponed."""
+    deliveries = Delivery.__table__
+    enrollments = Enrollment.__table__
+    moved = 0
+    seen: set[int] = set()
+    while True:
+        with session_scope(dispatcher.engine) as session:
+            rows = session.execute(
+                select(
+                    deliveries.c.id,
+                    deliveries.c.dedupe_key,
+                    deliveries.c.enrollment_id,
+                    deliveries.c.campaign,
+                    deliveries.c.step_id,
+                    deliveries.c.customer_id,
+                    deliveries.c.channel,
+                    deliveries.c.template,
+                    deliveries.c.ad_audience,
+                    deliveries.c.action,
+                    deliveries.c.attempts,
+                    enrollments.c.sequence,
+                    enrollments.c.status.label("enrollment_status"),
+                )
+                .select_from(
+                    deliveries.outerjoin(enrollments, enrollments.c.id == deliveries.c.enrollment_id)
+                )
+                .where(
+                    deliveries.c.status == "pending",
+                    deliveries.c.next_attempt_at <= dispatcher.now,
+                    deliveries.c.id.not_in(seen) if seen else literal(True),
+                )
+                .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+                .limit(dispatcher.policy.batch_size)
+            ).all()
+        if not rows:
+            return moved
+        seen.update(r.id for r in rows)
+        moved += _dispatch_batch(dispatcher, rows)
+
+
+def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
+    from connectors import AudienceMember, Message, Status, send_batch
+    from connectors.effects import apply_effects
+    from sequences.rendering import RenderError, render_many
+
+    now, policy = d.now, d.policy
+    deliveries = Delivery.__table__
+    due = [
+        _Due(
+            r.id,
+            r.dedupe_key,
+            r.enrollment_id,
+            r.campaign,
+            r.step_id,
+            r.customer_id,
+            r.channel,
+            r.template,
+            r.ad_audience,
+            r.action,
+            r.attempts,
+            r.sequence,
+        )
+        for r in rows
+    ]
+    inactive = {
+        r.id for r in rows if r.enrollment_id and r.enrollment_status != "active" and r.action != "remove"
+    }
+    # Connectors first: a misconfigured channel fails here, before anything is claimed.
+    for item in due:
+        if item.id not in inactive:
+            d.connector(item.channel)
+
+    to_send: list[tuple[_Due, list[Any]]] = []
+    outcomes: dict[int, dict[str, Any]] = {}  # delivery id -> column updates
+    fallbacks: list[dict[str, Any]] = []
+    resolved: list[tuple[int | None, str]] = []
+
+    def finish(item: _Due, status: str, error: str | None = None, **extra: Any) -> None:
+        outcomes[item.id] = {"status": status, "error": error, "updated_at": now, **extra}
+        if status in FINAL_STATUSES:
+            fallback = _fallback_for(d, item) if status in ("failed", "skipped") else None
+            if fallback is not None:
+                fallbacks.append(fallback)
+            else:
+                resolved.append((item.enrollment_id, item.step_id))
+
+    with session_scope(d.engine) as session:
+        contacts = load_contacts(session, [i.customer_id for i in due], policy.default_timezone)
+        recent = recent_messages(
+            session, [i.customer_id for i in due], now=now, window=policy.frequency_window
+        )
+        templated: dict[str, list[_Due]] = defaultdict(list)
+        for item in due:
+            counts = d.report.counts_for(item)
+            if item.id in inactive:
+                finish(item, "skipped", "enrollment no longer active")
+                continue
+            contact = contacts.get(item.customer_id) or Contact(item.customer_id)
+            if item.action != "remove":
+                ok, why = contact.reachable(item.channel)
+                if not ok:
+                    counts.skipped_consent += 1
+                    finish(item, "skipped", why)
+                    continue
+            if item.channel in MESSAGE_CHANNELS:
+                later = quiet_until(now, contact.timezone, policy)
+                capped = cap_until(recent[item.customer_id], now=now, policy=policy)
+                wait_until = max(t for t in (later, capped) if t) if (later or capped) else None
+                if wait_until is not None:
+                    counts.postponed += 1
+                    outcomes[item.id] = {
+                        "status": "pending",
+                        "next_attempt_at": wait_until,
+                        "updated_at": now,
+                        "error": "quiet hours" if later else "frequency cap",
+                    }
+                    continue
+                recent[item.customer_id].append(now)  # counts against the cap for the rest of the batch
+                templated[item.template or ""].append(item)
+            else:
+                to_send.append((item, [_ads_message(item, contact, Message, AudienceMember)]))
+        for template, items in templated.items():
+            rendered = render_many(
+                session, template, [i.customer_id for i in items], now=now, settings=d.settings
+            )
+            for item in items:
+                result = rendered.get(item.customer_id)
+                if isinstance(result, RenderError) or result is None:
+                    d.report.counts_for(item).failed += 1
+                    finish(item, "failed", str(result or "not rendered"))
+                    continue
+                to_send.append((item, result.messages(item.dedupe_key)))
+        _write_outcomes(session, outcomes)
+        insert_rows_ignore(session, fallbacks)
+        _advance(session, resolved, now=now)
+
+    # The claim: pending -> sending, committed before any connector is called.
+    claimed: set[int] = set()
+    with session_scope(d.engine) as session:
+        for chunk in chunked([item.id for item, _ in to_send]):
+            claimed.update(
+                session.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id.in_(chunk), deliveries.c.status == "pending")
+                    .values(status="sending", attempts=deliveries.c.attempts + 1, updated_at=now)
+                    .returning(deliveries.c.id)
+                ).scalars()
+            )
+    to_send = [(item, messages) for item, messages in to_send if item.id in claimed]
+
+    by_channel: dict[str, list[tuple[_Due, list[Any]]]] = defaultdict(list)
+    for item, messages in to_send:
+        by_channel[item.channel].append((item, messages))
+    results_by_delivery: dict[int, list[Any]] = defaultdict(list)
+    all_results: list[Any] = []
+    for channel, entries in by_channel.items():
+        connector = d.connector(channel)
+        owner = {m.delivery_id: item for item, messages in entries for m in messages}
+        report = send_batch(
+            connector, [m for _, messages in entries for m in messages], policy=d.retry_policy, sleep=d.sleep
+        )
+        for result in report.results:
+            results_by_delivery[owner[result.delivery_id].id].append(result)
+        all_results.extend(report.results)
+
+    outcomes = {}
+    fallbacks = []
+    resolved = []
+    written_back: list[dict[str, Any]] = []
+    for item, messages in to_send:
+        results = results_by_delivery[item.id]
+        counts = d.report.counts_for(item)
+        sent = [r for r in results if r.status is Status.SENT]
+        retry = [r for r in results if r.status is Status.RETRYABLE]
+        if sent:
+            counts.sent += 1
+            finish(item, "sent", None, provider_message_id=sent[0].provider_id, sent_at=now)
+            written_back.append(_sent_event(item, messages[0], sent[0], now))
+            d.report.sent.append((item.channel, item.customer_id, item.template or item.ad_audience or ""))
+        elif retry and item.attempts + 1 < policy.max_attempts:
+            counts.retrying += 1
+            wait = max(
+                retry[0].retry_after or 0.0, (policy.retry_backoff * (2**item.attempts)).total_seconds()
+            )
+            outcomes[item.id] = {
+                "status": "pending",
+                "next_attempt_at": now + timedelta(seconds=wait),
+                "error": retry[0].reason,
+                "updated_at": now,
+            }
+        else:
+            counts.failed += 1
+            reason = (retry or results)[0].reason if results else "no result"
+            if retry:
+                reason = f"gave up after {item.attempts + 1} attempts: {reason}"
+            finish(item, "failed", reason)
+    with session_scope(d.engine) as session:
+        _write_outcomes(session, outcomes)
+        insert_rows_ignore(session, fallbacks)
+        insert_rows(session, Event.__table__, written_back)
+        _advance(session, resolved, now=now)
+        apply_effects(session, all_results, now=now)
+    return len(due)
+
+
+def insert_rows_ignore(session: Session, rows: list[dict[str, Any]]) -> None:
+    _insert_ignore(session, Delivery.__table__, rows)
+
+
+def _write_outcomes(session: Session, outcomes: Mapping[int, dict[str, Any]]) -> None:
+    deliveries = Delivery.__table__
+    by_shape: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for delivery_id, values in outcomes.items():
+        by_shape[tuple(sorted(values))].append({"b_id": delivery_id, **values})
+    from sqlalchemy import bindparam
+
+    for rows in by_shape.values():
+        session.execute(update(deliveries).where(deliveries.c.id == bindparam("b_id")), rows)
+
+
+def _fallback_for(d: Dispatcher, item: _Due) -> dict[str, Any] | None:
+    """The delivery on the fallback channel for a primary that could not be delivered, if the step has one."""
+    if item.step_id.endswith(FALLBACK) or item.step_id.endswith(REMOVE):
+        return None
+    if item.campaign:
+        campaign = d.campaigns.get(item.campaign)
+        channel, template = (campaign.fallback, campaign.template) if campaign else (None, None)
+    else:
+        sequence = d.sequences.get(item.sequence or "")
+        step = None
+        if sequence is not None:
+            try:
+                step = sequence.steps[sequence.step_index(item.step_id)]
+            except KeyError:
+                step = None
+        if not isinstance(step, SendStep) or not step.fallback:
+            return None
+        channel, template = step.fallback, step.fallback_template or step.template
+    if not channel:
+        return None
+    return _delivery_row(
+        key=f"{item.dedupe_key}{FALLBACK}",
+        enrollment_id=item.enrollment_id,
+        campaign=item.campaign,
+        step_id=f"{item.step_id}{FALLBACK}",
+        customer_id=item.customer_id,
+        channel=channel,
+        template=template,
+        ad_audience=None,
+        now=d.now,
+        settings=d.settings,
+    )
+
+
+def _ads_message(item: _Due, contact: Contact, message_cls: Any, member_cls: Any) -> Any:
+    return message_cls(
+        delivery_id=item.dedupe_key,
+        channel="ads",
+        to=item.ad_audience or "",
+        customer_id=item.customer_id,
+        action=item.action or "add",
+        member=member_cls(
+            customer_id=item.customer_id,
+            email=contact.email,
+            phone=contact.phone,
+            first_name=contact.first_name,
+            last_name=contact.last_name,
+        ),
+    )
+
+
+def _sent_event(item: _Due, message: Any, result: Any, now: datetime) -> dict[str, Any]:
+    properties = {
+        "delivery_id": item.dedupe_key,
+        "step": item.step_id.split("/")[0],
+        "provider_message_id": result.provider_id,
+    }
+    if item.sequence:
+        properties["sequence"] = item.sequence
+    if item.campaign:
+        properties["campaign"] = item.campaign
+    if item.template:
+        properties["template"] = item.template
+    if item.channel == "ads":
+        properties.update(audience=item.ad_audience, action=item.action)
+    if getattr(message, "subject", None):
+        properties["subject"] = message.subject
+    return {
+        "message_id": f"omni:{item.dedupe_key}",
+        "customer_id": item.customer_id,
+        "type": "track",
+        "name": SENT_EVENTS.get(item.channel, "Message Sent"),
+        "channel": EVENT_CHANNELS.get(item.channel, "web"),
+        "properties": properties,
+        "context": {"library": {"name": "omni"}},
+        "user_id": None,
+        "anonymous_id": None,
+        "occurred_at": now,
+        "received_at": now,
+    }
+
+
+# --- the tick ----------------------------------------------------------------------------------------
+
+
+def run_tick(
+    engine: Engine,
+    *,
+    now: datetime,
+    names: Sequence[str] | None = None,
+    settings: Any = None,
+    policy: DeliveryPolicy | None = None,
+    retry_policy: Any = None,
+    sleep: Callable[[float], None] = time_module.sleep,
+    sequences: Mapping[str, SequenceDefinition] | None = None,
+    campaigns: Mapping[str, CampaignDefinition] | None = None,
+    build: bool = True,
+) -> TickReport:
+    """One tick of every sequence (or ``names``) at ``now``; see the module docstring."""
+    from audiences import build_audiences, load_audiences
+    from sequences.definitions import load_campaigns, load_sequences
+
+    if settings is None:
+        from omni.settings import get_settings
+
+        settings = get_settings()
+    policy = policy or DeliveryPolicy.from_settings(settings)
+    audience_definitions = load_audiences()
+    all_sequences = (
+        dict(sequences) if sequences is not None else load_sequences(audiences=audience_definitions)
+    )
+    selected = {name: all_sequences[name] for name in (names or all_sequences) if name in all_sequences}
+    missing = [name for name in (names or ()) if name not in all_sequences]
+    if missing:
+        raise UnknownSequence(missing[0], sorted(all_sequences))
+    report = TickReport(now=now)
+    for name in selected:
+        report.sequences[name]  # noqa: B018 - every selected sequence appears in the report
+    if build:
+        needed = sorted({s.trigger_audience for s in selected.values() if s.trigger_audience})
+        if needed:
+            built = build_audiences(engine, names=needed, now=now, definitions=audience_definitions)
+            report.audiences = {name: result.as_dict() for name, result in built.items()}
+    _DEFINITIONS["sequences"] = all_sequences
+    dispatcher = Dispatcher(
+        engine=engine,
+        now=now,
+        policy=policy,
+        sequences=all_sequences,
+        campaigns=campaigns if campaigns is not None else load_campaigns(),
+        report=report,
+        settings=settings,
+        retry_policy=retry_policy,
+        sleep=sleep,
+    )
+    try:
+        with session_scope(engine) as session:
+            recover_interrupted(session, now=now, policy=policy, report=report)
+        for sequence in selected.values():
+            with session_scope(engine) as session:
+                enroll(session, sequence, now=now, report=report)
+                exit_enrollments(session, sequence, now=now, report=report, settings=settings)
+        for _ in range(MAX_ROUNDS):
+            walked = walk_due(
+                engine,
+                selected,
+                now=now,
+                policy=policy,
+                report=report,
+                audience_definitions=audience_definitions,
+                settings=settings,
+            )
+            dispatched = dispatch_due(dispatcher)
+            if not walked and not dispatched:
+                break
+    finally:
+        dispatcher.close()
+        _DEFINITIONS.clear()
+    return report
+
+
+def sequence_status(engine: Engine, name: str) -> dict[str, Any]:
+    """Enrollments by status and step, deliveries by step and status, exit reasons."""
+    enrollments = Enrollment.__table__
+    deliveries = Delivery.__table__
+    with session_scope(engine) as session:
+        by_status = dict(
+            session.execute(
+                select(enrollments.c.status, func.count())
+                .where(enrollments.c.sequence == name)
+                .group_by(enrollments.c.status)
+            ).all()
+        )
+        by_step = {
+            int(k): v
+            for k, v in session.execute(
+                select(enrollments.c.step_index, func.count())
+                .where(enrollments.c.sequence == name, enrollments.c.status == "active")
+                .group_by(enrollments.c.step_index)
+            ).all()
+        }
+        reasons = dict(
+            session.execute(
+                select(enrollments.c.exit_reason, func.count())
+                .where(enrollments.c.sequence == name, enrollments.c.status == "exited")
+                .group_by(enrollments.c.exit_reason)
+            ).all()
+        )
+        delivered: dict[str, dict[str, int]] = defaultdict(dict)
+        for step, status, count in session.execute(
+            select(deliveries.c.step_id, deliveries.c.status, func.count())
+            .join(enrollments, enrollments.c.id == deliveries.c.enrollment_id)
+            .where(enrollments.c.sequence == name)
+            .group_by(deliveries.c.step_id, deliveries.c.status)
+        ):
+            delivered[step][status] = count
+    return {
+        "sequence": name,
+        "enrollments": by_status,
+        "active_by_step": by_step,
+        "exit_reasons": reasons,
+        "deliveries": dict(delivered),
+    }
+
+
+__all__ = [
+    "DeliveryPolicy",
+    "Dispatcher",
+    "SequenceReport",
+    "StepCounts",
+    "TickReport",
+    "UnknownSequence",
+    "run_tick",
+    "sequence_status",
+]

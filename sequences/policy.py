@@ -1,0 +1,252 @@
+"""The rules every marketing message obeys, whichever sequence or campaign sends it.
+
+- **Consent and reachability** (:func:`reachable`): email needs an address and no opt-out; SMS a phone
+  and an opt-in; push a device token and an opt-in; ads an email or phone and no ads opt-out.
+- **Quiet hours** in the customer's timezone (default 21:00-09:00): a message that falls inside is
+  postponed to the end of the quiet period. Ad-audience syncs are not messages and are not held.
+- **Frequency cap** across all channels (default 2 marketing messages per customer per rolling 24 h):
+  a message over the cap is postponed until the oldest one in the window leaves it.
+- **Holdout**: a deterministic bucket of (customer, sequence), identical in SQL on SQLite and
+  PostgreSQL and in Python, so a held-out customer is held out on every run.
+- A customer's **timezone**: ``traits.timezone``, else the latest ``context.timezone``, else the home
+  store's, else ``OMNI_DEFAULT_TIMEZONE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import ColumnElement, func, literal, select
+from sqlalchemy.orm import Session
+
+from profiles.consent import is_allowed
+from profiles.identity import chunked
+from profiles.models import Consent, Customer, Delivery, Identity, Store
+
+MESSAGE_CHANNELS = ("email", "sms", "push")
+# Deliveries that count against the cap: sent, and those that may have gone out.
+COUNTED_STATUSES = ("sent", "sending", "unknown")
+HOLDOUT_MODULUS = 10_000
+_PRIME = 1_000_003
+
+
+@dataclass(frozen=True)
+class DeliveryPolicy:
+    quiet_start: time = time(21, 0)
+    quiet_end: time = time(9, 0)
+    frequency_cap: int = 2
+    frequency_window: timedelta = timedelta(hours=24)
+    # Retries on later ticks of what the provider could not take now: attempts in all, and the first wait
+    # (doubling) when the provider gave none.
+    max_attempts: int = 5
+    retry_backoff: timedelta = timedelta(minutes=5)
+    # A delivery left ``sending`` longer than this was interrupted (a crash): it becomes ``unknown``.
+    sending_timeout: timedelta = timedelta(minutes=10)
+    batch_size: int = 1000
+    default_timezone: str = "UTC"
+
+    @classmethod
+    def from_settings(cls, settings: Any = None, **overrides: Any) -> DeliveryPolicy:
+        if settings is None:
+            from omni.settings import get_settings
+
+            settings = get_settings()
+        values: dict[str, Any] = {"default_timezone": settings.default_timezone}
+        for name in (
+            "quiet_start",
+            "quiet_end",
+            "frequency_cap",
+            "frequency_window",
+            "max_attempts",
+            "batch_size",
+        ):
+            setting = (
+                getattr(settings, f"sequence_{name}", None)
+                if name == "batch_size"
+                else getattr(settings, name, None)
+            )
+            if setting is not None:
+                values[name] = setting
+        values.update(overrides)
+        return cls(**values)
+
+
+def in_quiet_hours(local: time, start: time, end: time) -> bool:
+    if start == end:
+        return False
+    if start < end:
+        return start <= local < end
+    return local >= start or local < end
+
+
+def quiet_until(now: datetime, timezone: str, policy: DeliveryPolicy) -> datetime | None:
+    """When quiet hours end for a customer in ``timezone``, or None when ``now`` is not quiet there."""
+    zone = ZoneInfo(timezone)
+    local = now.astimezone(zone)
+    if not in_quiet_hours(local.time().replace(tzinfo=None), policy.quiet_start, policy.quiet_end):
+        return None
+    end = datetime.combine(local.date(), policy.quiet_end, tzinfo=zone)
+    if end <= local:
+        end = datetime.combine(local.date() + timedelta(days=1), policy.quiet_end, tzinfo=zone)
+    return end.astimezone(now.tzinfo)
+
+
+def next_local_time(after: datetime, at: time, timezone: str) -> datetime:
+    """The first moment after ``after`` when the customer's clock shows ``at``."""
+    zone = ZoneInfo(timezone)
+    local = after.astimezone(zone)
+    candidate = datetime.combine(local.date(), at, tzinfo=zone)
+    if candidate <= local:
+        candidate = datetime.combine(local.date() + timedelta(days=1), at, tzinfo=zone)
+    return candidate.astimezone(after.tzinfo)
+
+
+def _salt(sequence: str) -> int:
+    return int(hashlib.sha256(sequence.encode()).hexdigest()[:8], 16) % _PRIME
+
+
+def holdout_bucket(customer_id: int, sequence: str) -> int:
+    """0..9999, the same as :func:`holdout_bucket_sql` computes in the database."""
+    return ((customer_id % _PRIME) * 7919 + _salt(sequence)) % HOLDOUT_MODULUS
+
+
+def holdout_bucket_sql(customer_id: Any, sequence: str) -> ColumnElement:
+    # Integer arithmetic only, kept below 2^63, so both databases agree with the Python above.
+    return ((customer_id % _PRIME) * 7919 + literal(_salt(sequence))) % HOLDOUT_MODULUS
+
+
+def is_held_out(customer_id: int, sequence: str, percent: float) -> bool:
+    return holdout_bucket(customer_id, sequence) < round(percent * HOLDOUT_MODULUS / 100)
+
+
+def customer_timezones(session: Session, customer_ids: Iterable[int], default: str) -> dict[int, str]:
+    customers = Customer.__table__
+    stores = Store.__table__
+    zones: dict[int, str] = {}
+    for chunk in chunked(sorted(set(customer_ids))):
+        rows = session.execute(
+            select(
+                customers.c.id,
+                func.coalesce(customers.c.timezone, customers.c.context_timezone, stores.c.timezone),
+            )
+            .select_from(customers.outerjoin(stores, stores.c.id == customers.c.home_store_id))
+            .where(customers.c.id.in_(chunk))
+        )
+        for customer_id, zone in rows:
+            zones[customer_id] = zone or default
+    return zones
+
+
+@dataclass
+class Contact:
+    """What the dispatcher needs to know about one customer."""
+
+    customer_id: int
+    email: str | None = None
+    phone: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    device_tokens: tuple[str, ...] = ()
+    consents: dict[str, str] | None = None
+    timezone: str = "UTC"
+    merged_into: int | None = None
+
+    def reachable(self, channel: str) -> tuple[bool, str]:
+        """(reachable, reason when not)."""
+        status = (self.consents or {}).get(channel)
+        if channel == "email" and not self.email:
+            return False, "no email address"
+        if channel == "sms" and not self.phone:
+            return False, "no phone number"
+        if channel == "push" and not self.device_tokens:
+            return False, "no device token"
+        if channel == "ads" and not (self.email or self.phone):
+            return False, "no email or phone to match"
+        if not is_allowed(channel, status):
+            return False, f"no {channel} consent ({status or 'never opted in'})"
+        return True, ""
+
+
+def load_contacts(session: Session, customer_ids: Iterable[int], default_timezone: str) -> dict[int, Contact]:
+    """Contacts of ``customer_ids``: a few set-based queries per chunk, whatever the batch size."""
+    ids = sorted(set(customer_ids))
+    customers = Customer.__table__
+    identities = Identity.__table__
+    consents = Consent.__table__
+    contacts: dict[int, Contact] = {}
+    zones = customer_timezones(session, ids, default_timezone)
+    for chunk in chunked(ids):
+        for row in session.execute(
+            select(
+                customers.c.id,
+                customers.c.email,
+                customers.c.phone,
+                customers.c.first_name,
+                customers.c.last_name,
+                customers.c.merged_into,
+            ).where(customers.c.id.in_(chunk))
+        ):
+            contacts[row.id] = Contact(
+                row.id,
+                row.email,
+                row.phone,
+                row.first_name,
+                row.last_name,
+                consents={},
+                timezone=zones.get(row.id, default_timezone),
+                merged_into=row.merged_into,
+            )
+        tokens: dict[int, list[str]] = defaultdict(list)
+        for customer_id, token in session.execute(
+            select(identities.c.customer_id, identities.c.value)
+            .where(identities.c.customer_id.in_(chunk), identities.c.kind == "device_token")
+            .order_by(identities.c.id.desc())
+        ):
+            tokens[customer_id].append(token)
+        for customer_id, found in tokens.items():
+            if customer_id in contacts:
+                contacts[customer_id].device_tokens = tuple(found)
+        for customer_id, channel, status in session.execute(
+            select(consents.c.customer_id, consents.c.channel, consents.c.status).where(
+                consents.c.customer_id.in_(chunk)
+            )
+        ):
+            if customer_id in contacts:
+                contacts[customer_id].consents[channel] = status  # type: ignore[index]
+    return contacts
+
+
+def recent_messages(
+    session: Session, customer_ids: Iterable[int], *, now: datetime, window: timedelta
+) -> dict[int, list[datetime]]:
+    """Times of marketing messages (every channel but ads) per customer in the window before ``now``."""
+    deliveries = Delivery.__table__
+    stamp = func.coalesce(deliveries.c.sent_at, deliveries.c.updated_at)
+    found: dict[int, list[datetime]] = defaultdict(list)
+    for chunk in chunked(sorted(set(customer_ids))):
+        for customer_id, at in session.execute(
+            select(deliveries.c.customer_id, stamp).where(
+                deliveries.c.customer_id.in_(chunk),
+                deliveries.c.marketing.is_(True),
+                deliveries.c.channel.in_(MESSAGE_CHANNELS),
+                deliveries.c.status.in_(COUNTED_STATUSES),
+                stamp > now - window,
+            )
+        ):
+            found[customer_id].append(at)
+    return found
+
+
+def cap_until(times: list[datetime], *, now: datetime, policy: DeliveryPolicy) -> datetime | None:
+    """When the customer is under the cap again, or None when they are under it now."""
+    recent = sorted(t for t in times if t > now - policy.frequency_window)
+    if len(recent) < policy.frequency_cap:
+        return None
+    # The cap frees up when enough of the oldest leave the window.
+    return recent[len(recent) - policy.frequency_cap] + policy.frequency_window
