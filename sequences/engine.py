@@ -314,8 +314,10 @@ def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, rep
             literal(now, type_=enrollments.c.enrolled_at.type),
             literal(now, type_=enrollments.c.updated_at.type),
         ).where(~already, condition if threshold else literal(True))
-        result = session.execute(
-            enrollments.insert().from_select(
+        # RETURNING, not rowcount: psycopg reports -1 for INSERT ... SELECT here.
+        created = session.execute(
+            enrollments.insert()
+            .from_select(
                 [
                     "sequence",
                     "customer_id",
@@ -327,12 +329,13 @@ def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, rep
                 ],
                 chosen,
             )
-        )
+            .returning(enrollments.c.id)
+        ).all()
         counts = report.sequences[sequence.name]
         if status == "holdout":
-            counts.held_out += result.rowcount
+            counts.held_out += len(created)
         else:
-            counts.enrolled += result.rowcount
+            counts.enrolled += len(created)
 
 
 # --- 4. exits ----------------------------------------------------------------------------------------
@@ -988,8 +991,16 @@ def run_tick(
     sequences: Mapping[str, SequenceDefinition] | None = None,
     campaigns: Mapping[str, CampaignDefinition] | None = None,
     build: bool = True,
+    connectors: Mapping[str, Any] | None = None,
 ) -> TickReport:
-    """One tick of every sequence (or ``names``) at ``now``; see the module docstring."""
+    """One tick of every sequence (or ``names``) at ``now``; see the module docstring.
+
+    Args:
+        sleep: how in-call retries wait (tests pass a no-op).
+        sequences, campaigns: definitions (default: loaded from their folders).
+        build: rebuild the trigger audiences first (default True).
+        connectors: connectors to use by channel instead of the configured ones.
+    """
     from audiences import build_audiences, load_audiences
     from sequences.definitions import load_campaigns, load_sequences
 
@@ -1025,6 +1036,7 @@ def run_tick(
         settings=settings,
         retry_policy=retry_policy,
         sleep=sleep,
+        connectors=dict(connectors or {}),
     )
     try:
         with session_scope(engine) as session:

@@ -49,10 +49,12 @@ def register(app: typer.Typer) -> None:
 def init(database_url: DatabaseUrlOption = None, json: JsonOption = False) -> None:
     """Create or upgrade the profile store's schema (safe to run again)."""
     from profiles.db import current_revision, upgrade_schema
+    from sequences.unsubscribe import ensure_unsubscribe_secret
 
     engine = open_store(database_url, require=False)
     before = current_revision(engine)
     upgrade_schema(engine)
+    ensure_unsubscribe_secret(engine)
     after = current_revision(engine)
     url = engine.url.render_as_string(hide_password=True)
     if json:

@@ -10,12 +10,14 @@ from prefect.client.orchestration import get_client
 from flows.ingest_events import ingest_events
 
 
-async def _artifact(key: str):
-    async with get_client() as client:
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+async def _artifact(key: str, flow_run_id):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
+    async with get_client() as client:
         artifacts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+            )
         )
         return artifacts[0] if artifacts else None
 
@@ -36,7 +38,7 @@ def test_ingest_events_flow_counts_and_publishes_a_table(prefect_harness, databa
 
     import asyncio
 
-    artifact = asyncio.run(_artifact("ingest-summary"))
+    artifact = asyncio.run(_artifact("ingest-summary", state.state_details.flow_run_id))
     assert artifact is not None and artifact.type == "table"
     table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    assert table[-1]["file"] == str(path) or table[0]["file"] == str(path)
+    assert table == [{"file": str(path), "accepted": 1, "duplicates": 1, "rejected": 1}]

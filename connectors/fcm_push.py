@@ -1,0 +1,286 @@
+"""Push through Firebase Cloud Messaging HTTP v1: ``POST {base}/v1/projects/{project_id}/messages:send``.
+
+Auth: ``Authorization: Bearer <OAuth2 access token>`` for the service account in
+``OMNI_FCM_CREDENTIALS_FILE`` (scope ``https://www.googleapis.com/auth/firebase.messaging``): a JWT signed
+RS256 with the account's private key is exchanged at the file's ``token_uri`` (the JWT-bearer grant);
+the token is cached until a minute before it expires and refreshed once on a 401 ``UNAUTHENTICATED``.
+Project ``OMNI_FCM_PROJECT_ID``; base URL ``OMNI_FCM_BASE_URL``.
+
+Body: ``{"message": {"token", "notification": {"title", "body"}, "data": {str: str}, "android":
+{"priority": "HIGH"}}}`` with ``data.omni_delivery_id`` carrying the delivery id. Limits: no batch
+endpoint in v1, one message per request; payload ≤ 4096 bytes. Success ``200 {"name":
+"projects/…/messages/…"}``, the name is the provider id.
+
+Errors are read from ``error.details[].errorCode`` (then ``error.status``):
+- ``UNREGISTERED`` (404), ``SENDER_ID_MISMATCH`` (403), ``INVALID_ARGUMENT`` on ``message.token``:
+  permanent, with a ``device_token_invalid`` effect (the token is deleted from the profile);
+- other ``INVALID_ARGUMENT``, ``THIRD_PARTY_AUTH_ERROR``: permanent;
+- ``QUOTA_EXCEEDED`` (429), ``UNAVAILABLE`` (503), ``INTERNAL`` (500): retryable, ``Retry-After`` honoured.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from pydantic import SecretStr
+
+from connectors.base import (
+    Channel,
+    Connector,
+    ConnectorConfigError,
+    Effect,
+    Http,
+    Message,
+    Result,
+    Status,
+    Verdict,
+    classify_status,
+    classify_transport_error,
+    redact,
+    require,
+    reveal,
+)
+
+SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+TOKEN_ERRORS = {"UNREGISTERED", "SENDER_ID_MISMATCH"}
+RETRYABLE_ERRORS = {"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED"}
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class ServiceAccount:
+    """A Google service account read from its JSON key file; mints and caches OAuth2 access tokens."""
+
+    def __init__(
+        self,
+        info: Mapping[str, Any],
+        *,
+        http: Http,
+        scope: str = SCOPE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        for key in ("client_email", "private_key", "token_uri"):
+            if not info.get(key):
+                raise ConnectorConfigError(f"OMNI_FCM_CREDENTIALS_FILE: the service-account key has no {key}")
+        self.client_email = str(info["client_email"])
+        self.key_id = info.get("private_key_id")
+        self.token_uri = str(info["token_uri"])
+        self.private_key = SecretStr(str(info["private_key"]))
+        reveal(self.private_key)
+        try:
+            self._key = serialization.load_pem_private_key(self.private_key.get_secret_value().encode(), None)
+        except (ValueError, TypeError):
+            raise ConnectorConfigError(
+                "OMNI_FCM_CREDENTIALS_FILE: the service-account private_key is not a PEM RSA key"
+            ) from None
+        self.scope = scope
+        self.http = http
+        self.clock = clock
+        self._token: SecretStr | None = None
+        self._expires_at = 0.0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: Path, **kwargs: Any) -> ServiceAccount:
+        try:
+            info = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConnectorConfigError(f"OMNI_FCM_CREDENTIALS_FILE: {path} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise ConnectorConfigError(
+                f"OMNI_FCM_CREDENTIALS_FILE: cannot read {path}: {type(exc).__name__}"
+            ) from None
+        if not isinstance(info, dict):
+            raise ConnectorConfigError(f"OMNI_FCM_CREDENTIALS_FILE: {path} is not a service-account key")
+        return cls(info, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"ServiceAccount(client_email={self.client_email!r}, private_key='**********')"
+
+    def assertion(self) -> str:
+        now = int(self.clock())
+        header = {"alg": "RS256", "typ": "JWT", **({"kid": self.key_id} if self.key_id else {})}
+        claims = {
+            "iss": self.client_email,
+            "scope": self.scope,
+            "aud": self.token_uri,
+            "iat": now,
+            "exp": now + 3600,
+        }
+        signing_input = f"{_b64(json.dumps(header).encode())}.{_b64(json.dumps(claims).encode())}"
+        signature = self._key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{_b64(signature)}"
+
+    def token(self, *, refresh: bool = False) -> str:
+        """A valid access token. Raises ``requests.RequestException`` or :class:`TokenError`."""
+        with self._lock:
+            if refresh or self._token is None or self.clock() >= self._expires_at - 60:
+                response = self.http.request(
+                    "POST", self.token_uri, data={"grant_type": JWT_BEARER, "assertion": self.assertion()}
+                )
+                if response.status_code != 200:
+                    raise TokenError(response)
+                body = response.json()
+                self._token = SecretStr(str(body["access_token"]))
+                reveal(self._token)
+                self._expires_at = self.clock() + float(body.get("expires_in") or 3600)
+            return self._token.get_secret_value()
+
+
+class TokenError(Exception):
+    def __init__(self, response: requests.Response) -> None:
+        super().__init__(f"OAuth token request failed: HTTP {response.status_code}")
+        self.response = response
+
+
+class FcmPush(Connector):
+    provider = "fcm_push"
+    channel = Channel.PUSH
+    max_batch_size = 1
+    payload_max_bytes = 4096
+    rate_per_second = None
+    settings_used = ("OMNI_FCM_PROJECT_ID", "OMNI_FCM_CREDENTIALS_FILE", "OMNI_FCM_BASE_URL")
+
+    def __init__(
+        self,
+        *,
+        project_id: str,
+        credentials: ServiceAccount | Path | str,
+        base_url: str = "https://fcm.googleapis.com",
+        timeout: float = 10.0,
+        session: requests.Session | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.project_id = require(project_id, "OMNI_FCM_PROJECT_ID", self.provider)
+        self.base_url = base_url.rstrip("/")
+        self.http = Http(timeout=timeout, session=session)
+        if isinstance(credentials, ServiceAccount):
+            self.credentials = credentials
+        else:
+            self.credentials = ServiceAccount.from_file(Path(credentials), http=self.http, clock=clock)
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> FcmPush:
+        return cls(
+            project_id=require(settings.fcm_project_id, "OMNI_FCM_PROJECT_ID", cls.provider),
+            credentials=require(settings.fcm_credentials_file, "OMNI_FCM_CREDENTIALS_FILE", cls.provider),
+            base_url=settings.fcm_base_url,
+            timeout=settings.connector_timeout,
+        )
+
+    @property
+    def requests_made(self) -> int:  # type: ignore[override]
+        return self.http.requests_made
+
+    def _repr_fields(self) -> dict[str, Any]:
+        return {
+            "base_url": self.base_url,
+            "project_id": self.project_id,
+            "client_email": self.credentials.client_email,
+            "private_key": self.credentials.private_key,
+        }
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/v1/projects/{self.project_id}/messages:send"
+
+    def body(self, message: Message) -> dict[str, Any]:
+        data = {str(k): str(v) for k, v in (message.data or {}).items()}
+        data["omni_delivery_id"] = message.delivery_id
+        notification = {"title": message.title or "", "body": message.text or ""}
+        return {
+            "message": {
+                "token": message.to,
+                "notification": notification,
+                "data": data,
+                "android": {"priority": "HIGH"},
+            }
+        }
+
+    def send(self, batch: Sequence[Message]) -> list[Result]:
+        self.check_batch(batch)
+        return [self._send_one(message) for message in batch]
+
+    def _send_one(self, message: Message) -> Result:
+        body = self.body(message)
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        if len(raw) > self.payload_max_bytes + 200:  # the envelope around the FCM payload is ~100 bytes
+            return Result.failed(message.delivery_id, f"push payload of {len(raw)} bytes is too large")
+        response = None
+        for attempt in (1, 2):
+            try:
+                token = self.credentials.token(refresh=attempt == 2)
+                response = self.http.request(
+                    "POST",
+                    self.url,
+                    data=raw,
+                    headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                )
+            except TokenError as exc:
+                verdict = classify_status(exc.response.status_code, exc.response.headers)
+                return Verdict(verdict.status, f"FCM {exc}", verdict.retry_after).result(message.delivery_id)
+            except requests.RequestException as exc:
+                return classify_transport_error(exc).result(message.delivery_id)
+            # OAuth 401 UNAUTHENTICATED: refresh the token and retry once.
+            if response.status_code != 401 or _status_of(response) != "UNAUTHENTICATED":
+                break
+        assert response is not None
+        if response.status_code == 200:
+            try:
+                name = response.json().get("name")
+            except ValueError:
+                name = None
+            return Result.sent(message.delivery_id, name)
+        return self.classify(response, message).result(message.delivery_id)
+
+    def classify(self, response: requests.Response, message: Message) -> Verdict:
+        """The one place FCM answers are judged: ``details[].errorCode``, then ``status``, then HTTP."""
+        try:
+            error = response.json().get("error") or {}
+        except (ValueError, AttributeError):
+            error = {}
+        details = error.get("details") or [] if isinstance(error, dict) else []
+        code = None
+        token_field = False
+        for detail in details:
+            if not isinstance(detail, dict):
+                continue
+            code = code or detail.get("errorCode")
+            for violation in detail.get("fieldViolations") or []:
+                if isinstance(violation, dict) and violation.get("field") == "message.token":
+                    token_field = True
+        code = code or (error.get("status") if isinstance(error, dict) else None)
+        text = redact(str(error.get("message") or "")) if isinstance(error, dict) else ""
+        reason = f"FCM {code or response.status_code}" + (f": {text}" if text else "")
+        if code in TOKEN_ERRORS or (code == "INVALID_ARGUMENT" and token_field):
+            effect = Effect("device_token_invalid", message.customer_id, message.to, f"fcm:{code}")
+            return Verdict(Status.FAILED, reason, effects=(effect,))
+        verdict = classify_status(response.status_code, response.headers)
+        if code in RETRYABLE_ERRORS:
+            return Verdict(Status.RETRYABLE, reason, verdict.retry_after, ambiguous=code == "INTERNAL")
+        if verdict.status is Status.RETRYABLE:
+            return Verdict(Status.RETRYABLE, reason, verdict.retry_after, verdict.ambiguous)
+        return Verdict(Status.FAILED, reason)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _status_of(response: requests.Response) -> str | None:
+    try:
+        error = response.json().get("error") or {}
+    except (ValueError, AttributeError):
+        return None
+    return error.get("status") if isinstance(error, dict) else None

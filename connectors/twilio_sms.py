@@ -1,0 +1,182 @@
+"""SMS through Twilio Programmable Messaging: ``POST {base}/2010-04-01/Accounts/{AccountSid}/Messages.json``.
+
+Auth: HTTP Basic ``OMNI_TWILIO_ACCOUNT_SID:OMNI_TWILIO_AUTH_TOKEN``. Body form-encoded: ``To`` (E.164),
+``From`` (``OMNI_TWILIO_FROM``; a ``MG…`` value is sent as ``MessagingServiceSid``), ``Body`` (≤ 1,600
+characters), optional ``StatusCallback``. Base URL ``OMNI_TWILIO_BASE_URL``.
+
+Limits: one recipient per request (no bulk endpoint). Success: ``201`` with the Message JSON; its
+``sid`` (``SM…``) is the provider id.
+
+Errors ``{"code", "message", "more_info", "status"}``:
+- 21610 (the customer replied STOP): permanent, with an ``sms_opted_out`` effect so the profile store
+  records an SMS opt-out (``connectors.effects.apply_effects``);
+- 21211 invalid ``To``, 21408 region not enabled, 21612 unroutable, 21614 not a mobile number,
+  20003 / 401 authentication: permanent;
+- 20429 / HTTP 429 (too many concurrent requests; never processed): retryable, safe;
+- 5xx and read timeouts: retryable but ambiguous (Twilio may have queued the message).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import requests
+from pydantic import SecretStr
+
+from connectors.base import (
+    Channel,
+    Connector,
+    Effect,
+    Http,
+    Message,
+    Result,
+    Status,
+    Verdict,
+    classify_status,
+    classify_transport_error,
+    redact,
+    require,
+    reveal,
+)
+
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
+
+PERMANENT_CODES = {
+    21211: "invalid To number",
+    21408: "region not enabled (Geo Permissions)",
+    21612: "To number unroutable",
+    21614: "To number is not a mobile number",
+    20003: "authentication failed",
+}
+OPTED_OUT = 21610
+TOO_MANY_REQUESTS = 20429
+
+
+class TwilioSms(Connector):
+    provider = "twilio_sms"
+    channel = Channel.SMS
+    max_batch_size = 1
+    body_max_chars = 1600
+    rate_per_second = None
+    settings_used = (
+        "OMNI_TWILIO_ACCOUNT_SID",
+        "OMNI_TWILIO_AUTH_TOKEN",
+        "OMNI_TWILIO_FROM",
+        "OMNI_TWILIO_BASE_URL",
+        "OMNI_TWILIO_STATUS_CALLBACK_URL",
+    )
+
+    def __init__(
+        self,
+        *,
+        account_sid: str,
+        auth_token: SecretStr | str,
+        sender: str,
+        base_url: str = "https://api.twilio.com",
+        status_callback_url: str | None = None,
+        timeout: float = 10.0,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.account_sid = require(account_sid, "OMNI_TWILIO_ACCOUNT_SID", self.provider)
+        self.auth_token = auth_token if isinstance(auth_token, SecretStr) else SecretStr(auth_token)
+        require(self.auth_token, "OMNI_TWILIO_AUTH_TOKEN", self.provider)
+        self.sender = require(sender, "OMNI_TWILIO_FROM", self.provider)
+        self.base_url = base_url.rstrip("/")
+        self.status_callback_url = status_callback_url
+        self.http = Http(timeout=timeout, session=session)
+        reveal(self.auth_token)
+
+    @classmethod
+    def from_settings(cls, settings: Any, **kwargs: Any) -> TwilioSms:
+        return cls(
+            account_sid=require(settings.twilio_account_sid, "OMNI_TWILIO_ACCOUNT_SID", cls.provider),
+            auth_token=require(settings.twilio_auth_token, "OMNI_TWILIO_AUTH_TOKEN", cls.provider),
+            sender=require(settings.twilio_from, "OMNI_TWILIO_FROM", cls.provider),
+            base_url=settings.twilio_base_url,
+            status_callback_url=settings.twilio_status_callback_url,
+            timeout=settings.connector_timeout,
+        )
+
+    @property
+    def requests_made(self) -> int:  # type: ignore[override]
+        return self.http.requests_made
+
+    def _repr_fields(self) -> dict[str, Any]:
+        return {
+            "base_url": self.base_url,
+            "account_sid": self.account_sid,
+            "auth_token": self.auth_token,
+            "sender": self.sender,
+        }
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages.json"
+
+    def form(self, message: Message) -> dict[str, str]:
+        form = {"To": message.to.strip(), "Body": message.text or ""}
+        if MESSAGING_SERVICE_SID.match(self.sender):
+            form["MessagingServiceSid"] = self.sender
+        else:
+            form["From"] = self.sender
+        if self.status_callback_url:
+            form["StatusCallback"] = self.status_callback_url
+        return form
+
+    def send(self, batch: Sequence[Message]) -> list[Result]:
+        self.check_batch(batch)
+        return [self._send_one(message) for message in batch]
+
+    def _send_one(self, message: Message) -> Result:
+        to = message.to.strip()
+        if not (E164.match(to) or to.startswith("whatsapp:")):
+            return Result.failed(message.delivery_id, f"{to!r} is not an E.164 phone number")
+        if not message.text:
+            return Result.failed(message.delivery_id, "empty SMS body")
+        if len(message.text) > self.body_max_chars:
+            return Result.failed(
+                message.delivery_id, f"SMS body of {len(message.text)} chars exceeds {self.body_max_chars}"
+            )
+        try:
+            response = self.http.request(
+                "POST",
+                self.url,
+                data=self.form(message),
+                auth=(self.account_sid, reveal(self.auth_token)),
+                headers={"Accept": "application/json"},
+            )
+        except requests.RequestException as exc:
+            return classify_transport_error(exc).result(message.delivery_id)
+        if response.status_code in (200, 201):
+            try:
+                sid = response.json().get("sid")
+            except ValueError:
+                sid = None
+            return Result.sent(message.delivery_id, sid)
+        return self.classify(response, message).result(message.delivery_id)
+
+    def classify(self, response: requests.Response, message: Message) -> Verdict:
+        """The one place Twilio answers are judged: by error ``code``, then by HTTP status."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = {}
+        code = body.get("code") if isinstance(body, dict) else None
+        text = redact(str(body.get("message") or "")) if isinstance(body, dict) else ""
+        reason = f"Twilio {code or response.status_code}" + (f": {text}" if text else "")
+        if code == OPTED_OUT:
+            effect = Effect("sms_opted_out", message.customer_id, message.to.strip(), "twilio:21610")
+            return Verdict(Status.FAILED, reason + " (recipient replied STOP)", effects=(effect,))
+        if code in PERMANENT_CODES:
+            return Verdict(Status.FAILED, f"{reason} ({PERMANENT_CODES[code]})")
+        verdict = classify_status(response.status_code, response.headers)
+        if code == TOO_MANY_REQUESTS or response.status_code == 429:
+            # Never processed: safe to retry.
+            return Verdict(Status.RETRYABLE, reason, retry_after=verdict.retry_after)
+        return Verdict(verdict.status, reason, verdict.retry_after, verdict.ambiguous)
+
+    def close(self) -> None:
+        self.http.close()

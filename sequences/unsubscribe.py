@@ -1,0 +1,119 @@
+"""Signed unsubscribe links.
+
+A token names a customer and a channel and is signed with HMAC-SHA256 under the unsubscribe secret:
+``OMNI_UNSUBSCRIBE_SECRET`` when set, else a random secret that ``omni init`` generates once and keeps in
+the store (``omni_metadata``, key ``unsubscribe_secret``), so the default set-up needs no configuration.
+
+- ``ensure_unsubscribe_secret(session_or_engine) -> None``: store a secret if there is none (idempotent).
+- ``unsubscribe_secret(session, settings=None) -> SecretStr``: the secret in force.
+- ``make_token(secret, customer_id, channel) -> str`` / ``verify_token(secret, token) -> (customer_id,
+  channel)`` (raises :class:`InvalidToken` on any tampering).
+- ``unsubscribe_url(base_url, token) -> str``: ``<OMNI_UNSUBSCRIBE_BASE_URL>?token=<token>``, the target of
+  the email's one-click ``List-Unsubscribe`` header and of the link in the footer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from pydantic import SecretStr
+from sqlalchemy import Engine, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+METADATA_KEY = "unsubscribe_secret"
+VERSION = "v1"
+
+
+class InvalidToken(ValueError):
+    """An unsubscribe token that is malformed or whose signature does not match."""
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _b64decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def ensure_unsubscribe_secret(session: Session | Engine) -> None:
+    """Generate and store the unsubscribe secret once; later calls keep the existing one.
+
+    Given an engine (``omni init``), it runs in a transaction of its own.
+    """
+    from profiles.db import session_scope, utcnow
+    from profiles.models import StoreMetadata
+
+    if isinstance(session, Engine):
+        with session_scope(session) as own:
+            ensure_unsubscribe_secret(own)
+        return
+
+    table = StoreMetadata.__table__
+    if session.execute(select(table.c.key).where(table.c.key == METADATA_KEY)).first() is not None:
+        return
+    try:
+        with session.begin_nested():
+            session.execute(
+                insert(table).values(key=METADATA_KEY, value=secrets.token_urlsafe(32), updated_at=utcnow())
+            )
+    except IntegrityError:
+        pass  # another process stored one first: keep theirs
+
+
+def unsubscribe_secret(session: Session, settings: Any = None) -> SecretStr:
+    """``OMNI_UNSUBSCRIBE_SECRET`` if set, else the store's generated secret (created on first use)."""
+    from profiles.models import StoreMetadata
+
+    if settings is None:
+        from omni.settings import get_settings
+
+        settings = get_settings()
+    configured = settings.unsubscribe_secret
+    if configured is not None and configured.get_secret_value():
+        return configured
+    table = StoreMetadata.__table__
+    query = select(table.c.value).where(table.c.key == METADATA_KEY)
+    value = session.execute(query).scalar()
+    if value is None:
+        ensure_unsubscribe_secret(session)
+        value = session.execute(query).scalar_one()
+    return SecretStr(value)
+
+
+def _signature(secret: SecretStr | str, payload: str) -> str:
+    key = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+    mac = hmac.new(key.encode(), f"{VERSION}.{payload}".encode(), hashlib.sha256).digest()
+    return _b64encode(mac)
+
+
+def make_token(secret: SecretStr | str, customer_id: int, channel: str) -> str:
+    payload = _b64encode(f"{int(customer_id)}:{channel}".encode())
+    return f"{payload}.{_signature(secret, payload)}"
+
+
+def verify_token(secret: SecretStr | str, token: str) -> tuple[int, str]:
+    """The (customer id, channel) a token names; :class:`InvalidToken` if it was not signed by ``secret``."""
+    try:
+        payload, signature = token.strip().split(".")
+    except (AttributeError, ValueError):
+        raise InvalidToken("malformed unsubscribe token") from None
+    if not hmac.compare_digest(_signature(secret, payload), signature):
+        raise InvalidToken("unsubscribe token signature does not match")
+    try:
+        customer, channel = _b64decode(payload).decode().split(":", 1)
+        return int(customer), channel
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidToken("malformed unsubscribe token") from None
+
+
+def unsubscribe_url(base_url: str, token: str) -> str:
+    parts = urlsplit(base_url)
+    query = (parts.query + "&" if parts.query else "") + urlencode({"token": token})
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))

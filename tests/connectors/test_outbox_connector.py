@@ -1,0 +1,126 @@
+"""The outbox connector (default of every channel) and applying provider effects, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select
+
+from connectors import (
+    AudienceMember,
+    ConnectorConfigError,
+    Effect,
+    Message,
+    Status,
+    get_connector,
+    send_batch,
+)
+from connectors.effects import apply_effects
+from connectors.outbox import OutboxConnector, list_outbox
+from omni.settings import Settings
+from profiles.consent import consents_of
+from profiles.db import session_scope
+from profiles.ingest import ingest_payloads
+from profiles.models import Identity
+
+NOW = datetime(2026, 6, 2, 10, 0, tzinfo=UTC)
+
+
+def email(i: int) -> Message:
+    return Message(
+        delivery_id=f"d{i}",
+        channel="email",
+        to=f"c{i}@example.org",
+        customer_id=i,
+        template="email/abandoned_cart",
+        subject="You left something",
+        html="<p>Hi</p>",
+        text="Hi",
+        unsubscribe_url="https://u/x",
+    )
+
+
+def test_every_channel_defaults_to_the_outbox(engine):
+    for channel in ("email", "sms", "push", "ads", "webhook"):
+        connector = get_connector(channel, Settings(), engine=engine)
+        assert isinstance(connector, OutboxConnector)
+
+
+def test_unknown_provider_and_wrong_channel_are_config_errors(engine):
+    with pytest.raises(ConnectorConfigError, match="OMNI_EMAIL_CONNECTOR='mailchimp'"):
+        get_connector("email", Settings(email_connector="mailchimp"))
+    with pytest.raises(ConnectorConfigError, match="does not send sms"):
+        get_connector("sms", Settings(sms_connector="sendgrid"))
+
+
+def test_records_messages_exactly_and_idempotently(engine):
+    connector = OutboxConnector(engine=engine, clock=lambda: NOW)
+    report = send_batch(connector, [email(i) for i in range(3)])
+    assert report.counts()["sent"] == 3
+    assert report.results[0].provider_id == "outbox:d0"
+    again = connector.send([email(0), email(3)])
+    assert [r.status for r in again] == [Status.SENT, Status.SENT]
+    with session_scope(engine) as session:
+        rows = list_outbox(session)
+        assert len(rows) == 4
+        first = next(r for r in rows if r["delivery_id"] == "d0")
+        assert first["to"] == "c0@example.org" and first["subject"] == "You left something"
+        assert first["body"] == "Hi" and first["sent_at"] == NOW
+        assert (
+            first["payload"]["html"] == "<p>Hi</p>" and first["payload"]["unsubscribe_url"] == "https://u/x"
+        )
+        assert list_outbox(session, channel="sms") == []
+
+
+def test_ads_and_push_go_to_the_outbox_too(engine):
+    connector = OutboxConnector(engine=engine, clock=lambda: NOW)
+    connector.send(
+        [
+            Message(
+                delivery_id="a1",
+                channel="ads",
+                to="cart_retargeting",
+                customer_id=7,
+                action="add",
+                member=AudienceMember(customer_id=7, email="x@example.org"),
+            ),
+            Message(delivery_id="p1", channel="push", to="tok", customer_id=7, title="T", text="B"),
+        ]
+    )
+    with session_scope(engine) as session:
+        ads = list_outbox(session, channel="ads")[0]
+        push = list_outbox(session, channel="push")[0]
+    assert ads["body"] == "add" and ads["payload"]["member"] == {"customer_id": 7}
+    assert "x@example.org" not in str(ads)
+    assert push["subject"] == "T" and push["body"] == "B"
+
+
+def test_effects_opt_out_sms_and_remove_device_tokens(engine):
+    ingest_payloads(
+        engine,
+        [
+            {
+                "type": "identify",
+                "userId": "u1",
+                "messageId": "m1",
+                "timestamp": "2026-06-01T00:00:00Z",
+                "traits": {"phone": "+14155550100", "sms_opt_in": True},
+                "context": {"device": {"token": "tok-1"}},
+            },
+        ],
+        now=NOW,
+    )
+    with session_scope(engine) as session:
+        customer_id = session.execute(select(Identity.customer_id).where(Identity.value == "u1")).scalar_one()
+    effects = [
+        Effect("sms_opted_out", customer_id, "+14155550100", "twilio:21610"),
+        Effect("device_token_invalid", customer_id, "tok-1", "fcm:UNREGISTERED"),
+    ]
+    with session_scope(engine) as session:
+        counts = apply_effects(session, effects, now=NOW)
+    assert counts == {"sms_opted_out": 1, "device_token_invalid": 1}
+    with session_scope(engine) as session:
+        sms = consents_of(session, customer_id)["sms"]
+        assert sms["status"] == "opted_out" and sms["source"] == "twilio:21610" and not sms["allowed"]
+        assert session.execute(select(Identity).where(Identity.value == "tok-1")).first() is None

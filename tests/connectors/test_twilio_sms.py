@@ -1,0 +1,126 @@
+"""Twilio Programmable Messaging against a fake server speaking its contract."""
+
+from __future__ import annotations
+
+from connector_contract import ConnectorContract
+from connector_fakes import FakeTwilio
+
+from connectors import Message, Status
+from connectors.twilio_sms import TwilioSms
+
+
+def sms(i: int, to: str | None = None, **kwargs) -> Message:
+    return Message(
+        delivery_id=f"d{i}",
+        channel="sms",
+        to=to or f"+1415555{i:04d}",
+        customer_id=i,
+        text=f"Omni: your order o-{i} is ready for pickup. Reply STOP to opt out.",
+        **kwargs,
+    )
+
+
+class TestTwilioSms(ConnectorContract):
+    provider = "twilio_sms"
+    fake_class = FakeTwilio
+    batch_limit = 1
+    channel = "sms"
+    missing_setting = (
+        {"sms_connector": "twilio_sms", "twilio_account_sid": "AC1", "twilio_from": "+15005550006"},
+        "OMNI_TWILIO_AUTH_TOKEN",
+    )
+
+    def make_connector(self, fake, base_url=None, timeout=5.0, sender="+15005550006"):
+        return TwilioSms(
+            account_sid=fake.account_sid,
+            auth_token=fake.auth_token,
+            sender=sender,
+            base_url=base_url or fake.url,
+            timeout=timeout,
+        )
+
+    def message(self, index: int) -> Message:
+        return sms(index)
+
+    def secrets(self, fake) -> list[str]:
+        return [fake.auth_token]
+
+    def throttled(self, fake, retry_after: int) -> None:
+        fake.script(
+            429,
+            {
+                "code": 20429,
+                "message": "Too Many Requests",
+                "more_info": "https://www.twilio.com/docs/errors/20429",
+                "status": 429,
+            },
+            {"Retry-After": str(retry_after)},
+        )
+
+    def permanent(self, fake) -> None:
+        fake.script(
+            400,
+            {
+                "code": 21211,
+                "message": "The 'To' number is not a valid phone number.",
+                "more_info": "",
+                "status": 400,
+            },
+        )
+
+    def test_request_is_form_encoded_field_by_field(self, fake, connector):
+        [result] = connector.send([sms(1)])
+        assert result.status is Status.SENT
+        assert result.provider_id.startswith("SM")
+        [seen] = fake.requests
+        assert seen.path == f"/2010-04-01/Accounts/{fake.account_sid}/Messages.json"
+        assert seen.headers["content-type"] == "application/x-www-form-urlencoded"
+        assert seen.form == {
+            "To": ["+14155550001"],
+            "From": ["+15005550006"],
+            "Body": ["Omni: your order o-1 is ready for pickup. Reply STOP to opt out."],
+        }
+
+    def test_messaging_service_sid_is_sent_as_such(self, fake):
+        connector = self.make_connector(fake, sender="MG" + "a" * 32)
+        connector.send([sms(1)])
+        assert fake.requests[0].form["MessagingServiceSid"] == ["MG" + "a" * 32]
+        assert "From" not in fake.requests[0].form
+
+    def test_21610_is_permanent_and_asks_for_an_sms_opt_out(self, connector):
+        [result] = connector.send([sms(4, to="+15005550004")])
+        assert result.status is Status.FAILED
+        assert "21610" in result.reason
+        [effect] = result.effects
+        assert (effect.kind, effect.customer_id, effect.value, effect.source) == (
+            "sms_opted_out",
+            4,
+            "+15005550004",
+            "twilio:21610",
+        )
+
+    def test_21211_invalid_number_is_permanent(self, connector):
+        [result] = connector.send([sms(1, to="+15005550001")])
+        assert result.status is Status.FAILED
+        assert "21211" in result.reason and not result.effects
+
+    def test_21408_region_is_permanent(self, connector):
+        [result] = connector.send([sms(1, to="+15005550003")])
+        assert result.status is Status.FAILED and "21408" in result.reason
+
+    def test_not_e164_fails_without_a_request(self, fake, connector):
+        [result] = connector.send([sms(1, to="0415 555 0100")])
+        assert result.status is Status.FAILED
+        assert fake.requests == []
+
+    def test_wrong_token_is_permanent(self, fake):
+        connector = TwilioSms(
+            account_sid=fake.account_sid, auth_token="wrong", sender="+15005550006", base_url=fake.url
+        )
+        [result] = connector.send([sms(1)])
+        assert result.status is Status.FAILED and "20003" in result.reason
+
+    def test_5xx_is_ambiguous(self, fake, connector):
+        fake.script(503, {"code": 20500, "message": "Service unavailable", "status": 503})
+        [result] = connector.send([sms(1)])
+        assert result.status is Status.RETRYABLE and result.ambiguous

@@ -1,0 +1,192 @@
+"""Rendering the flagship templates for real customers of the store, and the sandbox's guarantees."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import NOW, seed
+from pydantic import SecretStr
+
+from omni.settings import Settings
+from profiles.db import session_scope
+from sequences.rendering import (
+    RenderError,
+    list_templates,
+    render,
+    render_context,
+    render_many,
+    sms_segments,
+)
+from sequences.unsubscribe import (
+    InvalidToken,
+    ensure_unsubscribe_secret,
+    make_token,
+    unsubscribe_secret,
+    verify_token,
+)
+
+FLAGSHIP = ["email/abandoned_cart", "email/pickup_ready", "push/pickup_reminder", "sms/pickup_reminder"]
+
+
+def test_flagship_templates_are_listed():
+    names = [t.name for t in list_templates(Settings())]
+    assert names == FLAGSHIP
+    parts = {t.name: t.parts for t in list_templates(Settings())}
+    assert parts["email/abandoned_cart"] == ("subject", "html", "txt")
+    assert parts["push/pickup_reminder"] == ("title", "body")
+
+
+def test_abandoned_cart_email_for_a_real_customer(engine, customer_id):
+    with session_scope(engine) as session:
+        r = render(session, "email/abandoned_cart", customer_id, now=NOW)
+    assert r.recipients == ["u-ana@example.org"]
+    assert r.subject == "Ana, you left 3 items in your cart"
+    assert "Tee x 2: $39.00" in r.text and "Socks: $5.00" in r.text and "Total: $44.00" in r.text
+    assert "Tee &times; 2" in r.html and "$44.00" in r.html
+    assert "Omni SoHo" in r.html and "Open today: 09:00-20:00" in r.html  # Tuesday in New York
+    assert "utm_source=omni&amp;utm_medium=email&amp;utm_campaign=abandoned_cart" in r.html
+    assert r.unsubscribe_url.startswith("http://localhost:8000/unsubscribe?token=")
+    assert r.unsubscribe_url.replace("&", "&amp;") in r.html or r.unsubscribe_url in r.html
+    [message] = r.messages("enrollment:1:cart_email")
+    assert message.to == "u-ana@example.org" and message.unsubscribe_url == r.unsubscribe_url
+
+
+def test_pickup_messages_for_a_real_customer(engine, customer_id):
+    with session_scope(engine) as session:
+        email = render(session, "email/pickup_ready", customer_id, now=NOW)
+        sms = render(session, "sms/pickup_reminder", customer_id, now=NOW)
+        push = render(session, "push/pickup_reminder", customer_id, now=NOW)
+    assert email.subject == "Your order o-u-ana is ready for pickup at Omni SoHo"
+    assert "Tuesday: 09:00-20:00" in email.text
+    assert sms.text == (
+        "Omni Shop: Ana, your order o-u-ana is ready for pickup at Omni SoHo (open today 09:00-20:00). "
+        "Reply STOP to opt out."
+    )
+    assert sms.recipients == ["+14155550100"] and sms.sms_segments == 1 and sms.warnings == []
+    assert push.title == "Your order is ready for pickup"
+    assert push.text == "Order o-u-ana at Omni SoHo, open today 09:00-20:00."
+    assert push.recipients == ["fcm-token-1"]
+
+
+def test_missing_data_fails_loudly_per_customer(engine):
+    ana = seed(engine)
+    bob = seed(engine, user_id="u-bob", first_name=None, token=None, phone="+14155550199")
+    with session_scope(engine) as session:
+        outcomes = render_many(session, "push/pickup_reminder", [ana, bob, 999_999], now=NOW)
+    assert outcomes[ana].title
+    assert isinstance(outcomes[bob], RenderError) and "no device token" in str(outcomes[bob])
+    assert isinstance(outcomes[999_999], RenderError) and "no such customer" in str(outcomes[999_999])
+
+
+def test_no_open_cart_is_a_clear_error(engine):
+    from profiles.ingest import ingest_payloads
+
+    ingest_payloads(
+        engine,
+        [
+            {
+                "type": "identify",
+                "userId": "u-c",
+                "messageId": "c1",
+                "timestamp": "2026-06-01T00:00:00Z",
+                "traits": {"email": "c@example.org", "first_name": "Cy"},
+            }
+        ],
+        now=NOW,
+    )
+    from profiles.identity import resolve_customer_key
+
+    with session_scope(engine) as session:
+        customer = resolve_customer_key(session, "u-c")
+        with pytest.raises(
+            RenderError, match=r"cannot render email/abandoned_cart for customer \d+: .*'cart' is undefined"
+        ):
+            render(session, "email/abandoned_cart", customer, now=NOW)
+
+
+def test_a_missing_first_name_never_renders_blank(tmp_path):
+    (tmp_path / "sms").mkdir()
+    (tmp_path / "sms" / "hello.txt.j2").write_text("Hi {{ customer.first_name }}!")
+    settings = Settings(templates_dir=tmp_path)
+    with pytest.raises(RenderError, match="first_name"):
+        render_context("sms/hello", {"customer": {"id": 1}}, settings=settings)
+    assert (
+        render_context("sms/hello", {"customer": {"id": 1, "first_name": "Ana"}}, settings=settings).text
+        == "Hi Ana!"
+    )
+
+
+def test_customer_data_is_html_escaped(engine):
+    customer = seed(engine, user_id="u-x", first_name='<script>alert("x")</script>', phone="+14155550188")
+    with session_scope(engine) as session:
+        r = render(session, "email/abandoned_cart", customer, now=NOW)
+    assert "<script>" not in r.html
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in r.html
+    assert '<script>alert("x")</script>' in r.text  # plain text is not HTML
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ customer.__class__.__init__.__globals__ }}",
+        "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+        "{% set x = [].append.__self__ %}{{ x.__class__ }}",
+    ],
+)
+def test_sandbox_escapes_are_blocked(tmp_path, source):
+    (tmp_path / "sms").mkdir()
+    (tmp_path / "sms" / "evil.txt.j2").write_text(source)
+    with pytest.raises(RenderError, match="unsafe template|missing data|template error"):
+        render_context("sms/evil", {"customer": {"id": 1}}, settings=Settings(templates_dir=tmp_path))
+
+
+def test_sms_segments_and_warning(tmp_path):
+    assert sms_segments("a" * 160) == 1 and sms_segments("a" * 161) == 2
+    assert sms_segments("{" * 80) == 1 and sms_segments("{" * 81) == 2  # extension chars count twice
+    assert sms_segments("é" * 10 + "ł") == 1 and sms_segments("ł" * 71) == 2  # UCS-2
+    (tmp_path / "sms").mkdir()
+    (tmp_path / "sms" / "long.txt.j2").write_text("x" * 200)
+    (tmp_path / "sms" / "huge.txt.j2").write_text("x" * 1601)
+    settings = Settings(templates_dir=tmp_path)
+    rendered = render_context("sms/long", {"customer": {"id": 1}}, settings=settings)
+    assert rendered.sms_segments == 2 and "2 segments" in rendered.warnings[0]
+    with pytest.raises(RenderError, match="over 1600"):
+        render_context("sms/huge", {"customer": {"id": 1}}, settings=settings)
+
+
+def test_unknown_template():
+    with pytest.raises(RenderError, match="no such template"):
+        render_context("email/nope", {"customer": {"id": 1}})
+
+
+def test_unsubscribe_token_round_trip_and_tampering():
+    token = make_token("s3cret", 42, "email")
+    assert verify_token("s3cret", token) == (42, "email")
+    payload, signature = token.split(".")
+    forged = make_token("s3cret", 43, "email").split(".")[0] + "." + signature
+    for bad in (forged, token + "x", payload, "", "a.b.c", token.replace(signature[:4], "AAAA")):
+        with pytest.raises(InvalidToken):
+            verify_token("s3cret", bad)
+    with pytest.raises(InvalidToken):
+        verify_token("other-secret", token)
+
+
+def test_generated_secret_is_created_once_and_used_for_links(engine, customer_id):
+    with session_scope(engine) as session:
+        ensure_unsubscribe_secret(session)
+    with session_scope(engine) as session:
+        first = unsubscribe_secret(session, Settings()).get_secret_value()
+        ensure_unsubscribe_secret(session)
+        assert unsubscribe_secret(session, Settings()).get_secret_value() == first
+        url = render(session, "email/abandoned_cart", customer_id, now=NOW).unsubscribe_url
+    assert verify_token(first, url.split("token=")[1]) == (customer_id, "email")
+
+
+def test_configured_secret_wins(engine, customer_id):
+    settings = Settings(
+        unsubscribe_secret=SecretStr("from-the-env"), unsubscribe_base_url="https://shop.example/u"
+    )
+    with session_scope(engine) as session:
+        url = render(session, "email/abandoned_cart", customer_id, now=NOW, settings=settings).unsubscribe_url
+    assert url.startswith("https://shop.example/u?token=")
+    assert verify_token("from-the-env", url.split("token=")[1]) == (customer_id, "email")
