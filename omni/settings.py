@@ -6,6 +6,7 @@ environment; the environment wins over the defaults here.
 
 from __future__ import annotations
 
+from datetime import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,6 +50,22 @@ class Settings(BaseSettings):
     )
     ingest_batch_size: int = Field(
         default=5000, ge=1, le=100_000, description="Payloads committed per transaction when ingesting."
+    )
+
+    # --- Sequences and campaigns: the rules every marketing message obeys.
+    quiet_hours_start: time = Field(
+        default=time(21, 0), description="Start of quiet hours in the customer's timezone (HH:MM)."
+    )
+    quiet_hours_end: time = Field(default=time(9, 0), description="End of quiet hours (HH:MM).")
+    frequency_cap: int = Field(
+        default=2, ge=1, description="Marketing messages per customer, across channels, per frequency window."
+    )
+    frequency_window_hours: float = Field(default=24, gt=0, description="The rolling frequency-cap window.")
+    sequence_batch_size: int = Field(
+        default=1000, ge=1, le=100_000, description="Enrollments or deliveries handled per batch in a tick."
+    )
+    max_send_attempts: int = Field(
+        default=5, ge=1, description="Ticks a retryable delivery is tried on before it is marked failed."
     )
 
     # --- Channel connectors (see docs/connectors.md). Each channel's provider, `outbox` by default.

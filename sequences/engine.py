@@ -122,6 +122,47 @@ class TickReport:
         sequence, step = delivery.sequence, delivery.step_id.split("/")[0]
         return self.sequences[sequence].steps[step]
 
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per sequence and step (and per campaign): what a marketer reads in the Prefect UI."""
+        rows: list[dict[str, Any]] = []
+        for name, sequence in self.sequences.items():
+            rows.append(
+                {
+                    "sequence": name,
+                    "step": "(entry and exit)",
+                    "enrolled": sequence.enrolled,
+                    "held_out": sequence.held_out,
+                    "exited": sequence.exited,
+                    "completed": sequence.completed,
+                    **StepCounts().as_dict(),
+                }
+            )
+            for step, counts in sequence.steps.items():
+                rows.append(
+                    {
+                        "sequence": name,
+                        "step": step,
+                        "enrolled": 0,
+                        "held_out": 0,
+                        "exited": 0,
+                        "completed": 0,
+                        **counts.as_dict(),
+                    }
+                )
+        for name, counts in self.campaigns.items():
+            rows.append(
+                {
+                    "sequence": f"campaign {name}",
+                    "step": "send",
+                    "enrolled": 0,
+                    "held_out": 0,
+                    "exited": 0,
+                    "completed": 0,
+                    **counts.as_dict(),
+                }
+            )
+        return rows
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "now": self.now,
@@ -673,8 +714,9 @@ class _Due:
     sequence: str | None = None
 
 
-def dispatch_due(dispatcher: Dispatcher) -> int:
-    """Send every due pending delivery, a batch at a time; returns how many were resolved or postponed."""
+def dispatch_due(dispatcher: Dispatcher, *, campaign: str | None = None) -> int:
+    """Send every due pending delivery (or only ``campaign``'s), a batch at a time; returns how many were
+    resolved or postponed."""
     deliveries = Delivery.__table__
     enrollments = Enrollment.__table__
     moved = 0
@@ -704,6 +746,7 @@ def dispatch_due(dispatcher: Dispatcher) -> int:
                     deliveries.c.status == "pending",
                     deliveries.c.next_attempt_at <= dispatcher.now,
                     deliveries.c.id.not_in(seen) if seen else literal(True),
+                    deliveries.c.campaign == campaign if campaign else literal(True),
                 )
                 .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
                 .limit(dispatcher.policy.batch_size)
@@ -992,6 +1035,7 @@ def run_tick(
     campaigns: Mapping[str, CampaignDefinition] | None = None,
     build: bool = True,
     connectors: Mapping[str, Any] | None = None,
+    stage: Callable[[str, Callable[[], Any]], Any] | None = None,
 ) -> TickReport:
     """One tick of every sequence (or ``names``) at ``now``; see the module docstring.
 
@@ -1000,7 +1044,10 @@ def run_tick(
         sequences, campaigns: definitions (default: loaded from their folders).
         build: rebuild the trigger audiences first (default True).
         connectors: connectors to use by channel instead of the configured ones.
+        stage: runs each stage (``stage(name, fn)``); the ``run_sequences`` flow makes each a Prefect
+            task. Default: call it.
     """
+    stage = stage or (lambda _name, fn: fn())
     from audiences import build_audiences, load_audiences
     from sequences.definitions import load_campaigns, load_sequences
 
@@ -1023,7 +1070,10 @@ def run_tick(
     if build:
         needed = sorted({s.trigger_audience for s in selected.values() if s.trigger_audience})
         if needed:
-            built = build_audiences(engine, names=needed, now=now, definitions=audience_definitions)
+            built = stage(
+                "build-audiences",
+                lambda: build_audiences(engine, names=needed, now=now, definitions=audience_definitions),
+            )
             report.audiences = {name: result.as_dict() for name, result in built.items()}
     _DEFINITIONS["sequences"] = all_sequences
     dispatcher = Dispatcher(
@@ -1039,14 +1089,18 @@ def run_tick(
         connectors=dict(connectors or {}),
     )
     try:
-        with session_scope(engine) as session:
-            recover_interrupted(session, now=now, policy=policy, report=report)
-        for sequence in selected.values():
+
+        def recover() -> None:
+            with session_scope(engine) as session:
+                recover_interrupted(session, now=now, policy=policy, report=report)
+
+        def enroll_and_exit(sequence: SequenceDefinition) -> None:
             with session_scope(engine) as session:
                 enroll(session, sequence, now=now, report=report)
                 exit_enrollments(session, sequence, now=now, report=report, settings=settings)
-        for _ in range(MAX_ROUNDS):
-            walked = walk_due(
+
+        def walk() -> int:
+            return walk_due(
                 engine,
                 selected,
                 now=now,
@@ -1055,7 +1109,13 @@ def run_tick(
                 audience_definitions=audience_definitions,
                 settings=settings,
             )
-            dispatched = dispatch_due(dispatcher)
+
+        stage("recover-interrupted", recover)
+        for sequence in selected.values():
+            stage(f"enroll-and-exit-{sequence.name.replace('_', '-')}", lambda s=sequence: enroll_and_exit(s))
+        for _ in range(MAX_ROUNDS):
+            walked = stage("advance-enrollments", walk)
+            dispatched = stage("dispatch-deliveries", lambda: dispatch_due(dispatcher))
             if not walked and not dispatched:
                 break
     finally:

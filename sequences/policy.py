@@ -57,22 +57,15 @@ class DeliveryPolicy:
             from omni.settings import get_settings
 
             settings = get_settings()
-        values: dict[str, Any] = {"default_timezone": settings.default_timezone}
-        for name in (
-            "quiet_start",
-            "quiet_end",
-            "frequency_cap",
-            "frequency_window",
-            "max_attempts",
-            "batch_size",
-        ):
-            setting = (
-                getattr(settings, f"sequence_{name}", None)
-                if name == "batch_size"
-                else getattr(settings, name, None)
-            )
-            if setting is not None:
-                values[name] = setting
+        values: dict[str, Any] = {
+            "quiet_start": settings.quiet_hours_start,
+            "quiet_end": settings.quiet_hours_end,
+            "frequency_cap": settings.frequency_cap,
+            "frequency_window": timedelta(hours=settings.frequency_window_hours),
+            "batch_size": settings.sequence_batch_size,
+            "max_attempts": settings.max_send_attempts,
+            "default_timezone": settings.default_timezone,
+        }
         values.update(overrides)
         return cls(**values)
 

@@ -29,7 +29,7 @@ FLAGSHIP = ["email/abandoned_cart", "email/pickup_ready", "push/pickup_reminder"
 
 def test_flagship_templates_are_listed():
     names = [t.name for t in list_templates(Settings())]
-    assert names == FLAGSHIP
+    assert set(FLAGSHIP) <= set(names)  # the flagship journey's; campaigns ship more
     parts = {t.name: t.parts for t in list_templates(Settings())}
     assert parts["email/abandoned_cart"] == ("subject", "html", "txt")
     assert parts["push/pickup_reminder"] == ("title", "body")

@@ -1,0 +1,330 @@
+"""Benchmark: build every built-in audience on a synthetic store and compare with hand-written SQL.
+
+    .venv/bin/python benchmarks/audiences.py                       # 1,000,000 customers, 10,000,000 events
+    .venv/bin/python benchmarks/audiences.py --customers 100000 --events 1000000
+    OMNI_BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1/postgres .venv/bin/python benchmarks/audiences.py
+
+The store is written straight into the tables with SQL (recursive CTE on SQLite, generate_series on
+PostgreSQL), the events' secondary indexes built after the load, then ANALYZE. SQLite runs in a
+temporary file; PostgreSQL, when ``OMNI_BENCH_DATABASE_URL`` is set, in a database this script
+creates on that server and drops at the end.
+
+For each audience it prints the time of a hand-written query returning the same ids (fetched; the
+best of two runs), of the first build (every member enters: the rows are written) and of a rebuild
+15 minutes later (the steady state of the 15-minute schedule), each build's ratio to the hand-written
+query, and checks that the members equal the hand-written query's ids. Peak memory is this process's
+(which includes SQLite's page cache; PostgreSQL's server memory is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import Engine, bindparam, create_engine, select, text
+from sqlalchemy.engine import make_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from audiences import build_audience, load_audiences  # noqa: E402
+from audiences.definitions import builtin_directory  # noqa: E402
+from omni.settings import normalize_database_url  # noqa: E402
+from profiles.db import UTCDateTime, create_store_engine, upgrade_schema  # noqa: E402
+from profiles.models import AudienceMembership  # noqa: E402
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+YEAR = 365 * 86400
+CHANNELS = [
+    "web",
+    "web",
+    "web",
+    "app",
+    "app",
+    "store",
+    "call_center",
+    "chat",
+    "email",
+    "sms",
+    "push",
+    "social",
+]
+# name, share of events (per mille)
+EVENT_NAMES = [
+    ("Page Viewed", 450),
+    ("Product Viewed", 250),
+    ("Product Added", 100),
+    ("Application Opened", 80),
+    ("Email Opened", 60),
+    ("Order Completed", 30),
+    ("Checkout Started", 30),
+]
+EVENT_INDEXES = {
+    "ix_events_customer_name_occurred": "events (customer_id, name, occurred_at)",
+    "ix_events_name_occurred": "events (name, occurred_at)",
+}
+
+MULTIPLIERS = [2654435761, 2246822519, 3266489917, 668265263, 374761393, 1103515245]
+
+HAND_WRITTEN = {
+    "cart_abandoners": """
+        SELECT DISTINCT c.id FROM carts k JOIN customers c ON c.id = k.customer_id
+        WHERE k.status = 'open' AND k.value > 0 AND k.started_at <= :now AND k.updated_at <= :idle_cutoff
+          AND NOT EXISTS (SELECT 1 FROM events e WHERE e.customer_id = k.customer_id
+                          AND e.name = 'Order Completed' AND e.occurred_at >= k.updated_at
+                          AND e.occurred_at <= :now)
+          AND c.merged_into IS NULL AND c.email IS NOT NULL AND c.email <> ''
+          AND NOT EXISTS (SELECT 1 FROM consents s WHERE s.customer_id = c.id AND s.channel = 'email'
+                          AND s.status = 'opted_out')""",
+    "lapsed_buyers": """
+        SELECT o.customer_id FROM orders o JOIN customers c ON c.id = o.customer_id
+        WHERE c.merged_into IS NULL AND o.placed_at <= :now
+        GROUP BY o.customer_id HAVING MAX(o.placed_at) < :since_90d""",
+    "omnichannel_engaged": """
+        SELECT e.customer_id FROM events e JOIN customers c ON c.id = e.customer_id
+        WHERE c.merged_into IS NULL AND e.occurred_at >= :since_90d AND e.occurred_at <= :now
+        GROUP BY e.customer_id HAVING COUNT(DISTINCT e.channel) >= 3""",
+    "pickup_ready": """
+        SELECT DISTINCT o.customer_id FROM orders o JOIN customers c ON c.id = o.customer_id
+        WHERE c.merged_into IS NULL AND o.fulfillment = 'pickup' AND o.status = 'ready_for_pickup'
+          AND o.placed_at <= :now""",
+}
+
+
+def _sql_list(values: list[str]) -> str:
+    return ", ".join(f"'{v}'" for v in values)
+
+
+def _case_by_bucket(expr: str, weighted: list[tuple[str, int]]) -> str:
+    parts, edge = [], 0
+    for value, weight in weighted:
+        edge += weight
+        parts.append(f"WHEN {expr} < {edge} THEN '{value}'")
+    return "CASE " + " ".join(parts) + f" ELSE '{weighted[-1][0]}' END"
+
+
+def generate(engine: Engine, customers: int, events: int) -> None:
+    """Write the synthetic store with SQL inside the database."""
+    sqlite = engine.dialect.name == "sqlite"
+    base = int(NOW.timestamp())
+
+    def ts(seconds_ago: str) -> str:
+        if sqlite:
+            return f"(datetime({base} - ({seconds_ago}), 'unixepoch') || '.000000')"
+        return f"to_timestamp({base} - ({seconds_ago}))"
+
+    def rnd(modulo: int, column: str = "s.i", k: int = 0) -> str:
+        # Deterministic pseudo-random from the row number (the same store on every run and dialect;
+        # SQLite would also re-evaluate random() at each reference of a flattened subquery).
+        return f"((({column} * {MULTIPLIERS[k]} + {k * 7919}) % 4294967291) % {modulo})"
+
+    def series(count: int) -> str:
+        if sqlite:
+            return (
+                f"WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {count}) "
+                "SELECT i FROM n"
+            )
+        return f"SELECT i FROM generate_series(1::bigint, {count}) AS g(i)"
+
+    channels = "(ARRAY[" + _sql_list(CHANNELS) + "])" if not sqlite else None
+    channel_expr = (
+        f"{channels}[1 + x.c]"
+        if not sqlite
+        else "CASE " + " ".join(f"WHEN x.c = {i} THEN '{ch}'" for i, ch in enumerate(CHANNELS)) + " END"
+    )
+    name_expr = _case_by_bucket("x.b", EVENT_NAMES)
+    with engine.begin() as conn:
+        for name in EVENT_INDEXES:
+            conn.execute(text(f"DROP INDEX {name}"))
+        t = time.perf_counter()
+        # 85 % have an email, 40 % a phone; 1 % were merged into the customer before them.
+        conn.execute(
+            text(
+                "INSERT INTO customers (id, email, phone, traits, created_at, updated_at, merged_into) "
+                f"SELECT s.i, CASE WHEN s.i % 20 < 17 THEN 'c' || s.i || '@example.com' END, "
+                f"CASE WHEN s.i % 5 < 2 THEN '+1415' || s.i END, '{{}}', {ts(str(YEAR))}, {ts('0')}, "
+                f"CASE WHEN s.i % 100 = 0 THEN s.i - 1 END FROM ({series(customers)}) AS s"
+            )
+        )
+        conn.execute(
+            text(
+                "INSERT INTO consents (customer_id, channel, status, source, updated_at) "
+                f"SELECT s.i, 'email', 'opted_out', 'bench', {ts('86400')} FROM ({series(customers)}) AS s "
+                "WHERE s.i % 25 = 0"
+            )
+        )
+        print(f"  customers, consents     {time.perf_counter() - t:7.1f} s", flush=True)
+        t = time.perf_counter()
+        # message ids zero-padded, so the unique index is appended to in order
+        pad = "printf('e%010d', x.i)" if sqlite else "'e' || lpad(x.i::text, 10, '0')"
+        conn.execute(
+            text(
+                "INSERT INTO events (message_id, customer_id, type, name, channel, properties, context, "
+                "occurred_at, received_at) "
+                f"SELECT {pad}, x.cust, 'track', {name_expr}, {channel_expr}, '{{}}', '{{}}', "
+                f"{ts('x.ago')}, {ts('x.ago')} FROM ("
+                f"SELECT s.i AS i, 1 + {rnd(customers, k=1)} AS cust, {rnd(1000, k=2)} AS b, "
+                f"{rnd(len(CHANNELS), k=3)} AS c, {rnd(YEAR, k=4)} AS ago FROM ({series(events)}) AS s) AS x"
+            )
+        )
+        print(f"  events                  {time.perf_counter() - t:7.1f} s", flush=True)
+        t = time.perf_counter()
+        for name, target in EVENT_INDEXES.items():
+            conn.execute(text(f"CREATE INDEX {name} ON {target}"))
+        print(f"  event indexes           {time.perf_counter() - t:7.1f} s", flush=True)
+        t = time.perf_counter()
+        # Orders from the Order Completed events: 10 % for pickup, half of those ready.
+        conn.execute(
+            text(
+                "INSERT INTO orders (order_id, customer_id, channel, total, fulfillment, status, items, "
+                "placed_at, updated_at) "
+                "SELECT message_id, customer_id, channel, 10 + id % 200, "
+                "CASE WHEN id % 10 = 0 THEN 'pickup' WHEN channel = 'store' THEN 'in_store' ELSE 'ship' END, "
+                "CASE WHEN id % 20 = 0 THEN 'ready_for_pickup' WHEN id % 10 = 0 THEN 'picked_up' "
+                "ELSE 'placed' END, '[]', occurred_at, occurred_at FROM events WHERE name = 'Order Completed'"
+            )
+        )
+        # One cart for 1 customer in 7: open (two thirds) or converted, last activity in the last 3 days.
+        conn.execute(
+            text(
+                "INSERT INTO carts (customer_id, status, items, item_count, value, started_at, updated_at) "
+                f"SELECT x.i, CASE WHEN x.i % 3 = 0 THEN 'converted' ELSE 'open' END, '[]', x.i % 4, "
+                f"(x.i % 4) * 12.5, {ts('x.ago + 3600')}, {ts('x.ago')} FROM ("
+                f"SELECT s.i AS i, {rnd(3 * 86400, k=5)} AS ago FROM ({series(customers)}) AS s "
+                "WHERE s.i % 7 = 0) AS x"
+            )
+        )
+        print(f"  orders, carts           {time.perf_counter() - t:7.1f} s", flush=True)
+    t = time.perf_counter()
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+    print(f"  ANALYZE                 {time.perf_counter() - t:7.1f} s", flush=True)
+
+
+def hand_written(engine: Engine, name: str, now: datetime) -> tuple[float, set[int]]:
+    statement = text(HAND_WRITTEN[name])
+    params = {"now": now, "idle_cutoff": now - timedelta(hours=1), "since_90d": now - timedelta(days=90)}
+    statement = statement.bindparams(
+        *[bindparam(key, type_=UTCDateTime()) for key in params if f":{key}" in HAND_WRITTEN[name]]
+    )
+    best, ids = float("inf"), set()
+    for _ in range(2):
+        started = time.perf_counter()
+        with engine.connect() as conn:
+            ids = {
+                row[0]
+                for row in conn.execute(
+                    statement, {k: v for k, v in params.items() if f":{k}" in HAND_WRITTEN[name]}
+                )
+            }
+        best = min(best, time.perf_counter() - started)
+    return best, ids
+
+
+def current_members(engine: Engine, name: str) -> set[int]:
+    table = AudienceMembership.__table__
+    with engine.connect() as conn:
+        return set(
+            conn.execute(
+                select(table.c.customer_id).where(table.c.audience == name, table.c.exited_at.is_(None))
+            ).scalars()
+        )
+
+
+def _generate_in_child(url: str, customers: int, events: int) -> None:
+    engine = create_store_engine(url)
+    try:
+        upgrade_schema(engine)
+        generate(engine, customers, events)
+    finally:
+        engine.dispose()
+
+
+def run(engine: Engine, label: str, customers: int, events: int) -> bool:
+    print(f"\n{label}: {customers:,} customers, {events:,} events", flush=True)
+    started = time.perf_counter()
+    # Generated in a child process, so that the peak memory printed below is the builds' alone
+    # (building the event indexes sorts 10M rows in memory).
+    child = multiprocessing.get_context("fork").Process(
+        target=_generate_in_child,
+        args=(engine.url.render_as_string(hide_password=False), customers, events),
+    )
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise SystemExit(f"generating the store failed (exit code {child.exitcode})")
+    print(f"  generated in {time.perf_counter() - started:.1f} s", flush=True)
+    definitions = load_audiences(builtin_directory())
+    print(
+        f"  {'audience':<22}{'members':>10}{'hand SQL':>11}{'build':>9}{'ratio':>7}"
+        f"{'rebuild':>9}{'ratio':>7}  same ids"
+    )
+    ok = True
+    for name in definitions:
+        hand_time, hand_ids = hand_written(engine, name, NOW)
+        first = build_audience(engine, name, now=NOW, definitions=definitions)
+        same = current_members(engine, name) == hand_ids
+        later = NOW + timedelta(minutes=15)
+        second = build_audience(engine, name, now=later, definitions=definitions)
+        later_time, later_ids = hand_written(engine, name, later)
+        same = same and current_members(engine, name) == later_ids
+        ok = ok and same
+        print(
+            f"  {name:<22}{first.size:>10,}{hand_time:>10.2f}s{first.duration:>8.2f}s"
+            f"{first.duration / hand_time:>6.2f}x{second.duration:>8.2f}s"
+            f"{second.duration / later_time:>6.2f}x"
+            f"  {'yes' if same else 'NO'}  (rebuild: +{second.entered:,} -{second.exited:,})",
+            flush=True,
+        )
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  peak memory (hand-written queries and builds, this process): {peak_mb:.0f} MB")
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--customers", type=int, default=1_000_000)
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--sqlite-path", help="SQLite file to use (default: a temporary file, removed after)")
+    parser.add_argument("--skip-sqlite", action="store_true")
+    args = parser.parse_args()
+    ok = True
+    if not args.skip_sqlite:
+        with tempfile.TemporaryDirectory() as folder:
+            path = args.sqlite_path or str(Path(folder) / "bench.db")
+            if Path(path).exists():
+                Path(path).unlink()
+            engine = create_store_engine(f"sqlite:///{path}")
+            try:
+                ok = run(engine, "SQLite", args.customers, args.events) and ok
+            finally:
+                engine.dispose()
+    pg_url = os.environ.get("OMNI_BENCH_DATABASE_URL")
+    if pg_url:
+        admin_url = make_url(normalize_database_url(pg_url))
+        name = f"omni_bench_{uuid.uuid4().hex[:10]}"
+        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        engine = create_store_engine(admin_url.set(database=name).render_as_string(hide_password=False))
+        try:
+            ok = run(engine, "PostgreSQL", args.customers, args.events) and ok
+        finally:
+            engine.dispose()
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+    else:
+        print("\n(PostgreSQL: set OMNI_BENCH_DATABASE_URL to run it too)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Flow: one tick of every sequence (deployment ``run-sequences``, every 5 minutes, one at a time).
+
+Each stage of the tick is a Prefect task: rebuilding the trigger audiences, enrolling and exiting per
+sequence, advancing due enrollments and dispatching due deliveries. A task works through thousands of
+customers in batches (``OMNI_SEQUENCE_BATCH_SIZE``) with set-based SQL and whole-batch provider calls;
+there is never a task per customer. Send tasks are ``NO_CACHE`` (a cached send would silently never go
+out) and retry only for transient database errors: the delivery claim makes a retried dispatch safe.
+A table artifact shows per sequence and step: enrolled, exited, sent, postponed, skipped for consent,
+failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from profiles.db import get_engine, require_schema, utcnow
+from sequences.engine import TickReport, run_tick
+
+
+def transient_database_error(_task: Any, _run: Any, state: Any) -> bool:
+    """Retry a stage only when the database hiccuped (a lock, a dropped connection), never for bugs or bad
+    definitions."""
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    try:
+        state.result()
+    except OperationalError:
+        return True
+    except DBAPIError as exc:
+        return bool(exc.connection_invalidated)
+    except Exception:  # noqa: BLE001 - anything else is not transient
+        return False
+    return False
+
+
+def prefect_stage(name: str, fn: Callable[[], Any]) -> Any:
+    """Run one stage of the tick as a Prefect task named after it."""
+    stage_task = task(
+        lambda: fn(),
+        name=name,
+        cache_policy=NO_CACHE,
+        retries=2,
+        retry_delay_seconds=[2, 10],
+        retry_condition_fn=transient_database_error,
+    )
+    return stage_task()
+
+
+def publish_report(report: TickReport, *, key: str, title: str) -> None:
+    rows = report.rows()
+    create_table_artifact(
+        key=key,
+        table=rows or [{"sequence": "(none)", "step": "", "sent": 0}],
+        description=f"{title} at {report.now.isoformat()}: per sequence and step, customers enrolled, "
+        "held out and exited, and messages sent, postponed (quiet hours, frequency cap), skipped for "
+        "consent and failed.",
+    )
+    lines = [f"## {title} at {report.now:%Y-%m-%d %H:%M} UTC", ""]
+    for name, sequence in report.sequences.items():
+        sent = sum(c.sent for c in sequence.steps.values())
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sequence.exit_reasons.items()) or "none"
+        lines.append(
+            f"- **{name}**: {sequence.enrolled} enrolled ({sequence.held_out} held out), "
+            f"{sent} messages sent, {sequence.exited} exited ({reasons}), {sequence.completed} completed"
+        )
+    for name, counts in report.campaigns.items():
+        lines.append(
+            f"- **campaign {name}**: {counts.sent} sent, {counts.postponed} postponed, "
+            f"{counts.skipped_consent} skipped for consent, {counts.failed} failed"
+        )
+    create_markdown_artifact(key=f"{key}-summary", markdown="\n".join(lines))
+
+
+@flow(name="run-sequences", task_runner=ThreadPoolTaskRunner(max_workers=4), timeout_seconds=3600)
+def run_sequences(
+    now: datetime | None = None, names: list[str] | None = None, database_url: str | None = None
+) -> dict[str, Any]:
+    """One tick of every sequence (or ``names``) at ``now`` (default: the current time)."""
+    log = get_run_logger()
+    engine = get_engine(database_url)
+    require_schema(engine)
+    report = run_tick(engine, now=now or utcnow(), names=names, stage=prefect_stage)
+    for name, sequence in report.sequences.items():
+        sent = sum(c.sent for c in sequence.steps.values())
+        log.info("%s: %d enrolled, %d exited, %d sent", name, sequence.enrolled, sequence.exited, sent)
+    publish_report(report, key="sequences-tick", title="Sequences tick")
+    return report.as_dict()

@@ -1,0 +1,149 @@
+"""``omni campaigns``: list campaigns, send one now, or schedule a Prefect run of it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from omni.cli.common import (
+    BadInput,
+    DatabaseUrlOption,
+    Failure,
+    JsonOption,
+    NowOption,
+    console,
+    err_console,
+    handle_errors,
+    open_store,
+    parse_now,
+    print_json,
+)
+
+campaigns_app = typer.Typer(help="One-off campaigns (campaigns/*.yaml).", no_args_is_help=True)
+DEPLOYMENT = "send-campaign/send-campaign"
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(campaigns_app, name="campaigns")
+
+
+def _definitions():
+    from audiences import DefinitionError
+    from sequences.definitions import load_campaigns
+
+    try:
+        return load_campaigns()
+    except DefinitionError as exc:
+        raise BadInput(str(exc)) from None
+
+
+@campaigns_app.command("list")
+@handle_errors
+def campaigns_list(json: JsonOption = False) -> None:
+    """Every campaign: audience, channel, template, send time."""
+    items = [c.model_dump() for c in _definitions().values()]
+    if json:
+        print_json(items)
+        return
+    table = Table(title=f"Campaigns ({len(items)})", title_justify="left")
+    for column in ("name", "audience", "channel", "template", "send_at"):
+        table.add_column(column)
+    for c in items:
+        table.add_row(
+            escape(c["name"]),
+            escape(c["audience"]),
+            c["channel"],
+            escape(c["template"]),
+            c["send_at"].isoformat() if c["send_at"] else "-",
+        )
+    console.print(table)
+
+
+@campaigns_app.command("send")
+@handle_errors
+def campaigns_send(
+    name: Annotated[str, typer.Argument(help="The campaign.")],
+    database_url: DatabaseUrlOption = None,
+    json: JsonOption = False,
+    now: NowOption = None,
+) -> None:
+    """Send a campaign now, without Prefect (what the send-campaign flow does). Sending again sends
+    nothing new."""
+    from connectors import ConnectorConfigError
+    from sequences.campaigns import UnknownCampaign, send_campaign
+
+    definitions = _definitions()
+    engine = open_store(database_url)
+    try:
+        created, report = send_campaign(engine, name, now=parse_now(now), campaigns=definitions)
+    except UnknownCampaign as exc:
+        raise BadInput(str(exc)) from None
+    except ConnectorConfigError as exc:
+        raise Failure(f"connector not configured: {exc}") from None
+    counts = report.campaigns[name].as_dict()
+    if json:
+        print_json({"campaign": name, "created": created, **counts})
+        return
+    console.print(
+        f"campaign {name}: {created} new deliveries; sent {counts['sent']}, postponed {counts['postponed']} "
+        f"(quiet hours or frequency cap), skipped for consent {counts['skipped_consent']}, "
+        f"failed {counts['failed']}",
+        highlight=False,
+        markup=False,
+    )
+
+
+@campaigns_app.command("schedule")
+@handle_errors
+def campaigns_schedule(
+    name: Annotated[str, typer.Argument(help="The campaign.")],
+    at: Annotated[
+        str | None, typer.Option("--at", help="When (ISO-8601; default: the campaign's send_at).")
+    ] = None,
+    json: JsonOption = False,
+) -> None:
+    """Create a scheduled Prefect flow run of the send-campaign deployment (needs PREFECT_API_URL and
+    `prefect deploy --all`)."""
+    definitions = _definitions()
+    if name not in definitions:
+        raise BadInput(f"unknown campaign {name!r} (known: {', '.join(sorted(definitions)) or 'none'})")
+    when = parse_now(at) if at else definitions[name].send_at
+    if when is None:
+        raise BadInput(f"campaign {name!r} has no send_at: give --at TIME")
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    try:
+        flow_run = run_deployment(name=DEPLOYMENT, parameters={"name": name}, scheduled_time=when, timeout=0)
+    except ObjectNotFound:
+        raise Failure(
+            f"deployment {DEPLOYMENT!r} not found on the Prefect API "
+            f"({PREFECT_API_URL.value() or 'ephemeral'}): "
+            "start a server (`prefect server start`), set PREFECT_API_URL, and run `prefect deploy --all`"
+        ) from None
+    if json:
+        print_json(
+            {
+                "campaign": name,
+                "flow_run_id": str(flow_run.id),
+                "flow_run_name": flow_run.name,
+                "scheduled_time": when,
+                "state": flow_run.state.name if flow_run.state else None,
+            }
+        )
+        return
+    console.print(
+        f"scheduled campaign {name} for {when.isoformat()}: flow run {flow_run.name} ({flow_run.id})",
+        highlight=False,
+        markup=False,
+    )
+    err_console.print(
+        "In the Prefect UI: Deployments > send-campaign > Run > Custom run, set the parameter `name` and a "
+        "start time; the run waits under Flow Runs as Scheduled until then (a worker must be running).",
+        highlight=False,
+        markup=False,
+    )

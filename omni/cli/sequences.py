@@ -1,0 +1,215 @@
+"""``omni sequences``: list the journeys, run a tick by hand, see where customers are."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+from sqlalchemy import func, select
+
+from omni.cli.common import (
+    BadInput,
+    DatabaseUrlOption,
+    Failure,
+    JsonOption,
+    NowOption,
+    console,
+    handle_errors,
+    open_store,
+    parse_now,
+    print_json,
+)
+
+sequences_app = typer.Typer(help="Cross-channel journeys (sequences/*.yaml).", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(sequences_app, name="sequences")
+
+
+def _definitions():
+    from audiences import DefinitionError
+    from sequences.definitions import load_sequences
+
+    try:
+        return load_sequences()
+    except DefinitionError as exc:
+        raise BadInput(str(exc)) from None
+
+
+def describe_step(step) -> str:
+    from sequences.definitions import BranchStep, SendStep
+
+    if isinstance(step, SendStep):
+        what = step.audience if step.channel == "ads" else step.template
+        fallback = f" (fallback {step.fallback})" if step.fallback else ""
+        return f"{step.id}: {step.channel} {what}{fallback}"
+    if isinstance(step, BranchStep):
+        return f"{step.id}: branch -> {step.then}" + (f" / {step.otherwise}" if step.otherwise else "")
+    if step.duration is not None:
+        from audiences.definitions import format_duration
+
+        return f"wait {format_duration(step.duration)}"
+    return f"wait until {step.until:%H:%M} local time"
+
+
+def render_tick(report_rows: list[dict], audiences: dict) -> None:
+    table = Table(title="Sequences tick", title_justify="left")
+    for column in (
+        "sequence",
+        "step",
+        "enrolled",
+        "held out",
+        "exited",
+        "sent",
+        "postponed",
+        "skipped (consent)",
+        "failed",
+        "retrying",
+        "unknown",
+    ):
+        table.add_column(column, justify="left" if column in ("sequence", "step") else "right")
+    for row in report_rows:
+        table.add_row(
+            escape(row["sequence"]),
+            escape(row["step"]),
+            *(
+                str(row[k])
+                for k in (
+                    "enrolled",
+                    "held_out",
+                    "exited",
+                    "sent",
+                    "postponed",
+                    "skipped_consent",
+                    "failed",
+                    "retrying",
+                    "unknown",
+                )
+            ),
+        )
+    console.print(table)
+    if audiences:
+        built = ", ".join(
+            f"{name} {r['size']} (+{r['entered']} / -{r['exited']})" for name, r in audiences.items()
+        )
+        console.print(f"audiences rebuilt: {built}", highlight=False, markup=False)
+
+
+@sequences_app.command("list")
+@handle_errors
+def sequences_list(database_url: DatabaseUrlOption = None, json: JsonOption = False) -> None:
+    """Every sequence: trigger, steps, and customers in it now."""
+    from profiles.db import session_scope
+    from profiles.models import Enrollment
+
+    definitions = _definitions()
+    engine = open_store(database_url)
+    table = Enrollment.__table__
+    with session_scope(engine) as session:
+        counts: dict[str, dict[str, int]] = {}
+        for sequence, status, count in session.execute(
+            select(table.c.sequence, table.c.status, func.count()).group_by(table.c.sequence, table.c.status)
+        ):
+            counts.setdefault(sequence, {})[status] = count
+    items = [
+        {
+            "name": s.name,
+            "description": s.description.strip(),
+            "trigger": {"audience": s.trigger_audience} if s.trigger_audience else {"event": s.trigger_event},
+            "exit": s.exit.model_dump(exclude_defaults=True),
+            "holdout_percent": s.holdout_percent,
+            "steps": [describe_step(step) for step in s.steps],
+            "enrollments": counts.get(s.name, {}),
+            "file": s.file,
+        }
+        for s in definitions.values()
+    ]
+    if json:
+        print_json(items)
+        return
+    view = Table(title=f"Sequences ({len(items)})", title_justify="left", show_lines=True)
+    for column in ("name", "trigger", "steps", "active / completed / exited / held out"):
+        view.add_column(column)
+    for item in items:
+        c = item["enrollments"]
+        trigger = ", ".join(f"{k}: {v}" for k, v in item["trigger"].items())
+        view.add_row(
+            escape(item["name"]),
+            escape(trigger),
+            escape("\n".join(item["steps"])),
+            f"{c.get('active', 0)} / {c.get('completed', 0)} / {c.get('exited', 0)} / {c.get('holdout', 0)}",
+        )
+    console.print(view)
+
+
+@sequences_app.command("run")
+@handle_errors
+def sequences_run(
+    names: Annotated[list[str] | None, typer.Argument(help="Sequences to run (default: all).")] = None,
+    database_url: DatabaseUrlOption = None,
+    json: JsonOption = False,
+    now: NowOption = None,
+) -> None:
+    """Run one tick now (what the run-sequences deployment does every 5 minutes), without Prefect."""
+    from connectors import ConnectorConfigError
+    from sequences.engine import UnknownSequence, run_tick
+
+    definitions = _definitions()
+    at = parse_now(now)
+    engine = open_store(database_url)
+    try:
+        report = run_tick(engine, now=at, names=names or None, sequences=definitions)
+    except UnknownSequence as exc:
+        raise BadInput(str(exc)) from None
+    except ConnectorConfigError as exc:
+        raise Failure(f"connector not configured: {exc}") from None
+    if json:
+        print_json(report.as_dict())
+        return
+    render_tick(report.rows(), report.audiences)
+
+
+@sequences_app.command("status")
+@handle_errors
+def sequences_status(
+    name: Annotated[str, typer.Argument(help="The sequence.")],
+    database_url: DatabaseUrlOption = None,
+    json: JsonOption = False,
+) -> None:
+    """Where customers are in a sequence: enrollments by status and step, deliveries, exit reasons."""
+    from sequences.engine import sequence_status
+
+    definitions = _definitions()
+    if name not in definitions:
+        raise BadInput(f"unknown sequence {name!r} (known: {', '.join(sorted(definitions)) or 'none'})")
+    engine = open_store(database_url)
+    status = sequence_status(engine, name)
+    if json:
+        print_json(status)
+        return
+    sequence = definitions[name]
+    console.print(f"[bold]{escape(name)}[/]  {escape(sequence.description.strip())}")
+    console.print(
+        "enrollments: " + (", ".join(f"{k} {v}" for k, v in status["enrollments"].items()) or "none"),
+        highlight=False,
+        markup=False,
+    )
+    table = Table(title="Steps", title_justify="left")
+    for column in ("#", "step", "active here", "deliveries"):
+        table.add_column(column)
+    for index, step in enumerate(sequence.steps):
+        delivered = {k: v for k, v in status["deliveries"].items() if k.split("/")[0] == step.id}
+        text = "; ".join(f"{k}: " + ", ".join(f"{s} {n}" for s, n in v.items()) for k, v in delivered.items())
+        table.add_row(
+            str(index), escape(describe_step(step)), str(status["active_by_step"].get(index, 0)), escape(text)
+        )
+    console.print(table)
+    if status["exit_reasons"]:
+        console.print(
+            "exits: " + ", ".join(f"{k}: {v}" for k, v in status["exit_reasons"].items()),
+            highlight=False,
+            markup=False,
+        )

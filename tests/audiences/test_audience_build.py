@@ -1,0 +1,133 @@
+"""Building: memberships with entered / exited history, idempotent rebuilds, dependency order."""
+
+from __future__ import annotations
+
+import pytest
+from audience_testkit import NOW, SECOND, History, days, user_ids
+from sqlalchemy import select
+
+from audiences import BuildOrderError, UnknownAudience, build_audience, build_audiences, members
+from audiences.definitions import check_references, parse_definition
+from profiles.db import session_scope
+from profiles.models import AudienceBuild, AudienceMembership
+
+
+def _definitions(**wheres: dict) -> dict:
+    definitions = {
+        name: parse_definition({"name": name, "where": where}, file=f"{name}.yaml")
+        for name, where in wheres.items()
+    }
+    check_references(definitions)
+    return definitions
+
+
+VIEWERS = _definitions(
+    viewers={"event": "Page Viewed", "within": "1d"},
+    gold_viewers={"all": [{"audience": "viewers"}, {"trait": "tier", "eq": "gold"}]},
+)
+
+
+def _rows(engine) -> list[tuple]:
+    table = AudienceMembership.__table__
+    names = user_ids(engine)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(table.c.audience, table.c.customer_id, table.c.entered_at, table.c.exited_at).order_by(
+                table.c.id
+            )
+        ).all()
+    return [(a, names[c], entered, exited) for a, c, entered, exited in rows]
+
+
+def _build_log(engine) -> list[tuple]:
+    table = AudienceBuild.__table__
+    with engine.connect() as conn:
+        return conn.execute(
+            select(
+                table.c.audience, table.c.built_at, table.c.size, table.c.entered, table.c.exited
+            ).order_by(table.c.id)
+        ).all()
+
+
+def test_entered_and_exited_across_three_builds(engine):
+    t1, t2, t3 = NOW, NOW + days(1) + SECOND, NOW + days(2)
+    (
+        History()
+        .identify("ann", tier="gold")
+        .track("ann", "Page Viewed", days(0.5))
+        .track("bob", "Page Viewed", days(0.5))
+        .track("ann", "Page Viewed", -days(1))  # at t2 - 1s: still within a day at t2
+        .track("cid", "Page Viewed", -days(1))
+        .track("bob", "Page Viewed", -days(1.5))  # bob comes back before t3
+        .ingest(engine)
+    )
+    first = build_audience(engine, "viewers", now=t1, definitions=VIEWERS)
+    assert (first.size, first.entered, first.exited) == (2, 2, 0)
+    second = build_audience(engine, "viewers", now=t2, definitions=VIEWERS)
+    assert (second.size, second.entered, second.exited) == (2, 1, 1)  # cid in, bob out
+    third = build_audience(engine, "viewers", now=t3, definitions=VIEWERS)
+    assert (third.size, third.entered, third.exited) == (3, 1, 0)  # bob back (ann's view: exactly 1 day)
+    assert _rows(engine) == [
+        ("viewers", "ann", t1, None),
+        ("viewers", "bob", t1, t2),
+        ("viewers", "cid", t2, None),
+        ("viewers", "bob", t3, None),  # a new row for the new stay
+    ]
+    assert [tuple(r[1:]) for r in _build_log(engine)] == [(t1, 2, 2, 0), (t2, 2, 1, 1), (t3, 3, 1, 0)]
+    total, page = members(engine, "viewers", limit=2)
+    assert total == 3 and [r["entered_at"] for r in page] == [t1, t2]
+
+
+def test_rebuild_at_the_same_now_changes_nothing(engine):
+    History().track("ann", "Page Viewed", days(0.5)).track("bob", "Page Viewed", days(0.5)).ingest(engine)
+    build_audiences(engine, now=NOW, definitions=VIEWERS)
+    rows, log = _rows(engine), _build_log(engine)
+    again = build_audiences(engine, now=NOW, definitions=VIEWERS)
+    assert {name: r.as_dict() for name, r in again.items()} == {
+        "viewers": {"size": 2, "entered": 0, "exited": 0},
+        "gold_viewers": {"size": 0, "entered": 0, "exited": 0},
+    }
+    assert _rows(engine) == rows and _build_log(engine) == log
+    with pytest.raises(BuildOrderError):
+        build_audience(engine, "viewers", now=NOW - SECOND, definitions=VIEWERS)
+
+
+def test_dependencies_first_and_merged_customers_exit(engine):
+    (
+        History()
+        .identify("ann", tier="gold")
+        .track("ann", "Page Viewed", days(0.5))
+        .anonymous("visitor", "Page Viewed", days(0.5))
+        .identify("bob", ago=days(0.2), tier="gold")
+        .ingest(engine, batch_size=1)
+    )
+    results = build_audiences(engine, ["gold_viewers"], now=NOW, definitions=VIEWERS)
+    assert list(results) == ["viewers", "gold_viewers"]  # the referenced audience first
+    assert results["viewers"].size == 2 and results["gold_viewers"].size == 1
+    # the visitor signs in as bob: the visitor's profile is merged away and leaves, bob enters
+    History().alias("bob", "visitor", days(0.1)).ingest(engine)
+    later = NOW + SECOND
+    results = build_audiences(engine, now=later, definitions=VIEWERS)
+    assert {n: r.as_dict() for n, r in results.items()} == {
+        "viewers": {"size": 2, "entered": 1, "exited": 1},
+        "gold_viewers": {"size": 2, "entered": 1, "exited": 0},
+    }
+    names = user_ids(engine)
+    _, current = members(engine, "gold_viewers")
+    assert {names[r["customer_id"]] for r in current} == {"ann", "bob"}
+
+
+def test_build_in_the_callers_transaction_and_unknown_names(engine):
+    History().track("ann", "Page Viewed", days(0.5)).ingest(engine)
+    with pytest.raises(RuntimeError):
+        with session_scope(engine) as session:
+            assert build_audience(session, "viewers", now=NOW, definitions=VIEWERS).entered == 1
+            raise RuntimeError("roll back")
+    assert _rows(engine) == []
+    with session_scope(engine) as session:
+        build_audience(session, "viewers", now=NOW, definitions=VIEWERS)
+    assert len(_rows(engine)) == 1
+    with pytest.raises(UnknownAudience):
+        build_audience(engine, "nobody", now=NOW, definitions=VIEWERS)
+    with pytest.raises(UnknownAudience):
+        build_audiences(engine, ["nobody"], now=NOW, definitions=VIEWERS)
