@@ -475,6 +475,14 @@ def exit_enrollments(
         _insert_ignore(session, deliveries, removals)
 
 
+def _after(at_column: Any, id_column: Any, after: tuple[datetime, int] | None) -> Any:
+    """Rows after ``after`` in (time, id) order: the keyset condition of a batched walk."""
+    if after is None:
+        return literal(True)
+    at, row_id = after
+    return or_(at_column > at, and_(at_column == at, id_column > row_id))
+
+
 # --- 5. walking steps --------------------------------------------------------------------------------
 
 
@@ -491,7 +499,10 @@ def walk_due(
     """Advance every due enrollment as far as it can go now; returns how many moved."""
     enrollments = Enrollment.__table__
     moved = 0
-    seen: set[int] = set()
+    # Keyset pagination on (next_run_at, id): each enrollment is visited at most once per call, and the
+    # query stays the same size whatever the number of rows already walked (a NOT IN of every id seen
+    # grew with each batch: quadratic, and over PostgreSQL's 65,535 bind parameters past ~65,000 rows).
+    after: tuple[datetime, int] | None = None
     while True:
         with session_scope(engine) as session:
             rows = session.execute(
@@ -500,14 +511,14 @@ def walk_due(
                     enrollments.c.sequence.in_(list(sequences)),
                     enrollments.c.status == "active",
                     enrollments.c.next_run_at <= now,
-                    enrollments.c.id.not_in(seen) if seen else literal(True),
+                    _after(enrollments.c.next_run_at, enrollments.c.id, after),
                 )
                 .order_by(enrollments.c.next_run_at, enrollments.c.id)
                 .limit(policy.batch_size)
             ).all()
             if not rows:
                 return moved
-            seen.update(r.id for r in rows)
+            after = (rows[-1].next_run_at, rows[-1].id)
             moved += _walk_batch(
                 session,
                 rows,
@@ -671,6 +682,7 @@ def _advance(session: Session, resolved: Iterable[tuple[int | None, str]], *, no
     from sequences.definitions import load_sequences
 
     definitions = _DEFINITIONS.get("sequences") or load_sequences()
+    params: list[dict[str, Any]] = []
     for enrollment_id, step_id in pairs:
         sequence = definitions.get(sequences_by_id.get(enrollment_id, ""))
         if sequence is None:
@@ -679,16 +691,23 @@ def _advance(session: Session, resolved: Iterable[tuple[int | None, str]], *, no
             index = sequence.step_index(step_id.split("/")[0])
         except KeyError:
             continue
-        session.execute(
-            update(enrollments)
-            .where(
-                enrollments.c.id == enrollment_id,
-                enrollments.c.status == "active",
-                enrollments.c.step_index == index,
-                enrollments.c.next_run_at.is_(None),
-            )
-            .values(step_index=index + 1, next_run_at=now, updated_at=now)
+        params.append({"b_id": enrollment_id, "b_index": index, "b_next": index + 1})
+    if not params:
+        return
+    from sqlalchemy import bindparam
+
+    # One statement, executed for every enrollment (executemany): a statement per row cost ~1 ms each.
+    session.execute(
+        update(enrollments)
+        .where(
+            enrollments.c.id == bindparam("b_id"),
+            enrollments.c.status == "active",
+            enrollments.c.step_index == bindparam("b_index"),
+            enrollments.c.next_run_at.is_(None),
         )
+        .values(step_index=bindparam("b_next"), next_run_at=now, updated_at=now),
+        params,
+    )
 
 
 # Definitions in use by the running tick (so _advance does not reload YAML per call).
@@ -720,7 +739,7 @@ def dispatch_due(dispatcher: Dispatcher, *, campaign: str | None = None) -> int:
     deliveries = Delivery.__table__
     enrollments = Enrollment.__table__
     moved = 0
-    seen: set[int] = set()
+    after: tuple[datetime, int] | None = None  # keyset pagination, as in walk_due
     while True:
         with session_scope(dispatcher.engine) as session:
             rows = session.execute(
@@ -736,6 +755,7 @@ def dispatch_due(dispatcher: Dispatcher, *, campaign: str | None = None) -> int:
                     deliveries.c.ad_audience,
                     deliveries.c.action,
                     deliveries.c.attempts,
+                    deliveries.c.next_attempt_at,
                     enrollments.c.sequence,
                     enrollments.c.status.label("enrollment_status"),
                 )
@@ -745,7 +765,7 @@ def dispatch_due(dispatcher: Dispatcher, *, campaign: str | None = None) -> int:
                 .where(
                     deliveries.c.status == "pending",
                     deliveries.c.next_attempt_at <= dispatcher.now,
-                    deliveries.c.id.not_in(seen) if seen else literal(True),
+                    _after(deliveries.c.next_attempt_at, deliveries.c.id, after),
                     deliveries.c.campaign == campaign if campaign else literal(True),
                 )
                 .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
@@ -753,7 +773,7 @@ def dispatch_due(dispatcher: Dispatcher, *, campaign: str | None = None) -> int:
             ).all()
         if not rows:
             return moved
-        seen.update(r.id for r in rows)
+        after = (rows[-1].next_attempt_at, rows[-1].id)
         moved += _dispatch_batch(dispatcher, rows)
 
 

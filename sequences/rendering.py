@@ -193,6 +193,10 @@ def environment(directory: Path) -> SandboxedEnvironment:
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=False,
+        # Compiled templates are kept for the life of the process (a flow run or a CLI command): checking
+        # every file on disk for each customer's render was the largest cost of a tick.
+        auto_reload=False,
+        cache_size=1000,
     )
     env.filters["money"] = money
     env.filters["utm"] = _utm_filter
