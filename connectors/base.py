@@ -369,13 +369,55 @@ class Connector:
     __str__ = __repr__
 
 
+# Credentials that may also come from a Prefect Secret block named after the variable
+# (OMNI_SENDGRID_API_KEY -> "omni-sendgrid-api-key") when the environment does not set them.
+SECRET_SETTINGS = frozenset(
+    {"OMNI_SENDGRID_API_KEY", "OMNI_META_ACCESS_TOKEN", "OMNI_TWILIO_AUTH_TOKEN", "OMNI_WEBHOOK_SECRET"}
+)
+
+
+def secret_block_name(setting: str) -> str:
+    return setting.lower().replace("_", "-")
+
+
+def load_secret_block(setting: str) -> SecretStr | None:
+    """The value of the Prefect Secret block for ``setting``, or None.
+
+    Looked up only where a Prefect API is at hand (``PREFECT_API_URL`` set, or inside a flow run), so a
+    CLI command never starts a temporary Prefect server just to find a credential.
+    """
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value() and FlowRunContext.get() is None:
+        return None
+    from prefect.blocks.system import Secret
+
+    try:
+        block = Secret.load(secret_block_name(setting))
+    except ValueError:  # no block of that name
+        return None
+    value = block.get()
+    return SecretStr(value) if isinstance(value, str) and value.strip() else None
+
+
 def require(value: Any, setting: str, provider: str) -> Any:
-    """``value``, or a :class:`ConnectorConfigError` naming the environment variable to set."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise ConnectorConfigError(f"the {provider} connector needs {setting} to be set")
-    if isinstance(value, SecretStr) and not value.get_secret_value().strip():
-        raise ConnectorConfigError(f"the {provider} connector needs {setting} to be set")
-    return value
+    """``value`` (or, for a credential, its Prefect Secret block), or a :class:`ConnectorConfigError`
+    naming the environment variable to set."""
+    missing = value is None or (isinstance(value, str) and not value.strip())
+    missing = missing or (isinstance(value, SecretStr) and not value.get_secret_value().strip())
+    if not missing:
+        return value
+    if setting in SECRET_SETTINGS:
+        found = load_secret_block(setting)
+        if found is not None:
+            SECRETS.add(found.get_secret_value())
+            return found
+        raise ConnectorConfigError(
+            f"the {provider} connector needs {setting} to be set "
+            f"(or a Prefect Secret block named {secret_block_name(setting)!r})"
+        )
+    raise ConnectorConfigError(f"the {provider} connector needs {setting} to be set")
 
 
 # --- the one retry loop --------------------------------------------------------------------------------
