@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import UTC, datetime
-from pathlib import Path
 
-# ``tests/`` is on sys.path, where ``tests/connectors`` would pass for the ``connectors`` package: put the
-# project root on the path too so the real (regular) package wins. (Better: pytest ``pythonpath = ["."]``.)
-ROOT = str(Path(__file__).resolve().parents[2])
-if ROOT not in sys.path:
-    sys.path.append(ROOT)
-for _name in ("connectors", "sequences"):
-    _module = sys.modules.get(_name)
-    if _module is not None and getattr(_module, "__file__", None) is None:
-        del sys.modules[_name]
+import pytest
+from sqlalchemy import Engine
 
-import pytest  # noqa: E402
-from sqlalchemy import Engine  # noqa: E402
-
-from profiles.db import session_scope  # noqa: E402
-from profiles.identity import resolve_customer_key  # noqa: E402
-from profiles.ingest import ingest_payloads  # noqa: E402
-from profiles.stores import parse_store, upsert_stores  # noqa: E402
+from profiles.db import session_scope
+from profiles.identity import resolve_customer_key
+from profiles.ingest import ingest_payloads
+from profiles.stores import parse_store, upsert_stores
 
 NOW = datetime(2026, 6, 2, 10, 0, tzinfo=UTC)  # a Tuesday
 
