@@ -62,7 +62,16 @@ from audiences.definitions import (
     referenced_audiences,
 )
 from profiles.db import UTCDateTime
-from profiles.models import AudienceMembership, Cart, Consent, Customer, Event, Identity, Order
+from profiles.models import (
+    MESSAGE_SENT_EVENTS,
+    AudienceMembership,
+    Cart,
+    Consent,
+    Customer,
+    Event,
+    Identity,
+    Order,
+)
 
 customers = Customer.__table__
 events = Event.__table__
@@ -430,6 +439,8 @@ class _Compiler:
 
     def _channels_used(self, condition: ChannelsUsedCondition) -> ColumnElement:
         filters = _window(events.c.occurred_at, self.now, condition.within, None)
+        # The customer's touchpoints only: the messages Omni sent them are not channels they used.
+        filters.append(or_(events.c.name.is_(None), events.c.name.not_in(list(MESSAGE_SENT_EVENTS.values()))))
         if condition.channels:
             filters.append(events.c.channel.in_(condition.channels))
         rows = select(events.c.customer_id).where(*filters)

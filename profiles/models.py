@@ -45,6 +45,17 @@ class Channel(StrEnum):
     SOCIAL = "social"
 
 
+# Events Omni writes back to the profile when it sends a message, by sending channel. They show on the
+# timeline, but they are Omni's touchpoints, not the customer's: channel counts leave them out.
+MESSAGE_SENT_EVENTS = {
+    "email": "Email Sent",
+    "sms": "SMS Sent",
+    "push": "Push Sent",
+    "ads": "Audience Synced",
+    "webhook": "Webhook Sent",
+}
+
+
 class ConsentChannel(StrEnum):
     """Channels that carry marketing consent. Email and ads are allowed unless opted out;
     SMS and push need an opt-in."""

@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 from profiles.bulk import insert_rows
 from profiles.db import session_scope
 from profiles.identity import chunked
-from profiles.models import AudienceMembership, Customer, Delivery, Enrollment, Event
+from profiles.models import MESSAGE_SENT_EVENTS, AudienceMembership, Customer, Delivery, Enrollment, Event
 from sequences.definitions import BranchStep, CampaignDefinition, SendStep, SequenceDefinition, WaitStep
 from sequences.policy import (
     MESSAGE_CHANNELS,
@@ -60,13 +60,7 @@ from sequences.policy import (
     recent_messages,
 )
 
-SENT_EVENTS = {
-    "email": "Email Sent",
-    "sms": "SMS Sent",
-    "push": "Push Sent",
-    "ads": "Audience Synced",
-    "webhook": "Webhook Sent",
-}
+SENT_EVENTS = MESSAGE_SENT_EVENTS
 EVENT_CHANNELS = {"email": "email", "sms": "sms", "push": "push", "ads": "social", "webhook": "web"}
 FINAL_STATUSES = ("sent", "failed", "skipped", "unknown")
 MAX_ROUNDS = 20

@@ -300,3 +300,24 @@ def test_provider_429_then_success_sends_once(store, httpserver, monkeypatch):
     )
     assert len(calls) == 2
     get_settings.cache_clear()
+
+
+def test_messages_omni_sent_are_not_channels_the_customer_used(store):
+    from sqlalchemy import select
+
+    from audiences import compile_condition, load_audiences
+    from profiles.db import session_scope
+
+    [n] = first_messaged_ids(1)
+    make_customers(store, [n])
+    for day in (0, 1, 3):
+        tick(store, T0 + timedelta(days=day))
+    assert {m.channel for m in outbox(store) if m.customer_id == n} == {"email", "ads", "sms"}
+    # The shopper used one channel (web); Email Sent, Audience Synced and SMS Sent are Omni's touchpoints.
+    engaged = compile_condition(
+        {"channels_used": {"gte": 2, "within": "90d"}},
+        now=T0 + timedelta(days=3),
+        definitions=load_audiences(),
+    )
+    with session_scope(store) as session:
+        assert n not in set(session.execute(select(engaged.subquery().c[0])).scalars())
