@@ -31,13 +31,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _definitions():
-    from audiences import DefinitionError
     from sequences.definitions import load_campaigns
 
-    try:
-        return load_campaigns()
-    except DefinitionError as exc:
-        raise BadInput(str(exc)) from None
+    return load_campaigns()  # an invalid file is reported by handle_errors (exit 2)
 
 
 @campaigns_app.command("list")

@@ -101,6 +101,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def handle_errors(func: F) -> F:
     """Turn known exceptions into a one-line message and the contract's exit code."""
+    from audiences.definitions import DefinitionError
     from profiles.db import SchemaNotReady
 
     @functools.wraps(func)
@@ -111,6 +112,8 @@ def handle_errors(func: F) -> F:
             raise
         except BadInput as exc:
             fail(str(exc), EXIT_BAD_INPUT)
+        except DefinitionError as exc:  # an audience, sequence or campaign file: file, path and reason
+            fail(f"invalid definition: {exc}", EXIT_BAD_INPUT)
         except (SchemaNotReady, Failure) as exc:
             fail(str(exc), EXIT_FAILURE)
         except OperationalError as exc:

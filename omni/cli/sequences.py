@@ -30,13 +30,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _definitions():
-    from audiences import DefinitionError
     from sequences.definitions import load_sequences
 
-    try:
-        return load_sequences()
-    except DefinitionError as exc:
-        raise BadInput(str(exc)) from None
+    return load_sequences()  # an invalid file is reported by handle_errors (exit 2)
 
 
 def describe_step(step) -> str:
