@@ -25,19 +25,16 @@ import resource
 import sys
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Engine, bindparam, create_engine, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, bindparam, select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audiences import build_audience, load_audiences  # noqa: E402
 from audiences.definitions import builtin_directory  # noqa: E402
-from omni.settings import normalize_database_url  # noqa: E402
-from profiles.db import UTCDateTime, create_store_engine, upgrade_schema  # noqa: E402
+from profiles.db import UTCDateTime, create_store_engine, scratch_database, upgrade_schema  # noqa: E402
 from profiles.models import AudienceMembership  # noqa: E402
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -308,19 +305,12 @@ def main() -> int:
                 engine.dispose()
     pg_url = os.environ.get("OMNI_BENCH_DATABASE_URL")
     if pg_url:
-        admin_url = make_url(normalize_database_url(pg_url))
-        name = f"omni_bench_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        engine = create_store_engine(admin_url.set(database=name).render_as_string(hide_password=False))
-        try:
-            ok = run(engine, "PostgreSQL", args.customers, args.events) and ok
-        finally:
-            engine.dispose()
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+        with scratch_database(pg_url, prefix="omni_bench") as url:
+            engine = create_store_engine(url)
+            try:
+                ok = run(engine, "PostgreSQL", args.customers, args.events) and ok
+            finally:
+                engine.dispose()
     else:
         print("\n(PostgreSQL: set OMNI_BENCH_DATABASE_URL to run it too)")
     return 0 if ok else 1

@@ -32,20 +32,17 @@ import resource
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, func, select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from omni.settings import normalize_database_url  # noqa: E402
 from profiles.bulk import insert_rows  # noqa: E402
-from profiles.db import create_store_engine, session_scope, sqlite_timestamp, upgrade_schema  # noqa: E402
+from profiles.db import create_store_engine, scratch_database, session_scope, sqlite_timestamp, upgrade_schema  # noqa: E402
 from profiles.models import OutboxMessage  # noqa: E402
 from profiles.stores import parse_store, upsert_stores  # noqa: E402
 
@@ -271,19 +268,12 @@ def main() -> int:
                 engine.dispose()
     pg_url = os.environ.get("OMNI_BENCH_DATABASE_URL")
     if pg_url:
-        admin_url = make_url(normalize_database_url(pg_url))
-        name = f"omni_bench_{uuid.uuid4().hex[:10]}"
-        admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        engine = create_store_engine(admin_url.set(database=name).render_as_string(hide_password=False))
-        try:
-            run(engine, "PostgreSQL", args.customers, args.prefect)
-        finally:
-            engine.dispose()
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            admin.dispose()
+        with scratch_database(pg_url, prefix="omni_bench") as url:
+            engine = create_store_engine(url)
+            try:
+                run(engine, "PostgreSQL", args.customers, args.prefect)
+            finally:
+                engine.dispose()
     else:
         print("\n(PostgreSQL: set OMNI_BENCH_DATABASE_URL to run it too)")
     return 0

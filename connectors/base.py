@@ -369,6 +369,19 @@ class Connector:
     __str__ = __repr__
 
 
+class HttpConnector(Connector):
+    """A connector speaking HTTP through the shared :class:`Http` session (``self.http``)."""
+
+    http: Http
+
+    @property
+    def requests_made(self) -> int:  # type: ignore[override]
+        return self.http.requests_made
+
+    def close(self) -> None:
+        self.http.close()
+
+
 # Credentials that may also come from a Prefect Secret block named after the variable
 # (OMNI_SENDGRID_API_KEY -> "omni-sendgrid-api-key") when the environment does not set them.
 SECRET_SETTINGS = frozenset(

@@ -35,10 +35,10 @@ from pydantic import SecretStr
 
 from connectors.base import (
     Channel,
-    Connector,
     ConnectorConfigError,
     Effect,
     Http,
+    HttpConnector,
     Message,
     Result,
     Status,
@@ -145,7 +145,7 @@ class TokenError(Exception):
         self.response = response
 
 
-class FcmPush(Connector):
+class FcmPush(HttpConnector):
     provider = "fcm_push"
     channel = Channel.PUSH
     max_batch_size = 1
@@ -179,10 +179,6 @@ class FcmPush(Connector):
             base_url=settings.fcm_base_url,
             timeout=settings.connector_timeout,
         )
-
-    @property
-    def requests_made(self) -> int:  # type: ignore[override]
-        return self.http.requests_made
 
     def _repr_fields(self) -> dict[str, Any]:
         return {
@@ -273,9 +269,6 @@ class FcmPush(Connector):
         if verdict.status is Status.RETRYABLE:
             return Verdict(Status.RETRYABLE, reason, verdict.retry_after, verdict.ambiguous)
         return Verdict(Status.FAILED, reason)
-
-    def close(self) -> None:
-        self.http.close()
 
 
 def _status_of(response: requests.Response) -> str | None:

@@ -41,9 +41,9 @@ from pydantic import SecretStr
 from connectors.base import (
     AudienceMember,
     Channel,
-    Connector,
     ConnectorConfigError,
     Http,
+    HttpConnector,
     Message,
     Result,
     Status,
@@ -101,7 +101,7 @@ class AudienceReport:
     requests: int = 0
 
 
-class MetaCustomAudience(Connector):
+class MetaCustomAudience(HttpConnector):
     provider = "meta_audience"
     channel = Channel.ADS
     max_batch_size = 10_000
@@ -146,10 +146,6 @@ class MetaCustomAudience(Connector):
             api_version=settings.meta_api_version,
             timeout=max(settings.connector_timeout, 30.0),
         )
-
-    @property
-    def requests_made(self) -> int:  # type: ignore[override]
-        return self.http.requests_made
 
     def _repr_fields(self) -> dict[str, Any]:
         return {
@@ -284,9 +280,6 @@ class MetaCustomAudience(Connector):
                 for result in report.results:
                     results[result.delivery_id] = result
         return [results[m.delivery_id] for m in batch]
-
-    def close(self) -> None:
-        self.http.close()
 
 
 def _regain_access_seconds(headers: Mapping[str, str]) -> float | None:

@@ -27,9 +27,9 @@ from pydantic import SecretStr
 
 from connectors.base import (
     Channel,
-    Connector,
     Effect,
     Http,
+    HttpConnector,
     Message,
     Result,
     Status,
@@ -55,7 +55,7 @@ OPTED_OUT = 21610
 TOO_MANY_REQUESTS = 20429
 
 
-class TwilioSms(Connector):
+class TwilioSms(HttpConnector):
     provider = "twilio_sms"
     channel = Channel.SMS
     max_batch_size = 1
@@ -99,10 +99,6 @@ class TwilioSms(Connector):
             status_callback_url=settings.twilio_status_callback_url,
             timeout=settings.connector_timeout,
         )
-
-    @property
-    def requests_made(self) -> int:  # type: ignore[override]
-        return self.http.requests_made
 
     def _repr_fields(self) -> dict[str, Any]:
         return {
@@ -177,6 +173,3 @@ class TwilioSms(Connector):
             # Never processed: safe to retry.
             return Verdict(Status.RETRYABLE, reason, retry_after=verdict.retry_after)
         return Verdict(verdict.status, reason, verdict.retry_after, verdict.ambiguous)
-
-    def close(self) -> None:
-        self.http.close()

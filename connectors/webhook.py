@@ -25,8 +25,8 @@ from pydantic import SecretStr
 
 from connectors.base import (
     Channel,
-    Connector,
     Http,
+    HttpConnector,
     Message,
     Result,
     Verdict,
@@ -59,7 +59,7 @@ def verify_signature(
     return hmac.compare_digest(sign(secret, timestamp, body), signature)
 
 
-class WebhookConnector(Connector):
+class WebhookConnector(HttpConnector):
     provider = "webhook"
     channel = Channel.WEBHOOK
     channels = frozenset(c.value for c in Channel)
@@ -90,10 +90,6 @@ class WebhookConnector(Connector):
             secret=require(settings.webhook_secret, "OMNI_WEBHOOK_SECRET", cls.provider),
             timeout=settings.connector_timeout,
         )
-
-    @property
-    def requests_made(self) -> int:  # type: ignore[override]
-        return self.http.requests_made
 
     def _repr_fields(self) -> dict[str, Any]:
         return {"url": self.url, "secret": self.secret}
@@ -149,6 +145,3 @@ class WebhookConnector(Connector):
         return Verdict(
             verdict.status, f"webhook HTTP {response.status_code}", verdict.retry_after, verdict.ambiguous
         )
-
-    def close(self) -> None:
-        self.http.close()

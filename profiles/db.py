@@ -151,6 +151,33 @@ def dispose_engines() -> None:
     _ENGINES.clear()
 
 
+@contextmanager
+def scratch_database(server_url: str, *, prefix: str = "omni_scratch") -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server ``server_url`` points at, dropped afterwards.
+
+    Yields its URL. The database ``server_url`` names is only used to connect: its data is never touched.
+    Tests and benchmarks use this so they never depend on (or clean up) a shared database.
+    """
+    import uuid
+
+    from sqlalchemy import text
+
+    admin_url = make_url(normalize_database_url(server_url))
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield admin_url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            dispose_engines()
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
 def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 

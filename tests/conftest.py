@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,11 +23,10 @@ for _name in [n for n in os.environ if n.startswith("OMNI_") and n != "OMNI_TEST
     os.environ.pop(_name)  # the developer's own Omni settings must not leak into tests
 
 import pytest  # noqa: E402
-from sqlalchemy import Engine, create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
+from sqlalchemy import Engine, text  # noqa: E402
 
-from omni.settings import get_settings, normalize_database_url  # noqa: E402
-from profiles.db import create_store_engine, dispose_engines, upgrade_schema  # noqa: E402
+from omni.settings import get_settings  # noqa: E402
+from profiles.db import create_store_engine, dispose_engines, scratch_database, upgrade_schema  # noqa: E402
 from profiles.models import metadata  # noqa: E402
 
 PG_URL = os.environ.get("OMNI_TEST_DATABASE_URL")
@@ -55,22 +53,11 @@ def pg_database_url() -> Iterator[str]:
     """A fresh PostgreSQL database for this test run, migrated once and dropped at the end."""
     if not PG_URL:
         pytest.skip("OMNI_TEST_DATABASE_URL is not set")
-    admin_url = make_url(normalize_database_url(PG_URL))
-    name = f"omni_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = admin_url.set(database=name).render_as_string(hide_password=False)
-    engine = create_store_engine(url)
-    upgrade_schema(engine)
-    engine.dispose()
-    try:
+    with scratch_database(PG_URL, prefix="omni_test") as url:
+        engine = create_store_engine(url)
+        upgrade_schema(engine)
+        engine.dispose()
         yield url
-    finally:
-        dispose_engines()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def _truncate_all(engine: Engine) -> None:
