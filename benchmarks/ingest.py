@@ -35,7 +35,12 @@ PAGES = ["Home", "Category", "Product", "Search", "Cart"]
 
 def generate(path: Path, events: int, customers: int, seed: int = 7) -> None:
     """Write ``events`` JSON lines over ``customers`` customers, interleaved across customers the way a
-    real feed is: round r emits the r-th event of every customer, in a shuffled customer order."""
+    real feed is: round r emits the r-th event of every customer, in a shuffled customer order.
+
+    Every customer has a phone number of their own. One customer in fifty also browses on a second
+    device first (an anonymous id of its own, so a customer of its own), and a later identify from that
+    device merges the two: identity resolution and merges are part of what is measured.
+    """
     rng = random.Random(seed)
     start = datetime(2026, 1, 1, tzinfo=UTC)
     per_customer = max(1, events // customers)
@@ -52,8 +57,13 @@ def generate(path: Path, events: int, customers: int, seed: int = 7) -> None:
                 user = f"user-{c}"
                 mid = f"bench-{c}-{step}"
                 channel = CHANNELS[rng.randrange(len(CHANNELS))] if step > 2 else "web"
+                second_device = c % 50 == 0
                 if step == 0:
                     payload = {"type": "page", "anonymousId": anon, "name": "Home"}
+                elif step == 2 and second_device:
+                    payload = {"type": "page", "anonymousId": f"{anon}-tablet", "name": "Home"}
+                elif step == 3 and second_device:
+                    payload = {"type": "identify", "userId": user, "anonymousId": f"{anon}-tablet"}
                 elif step == 1:
                     payload = {
                         "type": "identify",
@@ -62,7 +72,7 @@ def generate(path: Path, events: int, customers: int, seed: int = 7) -> None:
                         "traits": {
                             "email": f"customer{c}@example.org",
                             "first_name": f"Name{c}",
-                            "phone": f"+1415555{c % 10000:04d}",
+                            "phone": f"+1415{2_000_000 + c:07d}",
                             "sms_opt_in": c % 3 == 0,
                         },
                     }

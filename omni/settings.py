@@ -49,7 +49,13 @@ class Settings(BaseSettings):
         default=None, description="Folder of message templates by channel; default: the built-in templates/."
     )
     ingest_batch_size: int = Field(
-        default=5000, ge=1, le=100_000, description="Payloads committed per transaction when ingesting."
+        default=5000, ge=1, le=100_000, description="Payloads validated, resolved and stored per batch."
+    )
+    ingest_transaction_size: int = Field(
+        default=50_000,
+        ge=1,
+        le=1_000_000,
+        description="Payloads per transaction when ingesting (whole batches; at least one batch).",
     )
 
     # --- Sequences and campaigns: the rules every marketing message obeys.

@@ -9,7 +9,7 @@ SQLAlchemy as usual.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 
@@ -71,3 +71,52 @@ def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) 
         tuple(convert(row[name]) for name, convert in zip(columns, converters, strict=True)) for row in rows
     ]
     connection.exec_driver_sql(sql, params)
+
+
+# --- Driver-level reads and set-based statements over a list of values.
+#
+# SQLAlchemy's expanding ``IN`` compiles one bind parameter per value (1,000 of them for a chunk) on
+# every call, which cost more than the lookups themselves at ingest volumes. These statements bind the
+# whole list as ONE parameter instead: a JSON array read by ``json_each`` on SQLite, an array with
+# ``= ANY`` on PostgreSQL. Statements are written with ``?`` placeholders, whatever the backend.
+
+
+def in_list(column: str, dialect: str) -> str:
+    """SQL for "``column`` is one of the values bound (with :func:`list_param`) at this placeholder"."""
+    if dialect == "sqlite":
+        return f"{column} IN (SELECT value FROM json_each(?))"
+    return f"{column} = ANY(?)"
+
+
+def list_param(values: Sequence[Any], dialect: str) -> Any:
+    if dialect == "sqlite":
+        return orjson.dumps(list(values)).decode()
+    return list(values)
+
+
+def execute_sql(session: Session, sql: str, params: Sequence[Any] = ()) -> Any:
+    """Run ``sql`` (``?`` placeholders) on the session's connection, below SQLAlchemy's compiler."""
+    connection = session.connection()
+    if connection.dialect.name != "sqlite":
+        sql = sql.replace("?", "%s")
+    return connection.exec_driver_sql(sql, tuple(params))
+
+
+def dialect_of(session: Session) -> str:
+    return session.connection().dialect.name
+
+
+def read_json(value: Any) -> Any:
+    """A JSON column as read below SQLAlchemy: text on SQLite, already decoded on PostgreSQL."""
+    if value is None or isinstance(value, dict | list):
+        return value
+    return orjson.loads(value)
+
+
+def read_timestamp(value: Any) -> datetime | None:
+    """A UTCDateTime column as read below SQLAlchemy: naive-UTC text on SQLite, aware on PostgreSQL."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)

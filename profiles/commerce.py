@@ -18,17 +18,25 @@ commerce event (or a merge), so a late or shuffled event lands exactly where it 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import delete, select
+import orjson
 from sqlalchemy.orm import Session
 
-from profiles.bulk import insert_rows
+from profiles.bulk import (
+    dialect_of,
+    execute_sql,
+    in_list,
+    insert_rows,
+    list_param,
+    read_json,
+    read_timestamp,
+)
 from profiles.identity import chunked
-from profiles.models import Cart, CartStatus, Event, Order, OrderStatus
+from profiles.models import Cart, CartStatus, Order, OrderStatus
 from profiles.segment import COMMERCE_EVENTS, ORDER_COMPLETED, ORDER_UPDATED, PRODUCT_EVENTS
 
 FULFILLMENTS = ("ship", "pickup", "in_store")
@@ -190,28 +198,86 @@ def derive_commerce(customer_id: int, events: Iterable[Any]) -> tuple[list[dict]
     return carts, list(orders.values())
 
 
+class CommerceEvent(NamedTuple):
+    name: str
+    channel: str
+    message_id: str
+    properties: dict
+    occurred_at: datetime
+
+
+_NAMES_SQL = ", ".join("'" + name.replace("'", "''") + "'" for name in sorted(COMMERCE_EVENTS))
+CART_COLUMNS = (
+    "customer_id",
+    "status",
+    "cart_id",
+    "items",
+    "item_count",
+    "value",
+    "currency",
+    "started_at",
+    "updated_at",
+    "converted_at",
+    "order_id",
+)
+ORDER_COLUMNS = (
+    "order_id",
+    "customer_id",
+    "channel",
+    "total",
+    "currency",
+    "fulfillment",
+    "store_id",
+    "status",
+    "items",
+    "placed_at",
+    "ready_at",
+    "picked_up_at",
+    "updated_at",
+)
+_TIMESTAMPS = frozenset({"started_at", "updated_at", "converted_at", "placed_at", "ready_at", "picked_up_at"})
+
+
+def _row_key(row: Any, columns: Sequence[str]) -> tuple:
+    """A derived row, or a stored one read below SQLAlchemy, as a comparable tuple of its content."""
+    key = []
+    for name, value in zip(columns, row, strict=True):
+        if name == "items":
+            value = orjson.dumps(read_json(value), option=orjson.OPT_SORT_KEYS)
+        elif name in _TIMESTAMPS:
+            value = read_timestamp(value)
+        key.append(value)
+    return tuple(key)
+
+
 def rebuild_commerce(session: Session, customer_ids: Iterable[int]) -> None:
-    """Re-derive the carts and orders of ``customer_ids`` from their events (set-based reads and writes)."""
+    """Re-derive the carts and orders of ``customer_ids`` from their events.
+
+    The derived rows are compared with the stored ones and only the differences are written: a new
+    product event usually changes the open cart alone, and rewriting every converted cart and order
+    of the customer (and their index entries) each time cost more than deriving them.
+    """
     ids = sorted(set(customer_ids))
     if not ids:
         return
-    events = Event.__table__
-    carts_table = Cart.__table__
-    orders_table = Order.__table__
-    for chunk in chunked(ids):
-        rows = session.execute(
-            select(
-                events.c.customer_id,
-                events.c.name,
-                events.c.channel,
-                events.c.message_id,
-                events.c.properties,
-                events.c.occurred_at,
-            ).where(events.c.customer_id.in_(chunk), events.c.name.in_(sorted(COMMERCE_EVENTS)))
-        ).all()
-        by_customer: dict[int, list[Any]] = defaultdict(list)
-        for row in rows:
-            by_customer[row.customer_id].append(row)
+    dialect = dialect_of(session)
+    customers_in = in_list("customer_id", dialect)
+    read_events = (
+        "SELECT customer_id, name, channel, message_id, properties, occurred_at FROM events "
+        f"WHERE {customers_in} AND name IN ({_NAMES_SQL})"
+    )
+    read_carts = f"SELECT id, {', '.join(CART_COLUMNS)} FROM carts WHERE {customers_in}"
+    read_orders = f"SELECT {', '.join(ORDER_COLUMNS)} FROM orders WHERE {customers_in}"
+    for chunk in chunked(ids, 5000):
+        customers = list_param(chunk, dialect)
+        by_customer: dict[int, list[CommerceEvent]] = defaultdict(list)
+        for customer_id, name, channel, message_id, properties, occurred_at in execute_sql(
+            session, read_events, (customers,)
+        ):
+            event = CommerceEvent(
+                name, channel, message_id, read_json(properties) or {}, read_timestamp(occurred_at)
+            )
+            by_customer[customer_id].append(event)
         new_carts: list[dict] = []
         new_orders: dict[str, dict] = {}
         for customer_id, customer_events in by_customer.items():
@@ -219,11 +285,43 @@ def rebuild_commerce(session: Session, customer_ids: Iterable[int]) -> None:
             new_carts.extend(carts)
             for order in orders:
                 new_orders[order["order_id"]] = order
-        session.execute(delete(carts_table).where(carts_table.c.customer_id.in_(chunk)))
-        session.execute(delete(orders_table).where(orders_table.c.customer_id.in_(chunk)))
-        order_ids = list(new_orders)
-        for id_chunk in chunked(order_ids):
-            # The same order id may have been derived for another customer before: latest wins.
-            session.execute(delete(orders_table).where(orders_table.c.order_id.in_(id_chunk)))
-        insert_rows(session, carts_table, new_carts)
-        insert_rows(session, orders_table, list(new_orders.values()))
+
+        stored_carts: dict[tuple, list[int]] = defaultdict(list)
+        for row in execute_sql(session, read_carts, (customers,)):
+            stored_carts[_row_key(row[1:], CART_COLUMNS)].append(row[0])
+        insert_carts = []
+        for cart in new_carts:
+            same = stored_carts.get(_row_key([cart[c] for c in CART_COLUMNS], CART_COLUMNS))
+            if same:
+                same.pop()
+            else:
+                insert_carts.append(cart)
+        stale_carts = [cart_id for cart_ids in stored_carts.values() for cart_id in cart_ids]
+
+        stored_orders = {
+            row[0]: _row_key(row, ORDER_COLUMNS) for row in execute_sql(session, read_orders, (customers,))
+        }
+        insert_orders = [
+            order
+            for order_id, order in new_orders.items()
+            if stored_orders.get(order_id) != _row_key([order[c] for c in ORDER_COLUMNS], ORDER_COLUMNS)
+        ]
+        # Changed orders, orders no longer derived, and an order id derived for another customer
+        # before (the latest derivation wins).
+        stale_orders = [order_id for order_id in stored_orders if order_id not in new_orders]
+        stale_orders += [order["order_id"] for order in insert_orders]
+
+        if stale_carts:
+            execute_sql(
+                session,
+                f"DELETE FROM carts WHERE {in_list('id', dialect)}",
+                (list_param(stale_carts, dialect),),
+            )
+        if stale_orders:
+            execute_sql(
+                session,
+                f"DELETE FROM orders WHERE {in_list('order_id', dialect)}",
+                (list_param(stale_orders, dialect),),
+            )
+        insert_rows(session, Cart.__table__, insert_carts)
+        insert_rows(session, Order.__table__, insert_orders)

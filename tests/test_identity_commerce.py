@@ -259,6 +259,26 @@ def test_activity_after_the_last_order_is_a_new_open_cart(engine):
     assert [(c.status, c.value) for c in carts] == [("converted", 20.0), ("open", 12.0)]
 
 
+def test_rebuild_rewrites_only_the_carts_and_orders_that_changed(engine):
+    ingest(engine, add("1", USER, "tee", 20.0, at=ts(9)), completed("2", USER, "o-1", 20.0, at=ts(10)))
+    [converted] = all_rows(engine, Cart)
+    # A later product event opens a new cart; the converted cart and the order are left as they are.
+    ingest(engine, add("3", USER, "cap", 12.0, at=ts(11)))
+    carts = {c.status: c for c in all_rows(engine, Cart)}
+    assert carts["converted"].id == converted.id
+    assert (carts["open"].value, len(all_rows(engine, Order))) == (12.0, 1)
+    # A late event before the order changes the converted cart: it is rewritten, the open one is not.
+    ingest(engine, add("4", USER, "sock", 5.0, at=ts(9, 30)))
+    after = {c.status: c for c in all_rows(engine, Cart)}
+    assert after["converted"].id != converted.id
+    assert (after["converted"].value, after["converted"].item_count) == (25.0, 2)
+    assert after["open"].id == carts["open"].id
+    # The order's status moves: the order row is replaced, and still only one.
+    ingest(engine, updated("5", USER, "o-1", "ready_for_pickup", at=ts(12)))
+    [order] = all_rows(engine, Order)
+    assert (order.status, order.fulfillment) == ("ready_for_pickup", "pickup")
+
+
 def test_pickup_order_moves_with_order_updated(engine):
     ingest(
         engine,
