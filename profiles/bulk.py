@@ -67,10 +67,18 @@ def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) 
         connection.execute(table.insert(), list(rows))
         return
     sql, converters = _plan(table, columns, dialect)
-    params = [
-        tuple(convert(row[name]) for name, convert in zip(columns, converters, strict=True)) for row in rows
+    # Column by column: one C-level map per column instead of a Python call per value.
+    values = [
+        [row[name] for row in rows]
+        if convert is _identity
+        else list(map(convert, [row[name] for row in rows]))
+        for name, convert in zip(columns, converters, strict=True)
     ]
-    connection.exec_driver_sql(sql, params)
+    cursor = connection.connection.cursor()
+    try:
+        cursor.executemany(sql, list(zip(*values, strict=True)))
+    finally:
+        cursor.close()
 
 
 # --- Driver-level reads and set-based statements over a list of values.
@@ -94,12 +102,18 @@ def list_param(values: Sequence[Any], dialect: str) -> Any:
     return list(values)
 
 
-def execute_sql(session: Session, sql: str, params: Sequence[Any] = ()) -> Any:
-    """Run ``sql`` (``?`` placeholders) on the session's connection, below SQLAlchemy's compiler."""
+def execute_sql(session: Session, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+    """Run ``sql`` (``?`` placeholders) in the session's transaction on the driver's own cursor, below
+    SQLAlchemy's compiler and result layer, and return the rows it selects (or ``[]``)."""
     connection = session.connection()
     if connection.dialect.name != "sqlite":
         sql = sql.replace("?", "%s")
-    return connection.exec_driver_sql(sql, tuple(params))
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(sql, tuple(params))
+        return cursor.fetchall() if cursor.description else []
+    finally:
+        cursor.close()
 
 
 def dialect_of(session: Session) -> str:

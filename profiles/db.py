@@ -80,11 +80,12 @@ def sqlite_timestamp(value: datetime | None) -> str | None:
     """An aware datetime as the naive-UTC text SQLAlchemy uses on SQLite (it sorts and compares as time)."""
     if value is None:
         return None
-    if value.tzinfo is None:
+    zone = value.tzinfo
+    if zone is None:
         raise ValueError(f"naive datetime {value!r}: Omni stores timezone-aware UTC timestamps only")
-    v = value.astimezone(UTC)
-    date = f"{v.year:04d}-{v.month:02d}-{v.day:02d}"
-    return f"{date} {v.hour:02d}:{v.minute:02d}:{v.second:02d}.{v.microsecond:06d}"
+    if zone is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def utcnow() -> datetime:
