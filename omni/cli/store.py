@@ -76,7 +76,7 @@ def ingest(
     json: JsonOption = False,
     now: NowOption = None,
     batch_size: Annotated[
-        int | None, typer.Option("--batch-size", min=1, max=100_000, help="Payloads per transaction.")
+        int | None, typer.Option("--batch-size", min=1, max=100_000, help="Payloads per batch.")
     ] = None,
     progress: Annotated[
         bool | None, typer.Option("--progress/--no-progress", help="Progress bar (default: on a terminal).")
