@@ -1,8 +1,15 @@
 """Benchmark: ingest N synthetic Segment events into a fresh SQLite store.
 
-Prints events/s and peak memory of Omni's ingestion beside the floor: plain ``sqlite3`` ``executemany``
-inserting the same raw payload lines into a single table, in the same run. Each side runs in a child
-process of its own, so each peak memory figure is that side's alone.
+Prints events/s and peak memory of Omni's ingestion beside two baselines measured in the same run:
+
+- the floor: plain ``sqlite3`` ``executemany`` inserting the same raw payload lines into a single table
+  without indexes;
+- the events table alone: plain ``sqlite3`` ``executemany`` of the same events, already converted to
+  rows (no parsing, validation, identities, carts or orders), into Omni's migrated ``events`` table
+  with its indexes (the unique message id that catches duplicates across runs, and the two the
+  audiences read), in transactions as large as Omni's. It shows what the schema itself costs.
+
+Each side runs in a child process of its own, so each peak memory figure is that side's alone.
 
     python benchmarks/ingest.py                       # 1,000,000 events over 100,000 customers
     python benchmarks/ingest.py --events 100000 --customers 10000
@@ -144,6 +151,57 @@ def run_floor(path: Path, db: Path) -> dict:
     return {"events": count, "seconds": elapsed}
 
 
+def run_events_table(path: Path, db: Path) -> dict:
+    from profiles.db import create_store_engine, upgrade_schema
+
+    engine = create_store_engine(f"sqlite:///{db}")
+    upgrade_schema(engine)
+    engine.dispose()
+    received = "2026-12-01 00:00:00.000000"
+    rows = []
+    with path.open() as source:  # converted before the clock starts: only the inserts are timed
+        for line in source:
+            p = json.loads(line)
+            who = p.get("userId") or p.get("anonymousId")
+            customer = int(who.split("-")[1])
+            at = datetime.fromisoformat(p["timestamp"]).strftime("%Y-%m-%d %H:%M:%S.%f")
+            props = p.get("properties") or p.get("traits") or {}
+            rows.append(
+                (
+                    p["messageId"],
+                    customer,
+                    p["type"],
+                    p.get("event") or p.get("name"),
+                    p["context"]["channel"],
+                    json.dumps(props),
+                    json.dumps(p["context"]),
+                    p.get("userId"),
+                    p.get("anonymousId"),
+                    at,
+                    received,
+                )
+            )
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA cache_size=-65536")
+    sql = (
+        "INSERT INTO events (message_id, customer_id, type, name, channel, properties, context, user_id,"
+        " anonymous_id, occurred_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+    from omni.settings import get_settings
+
+    per_transaction = get_settings().ingest_transaction_size
+    started = time.perf_counter()
+    for start in range(0, len(rows), per_transaction):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(sql, rows[start : start + per_transaction])
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return {"events": len(rows), "seconds": elapsed}
+
+
 def run_omni(path: Path, db: Path) -> dict:
     from profiles.db import create_store_engine, upgrade_schema
     from profiles.ingest import ingest_files
@@ -157,7 +215,8 @@ def run_omni(path: Path, db: Path) -> dict:
 
 
 def child(phase: str, path: Path, db: Path) -> None:
-    result = run_floor(path, db) if phase == "floor" else run_omni(path, db)
+    runs = {"floor": run_floor, "events-table": run_events_table, "omni": run_omni}
+    result = runs[phase](path, db)
     result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -168,7 +227,7 @@ def main() -> None:
     )
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--customers", type=int, default=100_000)
-    parser.add_argument("--phase", choices=["floor", "omni"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["floor", "events-table", "omni"], help=argparse.SUPPRESS)
     parser.add_argument("--input", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--db", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,7 +243,7 @@ def main() -> None:
         size_mb = data.stat().st_size / 1e6
         print(f"input: {size_mb:,.1f} MB of JSON lines", flush=True)
         figures = {}
-        for phase in ("floor", "omni"):
+        for phase in ("floor", "events-table", "omni"):
             out = subprocess.run(
                 [
                     sys.executable,
@@ -202,21 +261,24 @@ def main() -> None:
                 env={**os.environ, "PYTHONPATH": str(ROOT)},
             )
             figures[phase] = json.loads(out.stdout.strip().splitlines()[-1])
-        floor, omni = figures["floor"], figures["omni"]
-        floor_rate = floor["events"] / floor["seconds"]
+        floor, table, omni = figures["floor"], figures["events-table"], figures["omni"]
         omni_rate = omni["events"] / omni["seconds"]
         ratio = omni["seconds"] / floor["seconds"]
         print()
-        print(f"{'':28}{'seconds':>10}{'events/s':>12}{'peak MB':>10}")
-        for label, side, rate in (
-            ("sqlite3 executemany (floor)", floor, floor_rate),
-            ("omni ingest", omni, omni_rate),
+        print(f"{'':44}{'seconds':>10}{'events/s':>12}{'peak MB':>10}")
+        for label, side in (
+            ("sqlite3 executemany, raw lines (floor)", floor),
+            ("sqlite3 executemany, events table alone", table),
+            ("omni ingest", omni),
         ):
-            print(f"{label:28}{side['seconds']:>10.1f}{rate:>12,.0f}{side['peak_mb']:>10.0f}")
+            rate = side["events"] / side["seconds"]
+            print(f"{label:44}{side['seconds']:>10.1f}{rate:>12,.0f}{side['peak_mb']:>10.0f}")
         print()
         counts = ", ".join(f"{key} {omni[key]:,}" for key in ("accepted", "duplicates", "rejected"))
         print(f"omni: {counts}")
         print(f"ratio to floor: {ratio:.1f}x (target <= 3x)")
+        schema = table["seconds"] / floor["seconds"]
+        print(f"the events table with its indexes alone: {schema:.1f}x the floor")
         print(f"events/s: {omni_rate:,.0f} (target >= 20,000)")
         print(f"peak memory: {omni['peak_mb']:.0f} MB (target < 300 MB)")
 
