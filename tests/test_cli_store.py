@@ -67,7 +67,7 @@ def test_init_is_idempotent_and_reports_revision(tmp_path):
     second = omni("init", "--database-url", url, "--json")
     assert json.loads(second.stdout) == {
         **json.loads(first.stdout),
-        "previous_revision": "0001",
+        "previous_revision": json.loads(first.stdout)["revision"],
         "changed": False,
     }
 
