@@ -1,14 +1,18 @@
 """Building audiences: the new member set, and the entered / exited history, inside the database.
 
-A build of one audience is one transaction:
+A build of one audience is one transaction, and its compiled condition runs once:
 
-1. the compiled condition runs once, ``INSERT ... SELECT`` into a temporary table of ids;
-2. open memberships whose customer is not in it are closed (``UPDATE ... SET exited_at = now
-   WHERE NOT EXISTS``);
-3. ids without an open membership get a new row (``INSERT ... SELECT ... WHERE NOT EXISTS`` on
-   SQLite; ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` against the one-open-row index on
-   PostgreSQL), so a customer who leaves and comes back has one row per stay;
-4. a row in ``audience_builds`` records size, entered, exited and duration.
+- PostgreSQL: ``CREATE TEMPORARY TABLE ... AS`` the condition (so the query may use parallel workers,
+  which any statement that writes forbids), then one statement: a FULL JOIN of those ids with the
+  audience's open memberships gives who enters and who leaves, and data-modifying CTEs close the open
+  rows of those who left (``exited_at = now``, by ctid) and insert a row for each newcomer
+  (``entered_at = now``).
+- SQLite (no data-modifying CTEs): the ids go into a temporary table, then ``UPDATE ... WHERE NOT
+  EXISTS`` closes and ``INSERT ... SELECT ... WHERE NOT EXISTS`` opens rows. When the audience has no
+  open row (a first build), the ids are inserted straight from the condition.
+
+A customer who leaves and comes back has one row per stay. A row in ``audience_builds`` records size,
+entered, exited and duration.
 
 Building again at the same ``now`` with the same data changes nothing (not even the build log).
 """
@@ -27,19 +31,27 @@ from sqlalchemy import (
     Column,
     Connection,
     Engine,
+    Integer,
     MetaData,
+    Select,
     Table,
     and_,
+    any_,
     exists,
     func,
     insert,
     literal,
+    literal_column,
+    or_,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from audiences.compiler import compile_audience
 from audiences.definitions import AudienceDefinition, dependency_order, load_audiences
@@ -51,13 +63,37 @@ builds = AudienceBuild.__table__
 customers = Customer.__table__
 
 _temp_metadata = MetaData()
-# Rows of the build in progress; temporary, so private to the connection.
+# SQLite: the ids of the build in progress; temporary, so private to the connection.
 build_members = Table(
     "omni_audience_build_members",
     _temp_metadata,
-    Column("customer_id", BigInteger, primary_key=True),
+    # INTEGER PRIMARY KEY on SQLite: the rowid itself, so no separate index to maintain.
+    Column("customer_id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True),
     prefixes=["TEMPORARY"],
 )
+
+# PostgreSQL: the ids of the build in progress, created by CREATE TEMPORARY TABLE ... AS and dropped
+# by the build (ON COMMIT DROP if the transaction ends first).
+new_members = Table("omni_audience_build_new", _temp_metadata, Column("customer_id", BigInteger))
+
+
+class _CreateTempAs(Executable, ClauseElement):
+    """``CREATE TEMPORARY TABLE name ON COMMIT DROP AS select`` (PostgreSQL)."""
+
+    inherit_cache = True
+    _traverse_internals = [
+        ("name", InternalTraversal.dp_string),
+        ("select", InternalTraversal.dp_clauseelement),
+    ]
+
+    def __init__(self, name: str, select: Select) -> None:
+        self.name = name
+        self.select = select
+
+
+@compiles(_CreateTempAs)
+def _compile_create_temp_as(element: _CreateTempAs, compiler: Any, **kw: Any) -> str:
+    return f"CREATE TEMPORARY TABLE {element.name} ON COMMIT DROP AS {compiler.process(element.select, **kw)}"
 
 
 # INSERT ... SELECT reports its row count only when asked (psycopg otherwise gives -1).
@@ -95,16 +131,7 @@ def _lock_key(audience: str) -> int:
 
 
 def _prepare_temp(conn: Connection) -> None:
-    if conn.dialect.name == "postgresql":
-        conn.execute(
-            text(
-                # Created once per connection (creating it in every transaction costs catalog writes).
-                "CREATE TEMPORARY TABLE IF NOT EXISTS omni_audience_build_members "
-                "(customer_id BIGINT PRIMARY KEY) ON COMMIT DELETE ROWS"
-            )
-        )
-    else:
-        build_members.create(conn, checkfirst=True)
+    build_members.create(conn, checkfirst=True)
     conn.execute(build_members.delete())
 
 
@@ -131,60 +158,121 @@ def _write_members(
     conn: Connection, definition: AudienceDefinition, *, now: datetime, definitions: Mapping
 ) -> tuple[int, int, int]:
     """(size, exited, entered): the new member set and the history rows, set-based."""
-    name = definition.name
     statement = compile_audience(definition, now=now, definitions=definitions)
+    if conn.dialect.name == "postgresql":
+        return _write_members_postgresql(conn, definition.name, statement, now)
+    return _write_members_sqlite(conn, definition.name, statement, now)
+
+
+def _open_rows(name: str) -> Any:
+    # Served by the partial unique index uq_audience_memberships_open (audience, customer_id).
+    return and_(memberships.c.audience == name, memberships.c.exited_at.is_(None))
+
+
+def _new_rows(name: str, ids: Any, now: datetime) -> Select:
+    return select(literal(name).label("audience"), ids, literal(now, UTCDateTime()).label("entered_at"))
+
+
+def _write_members_postgresql(
+    conn: Connection, name: str, statement: Select, now: datetime
+) -> tuple[int, int, int]:
+    """Two statements.
+
+    1. ``CREATE TEMPORARY TABLE ... AS`` the audience query: unlike ``INSERT ... SELECT`` (or any
+       statement that writes), it may run the query with parallel workers, as the query alone would.
+    2. One statement, one snapshot: a FULL JOIN of those ids with the audience's open rows (which
+       PostgreSQL can only run as a hash or merge join, so no estimate turns it into a scan per row)
+       gives who enters and who leaves; two data-modifying CTEs close and open the rows.
+    """
+    size = conn.execute(_CreateTempAs(new_members.name, statement), execution_options=ROWCOUNT).rowcount
+    row = literal_column(f"{memberships.name}.ctid")
+    open_rows = (
+        select(memberships.c.customer_id, row.label("open_tid")).where(_open_rows(name)).subquery("omni_open")
+    )
+    new = new_members.c.customer_id
+    diff = (
+        select(new.label("entering"), open_rows.c.open_tid.label("leaving"))
+        .select_from(new_members.outerjoin(open_rows, open_rows.c.customer_id == new, full=True))
+        .where(or_(new.is_(None), open_rows.c.customer_id.is_(None)))
+        .cte("omni_diff")
+    )
+    # The rows to close by their physical address (ctid), found by the FULL JOIN above in the same
+    # snapshot: a TID scan reads those rows only. (With the audience filters repeated here, stale
+    # statistics could pick a scan of all the audience's open rows instead.)
+    leaving = select(diff.c.leaving).where(diff.c.leaving.is_not(None)).scalar_subquery()
+    closed = (
+        update(memberships)
+        .where(row == any_(func.array(leaving)))
+        .values(exited_at=now)
+        .returning(memberships.c.id)
+        .cte("omni_closed")
+    )
+    opened = (
+        insert(memberships)
+        .from_select(
+            ["audience", "customer_id", "entered_at"],
+            # In id order: ids are numbered as customers are, and index inserts stay local.
+            _new_rows(name, diff.c.entering, now)
+            .where(diff.c.entering.is_not(None))
+            .order_by(diff.c.entering),
+        )
+        .returning(memberships.c.id)
+        .cte("omni_opened")
+    )
+    exited, entered = conn.execute(
+        select(
+            select(func.count()).select_from(closed).scalar_subquery(),
+            select(func.count()).select_from(opened).scalar_subquery(),
+        )
+    ).one()
+    # Dropped now rather than at commit: a caller's transaction may build several audiences.
+    conn.execute(text(f"DROP TABLE {new_members.name}"))
+    return size, exited, entered
+
+
+def _write_members_sqlite(
+    conn: Connection, name: str, statement: Select, now: datetime
+) -> tuple[int, int, int]:
+    """No data-modifying CTEs on SQLite: the ids go to a temporary table first, unless the audience has
+    no open row (a first build): then every id enters, straight from the query."""
+    if conn.execute(select(literal(1)).where(_open_rows(name)).limit(1)).first() is None:
+        ids = statement.subquery("omni_new")
+        entered = conn.execute(
+            insert(memberships).from_select(
+                ["audience", "customer_id", "entered_at"],
+                _new_rows(name, ids.c.customer_id, now).order_by(ids.c.customer_id),
+            ),
+            execution_options=ROWCOUNT,
+        ).rowcount
+        return entered, 0, entered
     _prepare_temp(conn)
     size = conn.execute(
         insert(build_members).from_select(["customer_id"], statement), execution_options=ROWCOUNT
     ).rowcount
-    # (No ANALYZE of the temporary table: PostgreSQL sizes a never-analysed table from its pages, which
-    # is enough for the two joins below, and ANALYZE cost more than it saved in the benchmark.)
-
-    open_row = and_(memberships.c.audience == name, memberships.c.exited_at.is_(None))
     exited = conn.execute(
         update(memberships)
         .where(
-            open_row,
+            _open_rows(name),
             ~exists(select(literal(1)).where(build_members.c.customer_id == memberships.c.customer_id)),
         )
         .values(exited_at=now),
         execution_options=ROWCOUNT,
     ).rowcount
-    # PostgreSQL: the one-open-row unique index does the "not already a member" check; an anti-join
-    # planned against a table the planner believes empty degrades to a scan per row on a first build.
-    if conn.dialect.name == "postgresql":
-        rows = select(
-            literal(name).label("audience"),
-            build_members.c.customer_id,
-            literal(now, UTCDateTime()).label("entered_at"),
-        )
-        entered = conn.execute(
-            pg_insert(memberships)
-            .from_select(["audience", "customer_id", "entered_at"], rows)
-            .on_conflict_do_nothing(
-                index_elements=["audience", "customer_id"], index_where=memberships.c.exited_at.is_(None)
+    entered = conn.execute(
+        insert(memberships).from_select(
+            ["audience", "customer_id", "entered_at"],
+            _new_rows(name, build_members.c.customer_id, now).where(
+                ~exists(
+                    select(literal(1)).where(
+                        _open_rows(name), memberships.c.customer_id == build_members.c.customer_id
+                    )
+                )
             ),
-            execution_options=ROWCOUNT,
-        ).rowcount
-    else:
-        entered = _insert_new(conn, name, now, open_row)
-    if conn.dialect.name != "postgresql":  # PostgreSQL empties it at commit
-        conn.execute(build_members.delete())
-    return size, exited, entered
-
-
-def _insert_new(conn: Connection, name: str, now: datetime, open_row: Any) -> int:
-    new_ids = select(
-        literal(name).label("audience"),
-        build_members.c.customer_id,
-        literal(now, UTCDateTime()).label("entered_at"),
-    ).where(
-        ~exists(select(literal(1)).where(open_row, memberships.c.customer_id == build_members.c.customer_id))
-    )
-    return conn.execute(
-        insert(memberships).from_select(["audience", "customer_id", "entered_at"], new_ids),
+        ),
         execution_options=ROWCOUNT,
     ).rowcount
+    conn.execute(build_members.delete())
+    return size, exited, entered
 
 
 def _build(

@@ -39,6 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from audiences.definitions import (
     AllOf,
@@ -87,7 +88,14 @@ ORDER_COMPLETED = "Order Completed"
 class DialectSwitch(ColumnElement):
     """One expression per dialect; ``default`` (the SQLite form) for any dialect not named."""
 
-    inherit_cache = False
+    # Cacheable: its cache key is its class, both forms and its type, so a build compiles its statement
+    # once per process and shape rather than at every run.
+    inherit_cache = True
+    _traverse_internals = [
+        ("default", InternalTraversal.dp_clauseelement),
+        ("by_dialect", InternalTraversal.dp_string_clauseelement_dict),
+        ("type", InternalTraversal.dp_type),
+    ]
 
     def __init__(self, default: ColumnElement, type_: Any = None, **by_dialect: ColumnElement) -> None:
         self.default = default

@@ -281,7 +281,8 @@ class AudienceMembership(SQLModel, table=True):
 
     __tablename__ = "audience_memberships"
     __table_args__ = (
-        Index("ix_audience_memberships_audience_exited", "audience", "exited_at"),
+        # One open row per customer and audience; also the index for every "current members" lookup
+        # (audience = ? AND exited_at IS NULL).
         Index(
             "uq_audience_memberships_open",
             "audience",
