@@ -17,7 +17,9 @@ Ticks, with every channel on the outbox connector (rows in the ``outbox`` table)
 2. at T + 1 day: add everyone to the ``cart_retargeting`` ad audience;
 3. at T + 3 days: the SMS pickup reminder.
 
-Printed per tick: wall time, messages sent, messages per second, batches of ``DeliveryPolicy.batch_size``
+Printed per tick: wall time, this process's CPU time (wall time on a busy machine includes waiting for a
+core; CPU time does not, and it includes SQLite's work but not a PostgreSQL server's), messages sent,
+messages per second (of wall time), batches of ``DeliveryPolicy.batch_size``
 the engine walked (enrollments) and dispatched (deliveries), Prefect task runs (with ``--prefect``), and
 the process's peak memory so far (ru_maxrss; SQLite's page cache included, a PostgreSQL server's
 memory not). The baseline, in the same run and store: one plain multi-row INSERT of as many outbox rows
@@ -212,24 +214,24 @@ def run(engine: Engine, label: str, customers: int, use_prefect: bool) -> None:
     tick = flow_ticker(url) if use_prefect else engine_ticker(engine)
     counter = BatchCounter()
     print(
-        f"  {'tick':<12}{'wall':>8}{'sent':>9}{'msg/s':>9}{'channel':>9}{'walk b.':>9}{'disp. b.':>10}"
-        f"{'tasks':>7}{'peak MB':>9}"
+        f"  {'tick':<12}{'wall':>8}{'cpu':>8}{'sent':>9}{'msg/s':>9}{'channel':>9}{'walk b.':>9}"
+        f"{'disp. b.':>10}{'tasks':>7}{'peak MB':>9}"
     )
     total_tasks = 0
     try:
         for name, offset in TICKS:
             at = T0 + offset
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             report, tasks = tick(at)
-            seconds = time.perf_counter() - t
+            seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
             walked, dispatched = counter.take()
             steps = report["sequences"]["abandoned_cart"]["steps"]
             sent = sum(s["sent"] for s in steps.values())
             channel = next((step for step, s in steps.items() if s["sent"]), "-")
             total_tasks += tasks or 0
             print(
-                f"  {name:<12}{seconds:>7.1f}s{sent:>9,}{sent / seconds:>9,.0f}{channel[:8]:>9}{walked:>9}"
-                f"{dispatched:>10}{tasks if tasks is not None else '-':>7}{peak_mb():>9.0f}",
+                f"  {name:<12}{seconds:>7.1f}s{cpu:>7.1f}s{sent:>9,}{sent / seconds:>9,.0f}{channel[:8]:>9}"
+                f"{walked:>9}{dispatched:>10}{tasks if tasks is not None else '-':>7}{peak_mb():>9.0f}",
                 flush=True,
             )
     finally:

@@ -19,7 +19,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from profiles.db import session_scope
 from profiles.models import AudienceMembership, Customer, Delivery
 from sequences.definitions import CampaignDefinition, load_campaigns
-from sequences.engine import Dispatcher, TickReport, dispatch_due, provider_of, recover_interrupted
+from sequences.engine import (
+    Dispatcher,
+    TickReport,
+    dispatch_due,
+    frozen_heap,
+    provider_of,
+    recover_interrupted,
+)
 from sequences.policy import DeliveryPolicy
 
 
@@ -130,8 +137,9 @@ def send_campaign(
     )
     try:
         # Fallback deliveries are created while dispatching: go round until nothing is due.
-        while dispatch_due(dispatcher, campaign=name):
-            pass
+        with frozen_heap():
+            while dispatch_due(dispatcher, campaign=name):
+                pass
     finally:
         dispatcher.close()
     return created, report

@@ -321,3 +321,23 @@ def test_messages_omni_sent_are_not_channels_the_customer_used(store):
     )
     with session_scope(store) as session:
         assert n not in set(session.execute(select(engaged.subquery().c[0])).scalars())
+
+
+def test_a_tick_sets_the_heap_aside_from_the_garbage_collector_and_puts_it_back(store):
+    import gc
+
+    [n] = first_messaged_ids(1)
+    make_customers(store, [n])
+    frozen = []
+
+    def stage(name, fn):
+        frozen.append(gc.get_freeze_count())
+        return fn()
+
+    assert gc.get_freeze_count() == 0
+    tick(store, T0, stage=stage)
+    assert min(frozen[1:]) > 0  # every stage after the audience build runs with the heap set aside
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(SystemExit):
+        tick(store, T0 + timedelta(days=1), connectors={"ads": CrashingConnector()})
+    assert gc.get_freeze_count() == 0  # put back after a crash too

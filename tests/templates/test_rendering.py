@@ -190,3 +190,106 @@ def test_configured_secret_wins(engine, customer_id):
         url = render(session, "email/abandoned_cart", customer_id, now=NOW, settings=settings).unsubscribe_url
     assert url.startswith("https://shop.example/u?token=")
     assert verify_token("from-the-env", url.split("token=")[1]) == (customer_id, "email")
+
+
+ATTRIBUTE_LOOKUPS = [
+    "{{ customer.first_name }} {{ customer['first_name'] }} {{ customer.get('first_name') }}",
+    "{{ customer.missing is defined }} {{ customer.missing | default('none') }}",
+    "{{ cart['items'] | length }} {{ cart.items is callable }} {{ cart.keys() | list | length }}",
+    "{{ cart['items'][0].name }} {{ cart['items'][0]['price'] | money(cart.currency) }}",
+    "{{ customer.__class__ is defined }} {{ now.year }} {{ range(3) | list }}",
+    "{% set ns = namespace(total=0) %}{% for i in cart['items'] %}{% set ns.total = ns.total + i.price %}"
+    "{% endfor %}{{ ns.total }} {{ cycler('a', 'b').next() }}",
+]
+
+
+@pytest.mark.parametrize("source", ATTRIBUTE_LOOKUPS)
+def test_attribute_lookups_render_as_in_jinjas_own_sandbox(tmp_path, source):
+    """The environment reads plain dicts' keys without going through an exception first, and keeps
+    template globals in a plain dict: both must render exactly what Jinja's sandbox renders."""
+    from datetime import datetime
+
+    from jinja2 import FileSystemLoader, StrictUndefined
+    from jinja2.sandbox import SandboxedEnvironment
+
+    from sequences.rendering import environment, money
+
+    stock = SandboxedEnvironment(loader=FileSystemLoader(str(tmp_path)), undefined=StrictUndefined)
+    stock.filters["money"] = money
+    context = {
+        "customer": {"id": 1, "first_name": "Ana"},
+        "cart": {"items": [{"name": "Tee", "price": 19.5}], "currency": "USD"},
+        "now": datetime(2026, 6, 2),
+    }
+    ours = environment(tmp_path).from_string(source).render(context)
+    assert ours == stock.from_string(source).render(context)
+
+
+def test_a_missing_key_fails_as_in_jinjas_own_sandbox(tmp_path):
+    from jinja2 import StrictUndefined, UndefinedError
+    from jinja2.sandbox import SandboxedEnvironment
+
+    from sequences.rendering import environment
+
+    source = "{{ customer.nickname }}"
+    with pytest.raises(UndefinedError) as ours:
+        environment(tmp_path).from_string(source).render({"customer": {"id": 1}})
+    with pytest.raises(UndefinedError) as stock:
+        SandboxedEnvironment(undefined=StrictUndefined).from_string(source).render({"customer": {"id": 1}})
+    assert ours.value.message == stock.value.message == "'dict object' has no attribute 'nickname'"
+
+
+def test_a_template_changing_the_store_does_not_change_the_next_customers_message(engine, tmp_path):
+    """Store details are built once per batch: each customer still gets a copy of their own."""
+    ana = seed(engine)
+    bob = seed(engine, user_id="u-bob", phone="+14155550199")
+    (tmp_path / "sms").mkdir()
+    (tmp_path / "sms" / "meddling.txt.j2").write_text(
+        "{{ store.name }} {{ store.opening_hours | length }} {{ store.hours | length }}"
+        "{% set _ = store.update({'name': 'X'}) %}{% set _ = store.opening_hours.pop() %}"
+        "{% set _ = store.hours.clear() %}"
+    )
+    with session_scope(engine) as session:
+        outcomes = render_many(
+            session, "sms/meddling", [ana, bob], now=NOW, settings=Settings(templates_dir=tmp_path)
+        )
+    assert [outcomes[c].text for c in (ana, bob)] == ["Omni SoHo 7 4", "Omni SoHo 7 4"]
+
+
+def test_the_open_cart_is_used_not_an_earlier_converted_one(engine):
+    from profiles.ingest import ingest_payloads
+
+    customer = seed(engine, user_id="u-dee", phone="+14155550177")
+    ingest_payloads(
+        engine,
+        [
+            {
+                "type": "track",
+                "userId": "u-dee",
+                "event": "Order Completed",
+                "messageId": "dee-buy",
+                "timestamp": "2026-06-01T12:00:00Z",
+                "properties": {"order_id": "o-dee-2", "total": 44.0},
+            },
+            {
+                "type": "track",
+                "userId": "u-dee",
+                "event": "Product Added",
+                "messageId": "dee-add",
+                "timestamp": "2026-06-01T13:00:00Z",
+                "properties": {"product_id": "p3", "name": "Cap", "price": 12, "quantity": 1},
+            },
+        ],
+        now=NOW,
+    )
+    with session_scope(engine) as session:
+        r = render(session, "email/abandoned_cart", customer, now=NOW)
+    assert r.subject == "Ana, you left 1 item in your cart"
+    assert "- Cap: $12.00" in r.text and "Tee" not in r.text
+
+
+def test_sms_segments_count_extension_characters_twice():
+    assert sms_segments("€" + "a" * 158) == 1 and sms_segments("€" + "a" * 159) == 2
+    assert sms_segments("\f" * 80) == 1 and sms_segments("^a" * 54) == 2  # 162 septets
+    assert sms_segments("€" * 80) == 1 and sms_segments("€" * 80 + "a") == 2
+    assert sms_segments("a" * 153 * 3) == 3 and sms_segments("a" * (153 * 3 + 1)) == 4
