@@ -211,10 +211,18 @@ def run_omni(path: Path, db: Path) -> dict:
 
     engine = create_store_engine(f"sqlite:///{db}")
     upgrade_schema(engine)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     result = ingest_files(engine, [str(path)], now=datetime(2026, 12, 1, tzinfo=UTC))
-    elapsed = time.perf_counter() - started
-    return {"events": result.read, **result.as_dict(), "seconds": elapsed}
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "events": result.read,
+        **result.as_dict(),
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "worker_cpu_seconds": children.ru_utime + children.ru_stime,
+        "worker_peak_mb": children.ru_maxrss / 1024,
+    }
 
 
 def child(phase: str, path: Path, db: Path) -> None:
@@ -283,7 +291,13 @@ def main() -> None:
         schema = table["seconds"] / floor["seconds"]
         print(f"the events table with its indexes alone: {schema:.1f}x the floor")
         print(f"events/s: {omni_rate:,.0f} (target >= 20,000)")
-        print(f"peak memory: {omni['peak_mb']:.0f} MB (target < 300 MB)")
+        print(f"peak memory: {omni['peak_mb']:.0f} MB (target < 300 MB)", end="")
+        print(f"; parse worker: {omni['worker_peak_mb']:.0f} MB" if omni["worker_peak_mb"] else "")
+        print(
+            f"cpu: {omni['cpu_seconds']:.1f} s storing, "
+            f"{omni['worker_cpu_seconds']:.1f} s in the parse worker"
+            f" ({omni['events'] / omni['cpu_seconds']:,.0f} events per cpu-second of the storing process)"
+        )
 
 
 if __name__ == "__main__":

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="Payloads per transaction when ingesting (whole batches; at least one batch).",
     )
+    ingest_parse_workers: int = Field(
+        default=1,
+        ge=0,
+        le=32,
+        description="Processes that parse and validate JSON lines while the store is written; 0: in-process.",
+    )
 
     # --- Sequences and campaigns: the rules every marketing message obeys.
     quiet_hours_start: time = Field(

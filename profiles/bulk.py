@@ -20,18 +20,25 @@ from sqlalchemy.orm import Session
 from profiles.db import UTCDateTime, sqlite_timestamp
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def aware(value: datetime | None) -> datetime | None:
+    """A timestamp parameter for PostgreSQL: the aware datetime itself (a naive one is refused)."""
     if value is not None and value.tzinfo is None:
         raise ValueError(f"naive datetime {value!r}: Omni stores timezone-aware UTC timestamps only")
     return value
 
 
-def _json(value: Any) -> str:
+def json_text(value: Any) -> str:
+    """A JSON column's parameter, as text (SQLite stores it; PostgreSQL casts it to jsonb)."""
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def _identity(value: Any) -> Any:
+def identity(value: Any) -> Any:
     return value
+
+
+def timestamp_param(dialect: str) -> Callable[[datetime | None], Any]:
+    """How a UTCDateTime parameter is written below SQLAlchemy on ``dialect``."""
+    return sqlite_timestamp if dialect == "sqlite" else aware
 
 
 @lru_cache(maxsize=64)
@@ -43,13 +50,13 @@ def _plan(
     for name in columns:
         column_type = table.c[name].type
         if isinstance(column_type, UTCDateTime):
-            converters.append(sqlite_timestamp if dialect == "sqlite" else _aware)
+            converters.append(timestamp_param(dialect))
             placeholders.append("?" if dialect == "sqlite" else "%s")
         elif isinstance(column_type, JSON):
-            converters.append(_json)
+            converters.append(json_text)
             placeholders.append("?" if dialect == "sqlite" else "%s::jsonb")
         else:
-            converters.append(_identity)
+            converters.append(identity)
             placeholders.append("?" if dialect == "sqlite" else "%s")
     quoted = ", ".join(f'"{name}"' for name in columns)
     sql = f'INSERT INTO "{table.name}" ({quoted}) VALUES ({", ".join(placeholders)})'
@@ -70,13 +77,27 @@ def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) 
     # Column by column: one C-level map per column instead of a Python call per value.
     values = [
         [row[name] for row in rows]
-        if convert is _identity
+        if convert is identity
         else list(map(convert, [row[name] for row in rows]))
         for name, convert in zip(columns, converters, strict=True)
     ]
+    _executemany(connection, sql, list(zip(*values, strict=True)))
+
+
+def insert_values(session: Session, table: Table, columns: tuple[str, ...], values: Sequence[tuple]) -> None:
+    """INSERT tuples already in driver form (JSON as text, timestamps as :func:`timestamp_param` makes
+    them) into ``columns`` of ``table``: the path for rows prepared in another process."""
+    if not values:
+        return
+    connection = session.connection()
+    sql, _ = _plan(table, columns, connection.dialect.name)
+    _executemany(connection, sql, values)
+
+
+def _executemany(connection: Any, sql: str, values: Sequence[tuple]) -> None:
     cursor = connection.connection.cursor()
     try:
-        cursor.executemany(sql, list(zip(*values, strict=True)))
+        cursor.executemany(sql, values)
     finally:
         cursor.close()
 

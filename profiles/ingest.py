@@ -14,31 +14,51 @@ instead of once per batch (measured: 4x the insert rate at a million events on S
    commerce events rebuilt (``profiles.commerce``).
 
 ``accepted + duplicates + rejected`` is always the number of payloads read.
+
+Step 1 needs no database, so it is split from the rest: :func:`prepare_batch` turns raw payloads into
+:class:`PreparedBatch` (rows in the driver's form, the identities, rejections), :func:`store_prepared`
+writes one. For JSON lines with more than one batch, the reader hands over raw lines and
+``OMNI_INGEST_PARSE_WORKERS`` processes (default 1) parse and prepare the next batches while this one
+is written: the two halves cost about the same, and raw lines and prepared tuples are cheap to pass
+between processes (parsed payload objects are not). Batches are stored in input order either way.
 """
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
 import sys
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import orjson
 from sqlalchemy import Engine, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
+from omni.collector import collect_now, collector_paused
 from omni.settings import get_settings
-from profiles.bulk import dialect_of, execute_sql, in_list, insert_rows, list_param
+from profiles.bulk import (
+    dialect_of,
+    execute_sql,
+    in_list,
+    insert_rows,
+    insert_values,
+    json_text,
+    list_param,
+    timestamp_param,
+)
 from profiles.commerce import rebuild_commerce
 from profiles.consent import ConsentDecision, apply_consents
 from profiles.db import session_scope, utcnow
 from profiles.identity import PROFILE_COLUMNS, chunked, resolve_customers
 from profiles.models import Customer, Event, RejectedEvent
-from profiles.reader import RawItem, iter_raw_items
-from profiles.segment import COMMERCE_EVENTS, Payload, Rejected, validate_payload
+from profiles.reader import LineChunk, RawItem, iter_input, parse_chunk
+from profiles.segment import COMMERCE_EVENTS, Rejected, validate_payload
 
 SAMPLE_REJECTIONS = 20
 # Serialises ingestion batches across processes on PostgreSQL (SQLite's BEGIN IMMEDIATE does it there).
@@ -71,10 +91,114 @@ class IngestResult:
         self.samples.extend(other.samples[: max(0, SAMPLE_REJECTIONS - len(self.samples))])
 
 
-def _batches(items: Iterable[RawItem], size: int) -> Iterator[list[RawItem]]:
-    batch: list[RawItem] = []
+# The columns of an event row, in the order prepared rows hold them (customer_id and received_at are
+# added when the row is stored).
+EVENT_COLUMNS = (
+    "message_id",
+    "customer_id",
+    "type",
+    "name",
+    "channel",
+    "properties",
+    "context",
+    "user_id",
+    "anonymous_id",
+    "occurred_at",
+    "received_at",
+)
+
+
+class ProfileUpdate(NamedTuple):
+    """What a payload changes on its customer's profile besides the event itself."""
+
+    occurred_at: datetime
+    traits: dict | None  # identify: its traits (else None)
+    profile: dict[str, Any]  # identify: the normalised profile fields
+    consents: tuple[tuple[str, str, str], ...]  # (channel, status, source)
+    context_timezone: str | None
+
+
+class PreparedEvent(NamedTuple):
+    """A valid payload, ready to store: identities to resolve, and its event row in driver form."""
+
+    message_id: str
+    type: str
+    name: str | None
+    identities: list[tuple[str, str]]
+    previous_id: str | None
+    # message_id, type, name, channel, properties, context, user_id, anonymous_id, occurred_at
+    row: tuple
+    change: ProfileUpdate | None
+
+
+class PreparedBatch(NamedTuple):
+    events: list[PreparedEvent]
+    rejected: list[tuple[str, str, str]]  # (source, raw text, reason)
+    duplicates: int  # repeated message ids within the batch
+
+
+def prepare_batch(
+    items: Iterable[RawItem], *, now: datetime, default_region: str, dialect: str
+) -> PreparedBatch:
+    """Validate a batch of raw payloads (no database involved); the first of a repeated messageId wins."""
+    events: list[PreparedEvent] = []
+    rejected: list[tuple[str, str, str]] = []
+    duplicates = 0
+    seen: set[str] = set()
+    timestamp = timestamp_param(dialect)
     for item in items:
-        batch.append(item)
+        if item.error is not None:
+            rejected.append((item.source, item.text, item.error))
+            continue
+        try:
+            p = validate_payload(item.value, size=item.size, received_at=now, default_region=default_region)
+        except Rejected as exc:
+            rejected.append((item.source, item.text, str(exc)))
+            continue
+        if p.message_id in seen:
+            duplicates += 1
+            continue
+        seen.add(p.message_id)
+        change = None
+        if p.type == "identify" or p.consents or p.context_timezone:
+            change = ProfileUpdate(
+                p.occurred_at,
+                p.traits,
+                p.profile,
+                tuple((c.channel, c.status, c.source) for c in p.consents),
+                p.context_timezone,
+            )
+        row = (
+            p.message_id,
+            p.type,
+            p.name,
+            p.channel,
+            json_text(p.properties),
+            json_text(p.context),
+            p.user_id,
+            p.anonymous_id,
+            timestamp(p.occurred_at),
+        )
+        events.append(PreparedEvent(p.message_id, p.type, p.name, p.identities, p.previous_id, row, change))
+    return PreparedBatch(events, rejected, duplicates)
+
+
+def prepare_chunk(chunk: LineChunk, now: datetime, default_region: str, dialect: str) -> PreparedBatch:
+    """:func:`prepare_batch` of a chunk of raw JSON lines: what a parse worker process runs."""
+    return prepare_batch(parse_chunk(chunk), now=now, default_region=default_region, dialect=dialect)
+
+
+def _jobs(units: Iterable[RawItem | LineChunk], size: int) -> Iterator[list[RawItem] | LineChunk]:
+    """Group the reader's output into batches: parsed items by ``size``, chunks of lines as they are."""
+    batch: list[RawItem] = []
+    for unit in units:
+        if isinstance(unit, LineChunk):
+            if batch:
+                yield batch
+                batch = []
+            yield unit
+            continue
+        batch.append(unit)
         if len(batch) >= size:
             yield batch
             batch = []
@@ -82,34 +206,98 @@ def _batches(items: Iterable[RawItem], size: int) -> Iterator[list[RawItem]]:
         yield batch
 
 
+def prepared_batches(
+    units: Iterable[RawItem | LineChunk],
+    *,
+    size: int,
+    now: datetime,
+    default_region: str,
+    dialect: str,
+    workers: int,
+) -> Iterator[PreparedBatch]:
+    """Prepared batches in input order; chunks of lines after the first go to ``workers`` processes.
+
+    At most ``workers + 1`` chunks are read ahead of the batch being stored, so memory stays flat.
+    The first chunk is prepared here: a small input never pays for starting a process.
+    """
+    pool: ProcessPoolExecutor | None = None
+    pending: deque[Future | Callable[[], PreparedBatch]] = deque()
+    chunks = 0
+    try:
+        for job in _jobs(units, size):
+            if isinstance(job, LineChunk):
+                chunks += 1
+                if workers > 0 and chunks > 1:
+                    if pool is None:
+                        # spawn, not fork: the caller may hold threads (Prefect) and open connections.
+                        pool = ProcessPoolExecutor(
+                            workers,
+                            mp_context=multiprocessing.get_context("spawn"),
+                            initializer=gc.disable,  # a worker's objects die with each chunk
+                        )
+                    pending.append(pool.submit(prepare_chunk, job, now, default_region, dialect))
+                else:
+                    pending.append(lambda job=job: prepare_chunk(job, now, default_region, dialect))
+            else:
+                pending.append(
+                    lambda job=job: prepare_batch(
+                        job, now=now, default_region=default_region, dialect=dialect
+                    )
+                )
+            # Only work in a process is worth reading ahead for; the rest is prepared when its turn comes.
+            while pending and (not isinstance(pending[0], Future) or len(pending) > workers + 1):
+                yield _result(pending.popleft())
+        while pending:
+            yield _result(pending.popleft())
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(job: Future | Callable[[], PreparedBatch]) -> PreparedBatch:
+    return job.result() if isinstance(job, Future) else job()
+
+
 def ingest_items(
     engine: Engine,
-    items: Iterable[RawItem],
+    items: Iterable[RawItem | LineChunk],
     *,
     now: datetime | None = None,
     batch_size: int | None = None,
     default_region: str | None = None,
     on_batch: Callable[[IngestResult], None] | None = None,
 ) -> IngestResult:
-    """Store a stream of raw payloads, a batch per transaction. ``now`` is the receive time."""
+    """Store a stream of raw payloads (or chunks of raw JSON lines). ``now`` is the receive time."""
     settings = get_settings()
     size = batch_size or settings.ingest_batch_size
     per_transaction = max(size, settings.ingest_transaction_size)
     region = default_region or settings.default_phone_region
     received_at = now or utcnow()
     total = IngestResult()
-    batches = _batches(items, size)
-    batch = next(batches, None)
-    while batch is not None:
-        in_transaction = 0
-        with session_scope(engine) as session:
-            while batch is not None and in_transaction < per_transaction:
-                result = store_batch(session, batch, now=received_at, default_region=region)
-                in_transaction += len(batch)
-                total.add(result)
-                if on_batch:
-                    on_batch(result)
-                batch = next(batches, None)
+    batches = prepared_batches(
+        items,
+        size=size,
+        now=received_at,
+        default_region=region,
+        dialect=engine.dialect.name,
+        workers=settings.ingest_parse_workers,
+    )
+    try:
+        with collector_paused():
+            batch = next(batches, None)
+            while batch is not None:
+                in_transaction = 0
+                with session_scope(engine) as session:
+                    while batch is not None and in_transaction < per_transaction:
+                        result = store_prepared(session, batch, now=received_at)
+                        in_transaction += result.read
+                        total.add(result)
+                        if on_batch:
+                            on_batch(result)
+                        batch = next(batches, None)
+                collect_now()
+    finally:
+        batches.close()  # stops the parse workers at once when storing failed
     return total
 
 
@@ -162,13 +350,19 @@ def ingest_files(
         if path != "-" and not Path(path).is_file():
             open_input(path)
     total = IngestResult()
+    chunk_lines = batch_size or get_settings().ingest_batch_size
     for path in paths:
         stream, name, size = open_input(path, stdin)
         if on_file:
             on_file(name, size)
         try:
             total.add(
-                ingest_items(engine, iter_raw_items(stream, name, on_bytes), now=now, batch_size=batch_size)
+                ingest_items(
+                    engine,
+                    iter_input(stream, name, on_bytes, chunk_lines=chunk_lines),
+                    now=now,
+                    batch_size=batch_size,
+                )
             )
         finally:
             if path != "-":
@@ -181,85 +375,59 @@ def _lock(session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": INGEST_LOCK_KEY})
 
 
-def store_batch(
-    session: Session, items: Sequence[RawItem], *, now: datetime, default_region: str
-) -> IngestResult:
-    """Validate, dedupe, resolve and store one batch inside the caller's transaction."""
+def store_prepared(session: Session, batch: PreparedBatch, *, now: datetime) -> IngestResult:
+    """Dedupe against the store, resolve and store one prepared batch inside the caller's transaction."""
     _lock(session)
-    result = IngestResult()
-    rejected_rows: list[dict[str, Any]] = []
-
-    def reject(item: RawItem, reason: str) -> None:
-        rejected_rows.append(
-            {"source": item.source[:1000], "raw": item.text, "reason": reason, "received_at": now}
-        )
-        if len(result.samples) < SAMPLE_REJECTIONS:
-            result.samples.append((item.source, reason))
-
-    payloads: list[Payload] = []
-    seen: set[str] = set()
-    for item in items:
-        if item.error is not None:
-            reject(item, item.error)
-            continue
-        try:
-            payload = validate_payload(
-                item.value, size=item.size, received_at=now, default_region=default_region
-            )
-        except Rejected as exc:
-            reject(item, str(exc))
-            continue
-        if payload.message_id in seen:
-            result.duplicates += 1
-            continue
-        seen.add(payload.message_id)
-        payloads.append(payload)
-
-    stored = _existing_message_ids(session, [p.message_id for p in payloads])
+    result = IngestResult(duplicates=batch.duplicates)
+    result.samples = [(source, reason) for source, _, reason in batch.rejected[:SAMPLE_REJECTIONS]]
+    events = batch.events
+    stored = _existing_message_ids(session, [e.message_id for e in events])
     if stored:
-        result.duplicates += sum(1 for p in payloads if p.message_id in stored)
-        payloads = [p for p in payloads if p.message_id not in stored]
+        result.duplicates += sum(1 for e in events if e.message_id in stored)
+        events = [e for e in events if e.message_id not in stored]
 
-    if payloads:
-        customer_ids, merged = resolve_customers(session, payloads, now=now)
-        insert_rows(
+    if events:
+        customer_ids, merged = resolve_customers(session, events, now=now)
+        received = timestamp_param(dialect_of(session))(now)
+        insert_values(
             session,
             Event.__table__,
+            EVENT_COLUMNS,
             [
-                {
-                    "message_id": p.message_id,
-                    "customer_id": customer_id,
-                    "type": p.type,
-                    "name": p.name,
-                    "channel": p.channel,
-                    "properties": p.properties,
-                    "context": p.context,
-                    "user_id": p.user_id,
-                    "anonymous_id": p.anonymous_id,
-                    "occurred_at": p.occurred_at,
-                    "received_at": now,
-                }
-                for p, customer_id in zip(payloads, customer_ids, strict=True)
+                (e.row[0], customer_id, *e.row[1:], received)
+                for e, customer_id in zip(events, customer_ids, strict=True)
             ],
         )
-        _apply_profiles(session, payloads, customer_ids, now=now)
+        changes = [
+            (customer_id, e.change)
+            for e, customer_id in zip(events, customer_ids, strict=True)
+            if e.change is not None
+        ]
+        _apply_profiles(session, changes, now=now)
         apply_consents(
             session,
             (
-                ConsentDecision(customer_id, change.channel, change.status, change.source, p.occurred_at)
-                for p, customer_id in zip(payloads, customer_ids, strict=True)
-                for change in p.consents
+                ConsentDecision(customer_id, channel, status, source, change.occurred_at)
+                for customer_id, change in changes
+                for channel, status, source in change.consents
             ),
         )
         commerce = {
             customer_id
-            for p, customer_id in zip(payloads, customer_ids, strict=True)
-            if p.type == "track" and p.name in COMMERCE_EVENTS
+            for e, customer_id in zip(events, customer_ids, strict=True)
+            if e.type == "track" and e.name in COMMERCE_EVENTS
         }
         rebuild_commerce(session, commerce | merged)
-    insert_rows(session, RejectedEvent.__table__, rejected_rows)
-    result.accepted = len(payloads)
-    result.rejected = len(rejected_rows)
+    insert_rows(
+        session,
+        RejectedEvent.__table__,
+        [
+            {"source": source[:1000], "raw": raw, "reason": reason, "received_at": now}
+            for source, raw, reason in batch.rejected
+        ],
+    )
+    result.accepted = len(events)
+    result.rejected = len(batch.rejected)
     return result
 
 
@@ -272,23 +440,21 @@ def _existing_message_ids(session: Session, message_ids: Sequence[str]) -> set[s
     return found
 
 
-def _apply_profiles(
-    session: Session, payloads: Sequence[Payload], customer_ids: Sequence[int], *, now: datetime
-) -> None:
+def _apply_profiles(session: Session, changes: Sequence[tuple[int, ProfileUpdate]], *, now: datetime) -> None:
     """Apply identify traits and context timezones to the customers they belong to.
 
     A newer identify overwrites; an older one (than the newest already applied) only fills what is
     missing, so the profile does not depend on arrival order.
     """
-    identifies: dict[int, list[Payload]] = defaultdict(list)
+    identifies: dict[int, list[ProfileUpdate]] = defaultdict(list)
     zones: dict[int, tuple[datetime, str]] = {}
-    for payload, customer_id in zip(payloads, customer_ids, strict=True):
-        if payload.type == "identify" and (payload.traits or payload.profile):
-            identifies[customer_id].append(payload)
-        if payload.context_timezone:
+    for customer_id, change in changes:
+        if change.traits or change.profile:
+            identifies[customer_id].append(change)
+        if change.context_timezone:
             current = zones.get(customer_id)
-            if current is None or payload.occurred_at >= current[0]:
-                zones[customer_id] = (payload.occurred_at, payload.context_timezone)
+            if current is None or change.occurred_at >= current[0]:
+                zones[customer_id] = (change.occurred_at, change.context_timezone)
     touched = sorted(set(identifies) | set(zones))
     if not touched:
         return
@@ -307,7 +473,7 @@ def _apply_profiles(
             values = {name: getattr(row, name) for name in PROFILE_COLUMNS}
             traits = dict(row.traits or {})
             traits_at = row.traits_at
-            for payload in sorted(identifies.get(row.id, ()), key=lambda p: p.occurred_at):
+            for payload in sorted(identifies.get(row.id, ()), key=lambda u: u.occurred_at):
                 if traits_at is None or payload.occurred_at >= traits_at:
                     traits.update(payload.traits or {})
                     values.update(payload.profile)

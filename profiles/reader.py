@@ -42,6 +42,26 @@ class RawItem:
 
 ProgressCallback = Callable[[int], None]
 
+CHUNK_LINES = 5000
+CHUNK_BYTES = 8 << 20  # a chunk of lines never holds more than this much raw input
+
+
+@dataclass(slots=True)
+class LineChunk:
+    """Consecutive non-blank lines of a JSON-lines input, not parsed yet: ``(line number, bytes)``.
+
+    Raw bytes cost next to nothing to hand to another process, so parsing and validation of a chunk
+    can run beside the process that writes the store (``profiles.ingest``).
+    """
+
+    name: str
+    lines: list[tuple[int, bytes]]
+
+
+def parse_chunk(chunk: LineChunk) -> Iterator[RawItem]:
+    for line_no, line in chunk.lines:
+        yield from _parse_line(line, f"{chunk.name}:{line_no}")
+
 
 def _describe_orjson_error(exc: Exception) -> str:
     return f"invalid JSON: {exc}"
@@ -126,6 +146,23 @@ def iter_raw_items(
     stream: IO[bytes], name: str, on_bytes: ProgressCallback | None = None
 ) -> Iterator[RawItem]:
     """Yield every payload in ``stream`` (binary) as a RawItem, in order; ``name`` prefixes sources."""
+    for unit in iter_input(stream, name, on_bytes):
+        if isinstance(unit, LineChunk):
+            yield from parse_chunk(unit)
+        else:
+            yield unit
+
+
+def iter_input(
+    stream: IO[bytes],
+    name: str,
+    on_bytes: ProgressCallback | None = None,
+    *,
+    chunk_lines: int = CHUNK_LINES,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[RawItem | LineChunk]:
+    """Everything in ``stream``, in order: JSON lines as :class:`LineChunk` s of at most ``chunk_lines``
+    lines (and about ``chunk_bytes``), the payloads of a JSON document as parsed :class:`RawItem` s."""
     source = _Input(stream, on_bytes)
     line_no = 0
     first = b""
@@ -176,14 +213,21 @@ def iter_raw_items(
                 yield from expand_value(first_value, f"{name}:{first_line_no}", text, len(first.strip()))
             return
         source.pending.extend(lookahead)
-    yield from _parse_line(first, f"{name}:{first_line_no}")
+    lines: list[tuple[int, bytes]] = [(first_line_no, first)]
+    size = len(first)
     while True:
         line = source.readline()
         if not line:
-            return
+            break
         line_no += 1
         if line.strip():
-            yield from _parse_line(line, f"{name}:{line_no}")
+            lines.append((line_no, line))
+            size += len(line)
+            if len(lines) >= chunk_lines or size >= chunk_bytes:
+                yield LineChunk(name, lines)
+                lines, size = [], 0
+    if lines:
+        yield LineChunk(name, lines)
 
 
 def _iter_document(source: _Input, name: str, start_line: int) -> Iterator[RawItem]:

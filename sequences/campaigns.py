@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Engine, String, and_, cast, literal, select
 from sqlalchemy.dialects import postgresql, sqlite
 
+from omni.collector import frozen_heap
 from profiles.db import session_scope
 from profiles.models import AudienceMembership, Customer, Delivery
 from sequences.definitions import CampaignDefinition, load_campaigns
@@ -23,7 +24,6 @@ from sequences.engine import (
     Dispatcher,
     TickReport,
     dispatch_due,
-    frozen_heap,
     provider_of,
     recover_interrupted,
 )

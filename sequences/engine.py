@@ -32,11 +32,9 @@ decide who sends (the ``run-sequences`` deployment also has a concurrency limit 
 
 from __future__ import annotations
 
-import gc
 import time as time_module
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -44,6 +42,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
+from omni.collector import frozen_heap
 from profiles.bulk import insert_rows
 from profiles.db import session_scope
 from profiles.identity import chunked
@@ -205,23 +204,6 @@ class Dispatcher:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-
-@contextmanager
-def frozen_heap() -> Iterator[None]:
-    """Leave the objects that exist now out of the garbage collector's passes until the block ends.
-
-    A tick allocates millions of short-lived objects (rows, contexts, messages), which set off full
-    collections; each re-scanned every object of the process (~100,000: imported modules, definitions,
-    caches), some 15 % of a 100,000-customer tick. ``gc.freeze()`` sets them aside and ``gc.unfreeze()``
-    puts them back when the block ends, so garbage among them is collected then; objects made inside
-    the block are collected as usual.
-    """
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _insert_ignore(session: Session, table: Any, rows: list[dict[str, Any]]) -> int:

@@ -28,19 +28,11 @@ from sqlalchemy import Table
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
+from profiles.bulk import aware as _aware
+from profiles.bulk import identity as _identity
 from profiles.db import UTCDateTime, sqlite_timestamp
 
 _PG_DIALECT = postgresql.dialect()
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        raise ValueError(f"naive datetime {value!r}: Omni stores timezone-aware UTC timestamps only")
-    return value
-
-
-def _identity(value: Any) -> Any:
-    return value
 
 
 # A tick writes the same few timestamps (its ``now``, a wait's end) on thousands of rows: convert each once.
