@@ -23,19 +23,15 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from profiles.bulk import dialect_of, execute_sql, in_list, insert_rows, list_param, timestamp_param
 from profiles.models import (
-    Cart,
     Consent,
     Customer,
-    Delivery,
-    Event,
     Identity,
     IdentityKind,
-    Order,
 )
 from profiles.segment import Payload
 
@@ -134,20 +130,21 @@ def resolve_customers(
 
     final: dict[int, int] = {}
     new_roots = [root for root in groups if root < 0]
-    merged_survivors: set[int] = set()
-    for members in groups.values():
-        existing = sorted(m for m in members if m >= 0)
+    merging = [sorted(m for m in members if m >= 0) for members in groups.values()]
+    known = _known_customers(session, [c for existing in merging if len(existing) > 1 for c in existing])
+    merges: list[tuple[int, list[int]]] = []
+    for members, existing in zip(groups.values(), merging, strict=True):
         if len(existing) > 1:
-            survivor = choose_survivor(session, existing)
-            merge_customers(
-                session, survivor=survivor, losers=[c for c in existing if c != survivor], now=now
-            )
-            merged_survivors.add(survivor)
+            # The customer with a user_id identity (the known one), else the oldest.
+            survivor = min((c for c in existing if c in known), default=existing[0])
+            merges.append((survivor, [c for c in existing if c != survivor]))
             for member in members:
                 final[member] = survivor
         elif existing:
             for member in members:
                 final[member] = existing[0]
+    merge_many(session, merges, now=now)
+    merged_survivors = {survivor for survivor, _ in merges}
     if new_roots:
         created = create_customers(session, len(new_roots), now=now)
         for root, customer_id in zip(new_roots, created, strict=True):
@@ -159,7 +156,7 @@ def resolve_customers(
         for (kind, value), ref in key_map.items()
         if (kind, value) not in existing_keys
     ]
-    # Identities of merged-away customers were moved by merge_customers already.
+    # Identities of merged-away customers were moved by merge_many already.
     insert_rows(session, Identity.__table__, new_identities)
     return [final[uf.find(ref)] for ref in refs], merged_survivors
 
@@ -181,40 +178,69 @@ def create_customers(session: Session, count: int, *, now: datetime) -> list[int
     return sorted(row[0] for row in execute_sql(session, sql, (created, created, size)))
 
 
-def choose_survivor(session: Session, customer_ids: Sequence[int]) -> int:
-    """The customer with a user_id identity (the known one), else the oldest."""
-    table = Identity.__table__
-    known = session.execute(
-        select(func.min(table.c.customer_id)).where(
-            table.c.customer_id.in_(customer_ids), table.c.kind == IdentityKind.USER_ID.value
-        )
-    ).scalar()
-    return known if known is not None else min(customer_ids)
+def _known_customers(session: Session, customer_ids: Sequence[int]) -> set[int]:
+    """Those of ``customer_ids`` with a user_id identity."""
+    if not customer_ids:
+        return set()
+    dialect = dialect_of(session)
+    sql = f"SELECT DISTINCT customer_id FROM identities WHERE kind = ? AND {in_list('customer_id', dialect)}"
+    return {
+        row[0]
+        for row in execute_sql(session, sql, (IdentityKind.USER_ID.value, list_param(customer_ids, dialect)))
+    }
 
 
-def merge_customers(session: Session, *, survivor: int, losers: Sequence[int], now: datetime) -> None:
-    """Move everything of ``losers`` to ``survivor``; the losers keep ``merged_into``.
+def _mapping(dialect: str) -> str:
+    """A (loser, survivor) relation ``m`` from the parameters :func:`_mapping_params` makes."""
+    if dialect == "sqlite":
+        return "(SELECT value ->> 0 AS loser, value ->> 1 AS survivor FROM json_each(?)) AS m"
+    return "unnest(?::bigint[], ?::bigint[]) AS m(loser, survivor)"
 
-    Derived carts and orders of the losers are dropped: the caller rebuilds the survivor's from the
-    events that moved.
+
+def _mapping_params(pairs: Sequence[tuple[int, int]], dialect: str) -> tuple:
+    if dialect == "sqlite":
+        return (list_param([list(pair) for pair in pairs], dialect),)
+    return ([loser for loser, _ in pairs], [survivor for _, survivor in pairs])
+
+
+def merge_many(session: Session, merges: Sequence[tuple[int, Sequence[int]]], *, now: datetime) -> None:
+    """Merge each ``(survivor, losers)``: everything of the losers moves to their survivor, and the losers
+    (and customers merged into them before) keep ``merged_into``. All merges of a batch move in one
+    statement per table.
+
+    Derived carts of the losers are dropped: the caller rebuilds the survivor's from the events that
+    moved.
     """
-    losers = [c for c in losers if c != survivor]
-    if not losers:
+    merges = [(survivor, [c for c in losers if c != survivor]) for survivor, losers in merges]
+    pairs = [(loser, survivor) for survivor, losers in merges for loser in losers]
+    if not pairs:
         return
-    for model in (Identity, Event, Delivery):
-        table = model.__table__
-        session.execute(update(table).where(table.c.customer_id.in_(losers)).values(customer_id=survivor))
-    session.execute(delete(Cart.__table__).where(Cart.__table__.c.customer_id.in_(losers)))
-    orders = Order.__table__
-    session.execute(update(orders).where(orders.c.customer_id.in_(losers)).values(customer_id=survivor))
-    _merge_consents(session, survivor=survivor, losers=losers)
-    _merge_profiles(session, survivor=survivor, losers=losers, now=now)
-    customers = Customer.__table__
-    session.execute(
-        update(customers)
-        .where(or_(customers.c.id.in_(losers), customers.c.merged_into.in_(losers)))
-        .values(merged_into=survivor, updated_at=now)
+    dialect = dialect_of(session)
+    mapping, params = _mapping(dialect), _mapping_params(pairs, dialect)
+    for table in ("identities", "events", "deliveries", "orders"):
+        execute_sql(
+            session,
+            f"UPDATE {table} SET customer_id = m.survivor FROM {mapping} WHERE {table}.customer_id = m.loser",
+            params,
+        )
+    losers = [loser for loser, _ in pairs]
+    execute_sql(
+        session,
+        f"DELETE FROM carts WHERE {in_list('customer_id', dialect)}",
+        (list_param(losers, dialect),),
     )
+    for survivor, group in merges:
+        if group:
+            _merge_consents(session, survivor=survivor, losers=group)
+            _merge_profiles(session, survivor=survivor, losers=group, now=now)
+    updated = timestamp_param(dialect)(now)
+    for column in ("merged_into", "id"):  # customers merged into a loser before, then the losers
+        execute_sql(
+            session,
+            f"UPDATE customers SET merged_into = m.survivor, updated_at = ? FROM {mapping} "
+            f"WHERE customers.{column} = m.loser",
+            (updated, *params),
+        )
 
 
 def _merge_consents(session: Session, *, survivor: int, losers: Sequence[int]) -> None:

@@ -222,6 +222,33 @@ def test_merge_chain_is_flattened(engine):
     assert {c.merged_into for c in merged} == {survivor.id}
 
 
+def test_several_merges_in_one_batch_each_go_to_their_own_survivor_and_chains_follow(engine):
+    ingest(engine, *({"type": "page", "anonymousId": f"a{n}", "messageId": f"p{n}"} for n in range(1, 5)))
+    ingest(engine, {"type": "track", "userId": "u5", "event": "Viewed", "messageId": "p5"})
+    ids = {i.value: i.customer_id for i in all_rows(engine, Identity)}
+    # a2 merges into a1 (the older; neither is known) through a shared email: a chain to follow later.
+    ingest(
+        engine,
+        {"type": "identify", "anonymousId": "a1", "traits": {"email": "e@x.org"}, "messageId": "i1"},
+        {"type": "identify", "anonymousId": "a2", "traits": {"email": "e@x.org"}, "messageId": "i2"},
+    )
+    assert all_rows(engine, Customer, Customer.id == ids["a2"])[0].merged_into == ids["a1"]
+    # One batch, two merges: a1 (with a2) into the known u5; a4 into a3 through the new user id u6.
+    ingest(
+        engine,
+        {"type": "identify", "userId": "u5", "anonymousId": "a1", "messageId": "i3"},
+        {"type": "identify", "userId": "u6", "anonymousId": "a3", "messageId": "i4"},
+        {"type": "identify", "userId": "u6", "anonymousId": "a4", "messageId": "i5"},
+    )
+    assert sorted(c.id for c in live_customers(engine)) == sorted([ids["u5"], ids["a3"]])
+    merged = {c.id: c.merged_into for c in all_rows(engine, Customer, Customer.merged_into.is_not(None))}
+    assert merged == {ids["a1"]: ids["u5"], ids["a2"]: ids["u5"], ids["a4"]: ids["a3"]}
+    owners = {e.message_id: e.customer_id for e in all_rows(engine, Event)}
+    assert {owners[m] for m in ("p1", "p2", "p5", "i1", "i2", "i3")} == {ids["u5"]}
+    assert {owners[m] for m in ("p3", "p4", "i4", "i5")} == {ids["a3"]}
+    assert {i.value: i.customer_id for i in all_rows(engine, Identity)}["e@x.org"] == ids["u5"]
+
+
 def test_open_cart_is_net_of_adds_and_removes_with_value_and_last_activity(engine):
     ingest(
         engine,
