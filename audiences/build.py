@@ -6,7 +6,8 @@ A build of one audience is one transaction, and its compiled condition runs once
   which any statement that writes forbids), then one statement: a FULL JOIN of those ids with the
   audience's open memberships gives who enters and who leaves, and data-modifying CTEs close the open
   rows of those who left (``exited_at = now``, by ctid) and insert a row for each newcomer
-  (``entered_at = now``).
+  (``entered_at = now``). When the audience has no open row (a first build), the ids are inserted
+  straight from the temporary table.
 - SQLite (no data-modifying CTEs): the ids go into a temporary table, then ``UPDATE ... WHERE NOT
   EXISTS`` closes and ``INSERT ... SELECT ... WHERE NOT EXISTS`` opens rows. When the audience has no
   open row (a first build), the ids are inserted straight from the condition.
@@ -169,6 +170,10 @@ def _open_rows(name: str) -> Any:
     return and_(memberships.c.audience == name, memberships.c.exited_at.is_(None))
 
 
+def _has_open_rows(conn: Connection, name: str) -> bool:
+    return conn.execute(select(literal(1)).where(_open_rows(name)).limit(1)).first() is not None
+
+
 def _new_rows(name: str, ids: Any, now: datetime) -> Select:
     return select(literal(name).label("audience"), ids, literal(now, UTCDateTime()).label("entered_at"))
 
@@ -180,16 +185,36 @@ def _write_members_postgresql(
 
     1. ``CREATE TEMPORARY TABLE ... AS`` the audience query: unlike ``INSERT ... SELECT`` (or any
        statement that writes), it may run the query with parallel workers, as the query alone would.
-    2. One statement, one snapshot: a FULL JOIN of those ids with the audience's open rows (which
-       PostgreSQL can only run as a hash or merge join, so no estimate turns it into a scan per row)
-       gives who enters and who leaves; two data-modifying CTEs close and open the rows.
+    2. When the audience has no open row (a first build, or an audience that was empty), every id
+       enters: one ``INSERT ... SELECT`` of those ids. Otherwise one statement, one snapshot: a FULL
+       JOIN of those ids with the audience's open rows (which PostgreSQL can only run as a hash or
+       merge join, so no estimate turns it into a scan per row) gives who enters and who leaves; two
+       data-modifying CTEs close and open the rows.
     """
+    first = not _has_open_rows(conn, name)
     size = conn.execute(_CreateTempAs(new_members.name, statement), execution_options=ROWCOUNT).rowcount
+    new = new_members.c.customer_id
+    if first:
+        # In id order: ids are numbered as customers are, and index inserts stay local.
+        opened = insert(memberships).from_select(
+            ["audience", "customer_id", "entered_at"], _new_rows(name, new, now).order_by(new)
+        )
+        exited, entered = 0, conn.execute(opened, execution_options=ROWCOUNT).rowcount
+    else:
+        exited, entered = conn.execute(_diff_statement(name, now)).one()
+    # Dropped now rather than at commit: a caller's transaction may build several audiences.
+    conn.execute(text(f"DROP TABLE {new_members.name}"))
+    return size, exited, entered
+
+
+def _diff_statement(name: str, now: datetime) -> Select:
+    """(exited, entered): closes the open rows of those not in the build's ids, opens one for each
+    newcomer."""
+    new = new_members.c.customer_id
     row = literal_column(f"{memberships.name}.ctid")
     open_rows = (
         select(memberships.c.customer_id, row.label("open_tid")).where(_open_rows(name)).subquery("omni_open")
     )
-    new = new_members.c.customer_id
     diff = (
         select(new.label("entering"), open_rows.c.open_tid.label("leaving"))
         .select_from(new_members.outerjoin(open_rows, open_rows.c.customer_id == new, full=True))
@@ -211,7 +236,7 @@ def _write_members_postgresql(
         insert(memberships)
         .from_select(
             ["audience", "customer_id", "entered_at"],
-            # In id order: ids are numbered as customers are, and index inserts stay local.
+            # In id order, as in a first build.
             _new_rows(name, diff.c.entering, now)
             .where(diff.c.entering.is_not(None))
             .order_by(diff.c.entering),
@@ -219,15 +244,10 @@ def _write_members_postgresql(
         .returning(memberships.c.id)
         .cte("omni_opened")
     )
-    exited, entered = conn.execute(
-        select(
-            select(func.count()).select_from(closed).scalar_subquery(),
-            select(func.count()).select_from(opened).scalar_subquery(),
-        )
-    ).one()
-    # Dropped now rather than at commit: a caller's transaction may build several audiences.
-    conn.execute(text(f"DROP TABLE {new_members.name}"))
-    return size, exited, entered
+    return select(
+        select(func.count()).select_from(closed).scalar_subquery(),
+        select(func.count()).select_from(opened).scalar_subquery(),
+    )
 
 
 def _write_members_sqlite(
@@ -235,7 +255,7 @@ def _write_members_sqlite(
 ) -> tuple[int, int, int]:
     """No data-modifying CTEs on SQLite: the ids go to a temporary table first, unless the audience has
     no open row (a first build): then every id enters, straight from the query."""
-    if conn.execute(select(literal(1)).where(_open_rows(name)).limit(1)).first() is None:
+    if not _has_open_rows(conn, name):
         ids = statement.subquery("omni_new")
         entered = conn.execute(
             insert(memberships).from_select(

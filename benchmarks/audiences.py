@@ -233,7 +233,7 @@ def hand_written(engine: Engine, name: str, now: datetime) -> tuple[float, set[i
 
 def hand_written_insert(engine: Engine, name: str, now: datetime) -> tuple[float, int]:
     """The least a first build must do: the hand-written query's ids written as open membership rows
-    by one INSERT ... SELECT (same table, indexes and foreign key; committed). Best of two wall times;
+    by one INSERT ... SELECT (same table and indexes; committed). Best of two wall times;
     the rows are deleted after each run (and, on PostgreSQL, vacuumed away), untimed, so the build
     that follows starts from the same table."""
     sql = (

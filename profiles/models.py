@@ -277,7 +277,13 @@ class OutboxMessage(SQLModel, table=True):
 
 
 class AudienceMembership(SQLModel, table=True):
-    """One stay of a customer in an audience; a customer who leaves and comes back gets a new row."""
+    """One stay of a customer in an audience; a customer who leaves and comes back gets a new row.
+
+    Derived data, written in bulk by audience builds from ids read in ``customers`` (whose rows are
+    never deleted: a merged customer keeps its row). So ``customer_id`` has no foreign key, whose check
+    (one row lock in ``customers`` per member written) was most of a first build's cost on PostgreSQL,
+    and no index of its own: every lookup names the audience (migration 0003).
+    """
 
     __tablename__ = "audience_memberships"
     __table_args__ = (
@@ -295,7 +301,7 @@ class AudienceMembership(SQLModel, table=True):
 
     id: int | None = _id_column()
     audience: str = Field(sa_column=Column(String(200), nullable=False))
-    customer_id: int | None = _customer_fk()
+    customer_id: int | None = Field(default=None, sa_column=Column(BigIntId, nullable=False))
     entered_at: datetime | None = _ts(nullable=False)
     exited_at: datetime | None = _ts()
 

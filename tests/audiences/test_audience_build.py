@@ -142,8 +142,8 @@ def test_build_in_the_callers_transaction_and_unknown_names(engine):
 
 
 def test_an_audience_that_empties_and_fills_again_keeps_its_history(engine):
-    # Builds with no open row take a shorter path (the ids are inserted straight from the query on
-    # SQLite): the history rows before it must stay as they are.
+    # Builds with no open row take a shorter path (every id enters: inserted straight from the query on
+    # SQLite, from the temporary table on PostgreSQL): the history rows before it must stay as they are.
     t1, t2, t3, t4 = NOW, NOW + days(1) + SECOND, NOW + days(3), NOW + days(3) + SECOND
     (
         History()
