@@ -41,26 +41,49 @@ def timestamp_param(dialect: str) -> Callable[[datetime | None], Any]:
     return sqlite_timestamp if dialect == "sqlite" else aware
 
 
+def _parameter(table: Table, name: str, dialect: str) -> tuple[str, Callable[[Any], Any]]:
+    """The placeholder and the value converter of column ``name`` below SQLAlchemy on ``dialect``."""
+    column_type = table.c[name].type
+    if isinstance(column_type, UTCDateTime):
+        return ("?" if dialect == "sqlite" else "%s"), timestamp_param(dialect)
+    if isinstance(column_type, JSON):
+        return ("?" if dialect == "sqlite" else "%s::jsonb"), json_text
+    return ("?" if dialect == "sqlite" else "%s"), identity
+
+
 @lru_cache(maxsize=64)
 def _plan(
     table: Table, columns: tuple[str, ...], dialect: str
 ) -> tuple[str, tuple[Callable[[Any], Any], ...]]:
-    placeholders = []
-    converters: list[Callable[[Any], Any]] = []
-    for name in columns:
-        column_type = table.c[name].type
-        if isinstance(column_type, UTCDateTime):
-            converters.append(timestamp_param(dialect))
-            placeholders.append("?" if dialect == "sqlite" else "%s")
-        elif isinstance(column_type, JSON):
-            converters.append(json_text)
-            placeholders.append("?" if dialect == "sqlite" else "%s::jsonb")
-        else:
-            converters.append(identity)
-            placeholders.append("?" if dialect == "sqlite" else "%s")
+    placeholders, converters = zip(*(_parameter(table, name, dialect) for name in columns), strict=True)
     quoted = ", ".join(f'"{name}"' for name in columns)
     sql = f'INSERT INTO "{table.name}" ({quoted}) VALUES ({", ".join(placeholders)})'
-    return sql, tuple(converters)
+    return sql, converters
+
+
+@lru_cache(maxsize=64)
+def _update_plan(
+    table: Table, columns: tuple[str, ...], key: str, dialect: str
+) -> tuple[str, tuple[Callable[[Any], Any], ...]]:
+    parameters = [_parameter(table, name, dialect) for name in (*columns, key)]
+    assignments = ", ".join(
+        f'"{name}" = {placeholder}' for name, (placeholder, _) in zip(columns, parameters, strict=False)
+    )
+    sql = f'UPDATE "{table.name}" SET {assignments} WHERE "{key}" = {parameters[-1][0]}'
+    return sql, tuple(convert for _, convert in parameters)
+
+
+def _driver_values(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], converters: Sequence[Callable[[Any], Any]]
+) -> list[tuple]:
+    # Column by column: one C-level map per column instead of a Python call per value.
+    values = [
+        [row[name] for row in rows]
+        if convert is identity
+        else list(map(convert, [row[name] for row in rows]))
+        for name, convert in zip(columns, converters, strict=True)
+    ]
+    return list(zip(*values, strict=True))
 
 
 def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
@@ -74,14 +97,18 @@ def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) 
         connection.execute(table.insert(), list(rows))
         return
     sql, converters = _plan(table, columns, dialect)
-    # Column by column: one C-level map per column instead of a Python call per value.
-    values = [
-        [row[name] for row in rows]
-        if convert is identity
-        else list(map(convert, [row[name] for row in rows]))
-        for name, convert in zip(columns, converters, strict=True)
-    ]
-    _executemany(connection, sql, list(zip(*values, strict=True)))
+    _executemany(connection, sql, _driver_values(rows, columns, converters))
+
+
+def update_rows(session: Session, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
+    """UPDATE the row of ``table`` whose column ``key`` equals each row's ``key`` value, setting the
+    row's other values (dicts with the same keys), in one driver-level executemany."""
+    if not rows:
+        return
+    columns = tuple(name for name in rows[0] if name != key)
+    connection = session.connection()
+    sql, converters = _update_plan(table, columns, key, connection.dialect.name)
+    _executemany(connection, sql, _driver_values(rows, (*columns, key), converters))
 
 
 def insert_values(session: Session, table: Table, columns: tuple[str, ...], values: Sequence[tuple]) -> None:

@@ -1,7 +1,11 @@
 """Carts and orders derived from e-commerce events, independent of the order events arrive in.
 
 They are rebuilt from a customer's whole commerce history whenever a batch brings that customer a
-commerce event (or a merge), so a late or shuffled event lands exactly where it belongs:
+commerce event (or a merge), so a late or shuffled event lands exactly where it belongs — except in
+the common case that needs no history: a customer whose new events are all product events, later
+than every commerce event stored for them, and not merged. Their open cart is carried forward from
+its stored row (``carts.lines`` keeps every line, including those removed down to zero), which gives
+the same row a rebuild would (:func:`plan_commerce`, :func:`apply_commerce`). The rules:
 
 - An ``Order Completed`` on any channel (web, app, a store's POS; with or without ``cart_id``) is an
   order, and converts every cart activity before it (at the same instant counts as before).
@@ -34,6 +38,7 @@ from profiles.bulk import (
     list_param,
     read_json,
     read_timestamp,
+    update_rows,
 )
 from profiles.identity import chunked
 from profiles.models import Cart, CartStatus, Order, OrderStatus
@@ -95,6 +100,23 @@ class _CartState:
         self.cart_id = _text(props.get("cart_id")) or self.cart_id
         self.currency = _text(props.get("currency")) or self.currency
 
+    @classmethod
+    def from_stored(
+        cls, lines: Any, started_at: Any, updated_at: Any, cart_id: str | None, currency: str | None
+    ) -> _CartState:
+        """The state of an open cart from its stored row (``lines`` as :meth:`row` wrote them).
+
+        ``currency`` is stored cut to three characters; carrying the cut one forward gives the same row,
+        since the row cuts it again.
+        """
+        return cls(
+            lines={key: {**line, "quantity": float(line["quantity"])} for key, line in read_json(lines)},
+            started_at=read_timestamp(started_at),
+            updated_at=read_timestamp(updated_at),
+            cart_id=cart_id,
+            currency=currency,
+        )
+
     def row(self, customer_id: int, status: str, **extra: Any) -> dict[str, Any]:
         items = []
         for line in self.lines.values():
@@ -114,6 +136,8 @@ class _CartState:
             "updated_at": self.updated_at,
             "converted_at": extra.get("converted_at"),
             "order_id": extra.get("order_id"),
+            # Only an open cart is carried forward.
+            "lines": [[key, line] for key, line in self.lines.items()] if status == CartStatus.OPEN else None,
         }
 
 
@@ -219,6 +243,7 @@ CART_COLUMNS = (
     "updated_at",
     "converted_at",
     "order_id",
+    "lines",
 )
 ORDER_COLUMNS = (
     "order_id",
@@ -242,7 +267,7 @@ def _row_key(row: Any, columns: Sequence[str]) -> tuple:
     """A derived row, or a stored one read below SQLAlchemy, as a comparable tuple of its content."""
     key = []
     for name, value in zip(columns, row, strict=True):
-        if name == "items":
+        if name in ("items", "lines"):
             value = orjson.dumps(read_json(value), option=orjson.OPT_SORT_KEYS)
         elif name in _TIMESTAMPS:
             value = read_timestamp(value)
@@ -325,3 +350,97 @@ def rebuild_commerce(session: Session, customer_ids: Iterable[int]) -> None:
             )
         insert_rows(session, Cart.__table__, insert_carts)
         insert_rows(session, Order.__table__, insert_orders)
+
+
+@dataclass
+class CommercePlan:
+    """What a batch's commerce events need, decided before the batch's events are stored."""
+
+    # Customers whose open cart is carried forward by their new product events (time-ordered).
+    carry: dict[int, list[CommerceEvent]]
+    # Customers whose carts and orders are re-derived from their whole commerce history.
+    rebuild: set[int]
+
+
+def plan_commerce(
+    session: Session, product_events: dict[int, list[CommerceEvent]], rebuild: Iterable[int]
+) -> CommercePlan:
+    """Split a batch's commerce customers into carried-forward carts and full rebuilds.
+
+    ``product_events`` are the batch's Product Added / Removed events by customer; ``rebuild`` the
+    customers that must be re-derived anyway (another commerce event in the batch, or a merge). Must
+    run before the batch's events are stored: a customer is carried forward only when each of their
+    new events is later than every commerce event already stored for them, so that applying the new
+    events after the stored state is the order a rebuild would apply them in (at the same instant a
+    rebuild orders by message id, so a tie means a rebuild).
+    """
+    rebuild = set(rebuild)
+    candidates = {c: events for c, events in product_events.items() if c not in rebuild}
+    latest = _latest_commerce(session, sorted(candidates))
+    carry: dict[int, list[CommerceEvent]] = {}
+    for customer_id, events in candidates.items():
+        events.sort(key=lambda e: (e.occurred_at, e.message_id))
+        stored = latest.get(customer_id)
+        if stored is None or events[0].occurred_at > stored:
+            carry[customer_id] = events
+        else:
+            rebuild.add(customer_id)
+    return CommercePlan(carry, rebuild)
+
+
+def apply_commerce(session: Session, plan: CommercePlan) -> None:
+    """Write a batch's carts and orders (after its events are stored), as :func:`plan_commerce` planned."""
+    rebuild = plan.rebuild | _carry_carts(session, plan.carry)
+    rebuild_commerce(session, rebuild)
+
+
+def _latest_commerce(session: Session, customer_ids: Sequence[int]) -> dict[int, datetime]:
+    """The time of each customer's latest stored commerce event (customers without one are absent)."""
+    dialect = dialect_of(session)
+    sql = (
+        "SELECT customer_id, max(occurred_at) FROM events "
+        f"WHERE {in_list('customer_id', dialect)} AND name IN ({_NAMES_SQL}) GROUP BY customer_id"
+    )
+    latest: dict[int, datetime] = {}
+    for chunk in chunked(customer_ids, 5000):
+        for customer_id, occurred_at in execute_sql(session, sql, (list_param(chunk, dialect),)):
+            latest[customer_id] = read_timestamp(occurred_at)
+    return latest
+
+
+# What new product events change on a stored open cart (its customer, status and start stay).
+_CARRIED = ("cart_id", "items", "item_count", "value", "currency", "updated_at", "lines")
+
+
+def _carry_carts(session: Session, carry: dict[int, list[CommerceEvent]]) -> set[int]:
+    """Apply new product events to their customers' stored open carts; return the customers whose
+    open cart cannot be carried forward (a row without ``lines``, written before they were kept)."""
+    if not carry:
+        return set()
+    dialect = dialect_of(session)
+    sql = (
+        "SELECT id, customer_id, lines, started_at, updated_at, cart_id, currency FROM carts "
+        f"WHERE {in_list('customer_id', dialect)} AND status = '{CartStatus.OPEN.value}'"
+    )
+    stored: dict[int, list[tuple]] = defaultdict(list)
+    for chunk in chunked(sorted(carry), 5000):
+        for row in execute_sql(session, sql, (list_param(chunk, dialect),)):
+            stored[row[1]].append(row)
+    unusable = {c for c, rows in stored.items() if len(rows) > 1 or read_json(rows[0][2]) is None}
+    inserts: list[dict[str, Any]] = []
+    updates: list[dict[str, Any]] = []
+    for customer_id, events in carry.items():
+        if customer_id in unusable:
+            continue
+        rows = stored.get(customer_id)
+        cart = _CartState.from_stored(*rows[0][2:]) if rows else _CartState()
+        for event in events:
+            cart.apply(event.name, event.properties, event.occurred_at)
+        row = cart.row(customer_id, CartStatus.OPEN.value)
+        if rows:
+            updates.append({"id": rows[0][0], **{name: row[name] for name in _CARRIED}})
+        else:
+            inserts.append(row)
+    update_rows(session, Cart.__table__, "id", updates)
+    insert_rows(session, Cart.__table__, inserts)
+    return unusable

@@ -50,15 +50,16 @@ from profiles.bulk import (
     insert_values,
     json_text,
     list_param,
+    read_timestamp,
     timestamp_param,
 )
-from profiles.commerce import rebuild_commerce
+from profiles.commerce import CommerceEvent, apply_commerce, plan_commerce
 from profiles.consent import ConsentDecision, apply_consents
 from profiles.db import session_scope, utcnow
 from profiles.identity import PROFILE_COLUMNS, chunked, resolve_customers
 from profiles.models import Customer, Event, RejectedEvent
 from profiles.reader import LineChunk, RawItem, iter_input, parse_chunk
-from profiles.segment import COMMERCE_EVENTS, Rejected, validate_payload
+from profiles.segment import COMMERCE_EVENTS, PRODUCT_EVENTS, Rejected, validate_payload
 
 SAMPLE_REJECTIONS = 20
 # Serialises ingestion batches across processes on PostgreSQL (SQLite's BEGIN IMMEDIATE does it there).
@@ -388,6 +389,7 @@ def store_prepared(session: Session, batch: PreparedBatch, *, now: datetime) -> 
 
     if events:
         customer_ids, merged = resolve_customers(session, events, now=now)
+        commerce = plan_commerce(session, *_commerce_events(events, customer_ids, merged))
         received = timestamp_param(dialect_of(session))(now)
         insert_values(
             session,
@@ -412,12 +414,7 @@ def store_prepared(session: Session, batch: PreparedBatch, *, now: datetime) -> 
                 for channel, status, source in change.consents
             ),
         )
-        commerce = {
-            customer_id
-            for e, customer_id in zip(events, customer_ids, strict=True)
-            if e.type == "track" and e.name in COMMERCE_EVENTS
-        }
-        rebuild_commerce(session, commerce | merged)
+        apply_commerce(session, commerce)
     insert_rows(
         session,
         RejectedEvent.__table__,
@@ -429,6 +426,26 @@ def store_prepared(session: Session, batch: PreparedBatch, *, now: datetime) -> 
     result.accepted = len(events)
     result.rejected = len(batch.rejected)
     return result
+
+
+def _commerce_events(
+    events: Sequence[PreparedEvent], customer_ids: Sequence[int], merged: set[int]
+) -> tuple[dict[int, list[CommerceEvent]], set[int]]:
+    """The batch's product events by customer, and the customers whose commerce must be re-derived
+    whatever the store holds: those with another commerce event in the batch, and merge survivors."""
+    products: dict[int, list[CommerceEvent]] = defaultdict(list)
+    rebuild = set(merged)
+    for event, customer_id in zip(events, customer_ids, strict=True):
+        if event.type != "track" or event.name not in COMMERCE_EVENTS:
+            continue
+        if event.name in PRODUCT_EVENTS:
+            row = event.row  # message_id, type, name, channel, properties, context, ..., occurred_at
+            products[customer_id].append(
+                CommerceEvent(event.name, row[3], row[0], orjson.loads(row[4]) or {}, read_timestamp(row[8]))
+            )
+        else:
+            rebuild.add(customer_id)
+    return products, rebuild
 
 
 def _existing_message_ids(session: Session, message_ids: Sequence[str]) -> set[str]:

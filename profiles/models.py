@@ -218,6 +218,10 @@ class Cart(SQLModel, table=True):
     updated_at: datetime | None = _ts(nullable=False)
     converted_at: datetime | None = _ts()
     order_id: str | None = Field(default=None, sa_column=Column(String(255)))
+    # The open cart's every line, [[key, line], ...] in first-seen order, including lines removed down
+    # to zero, which items leaves out: what ingest needs to carry the cart forward from this row alone
+    # (profiles.commerce). Null on converted carts.
+    lines: list | None = Field(default=None, sa_column=Column(JSONType, nullable=True))
 
 
 class OrderStatus(StrEnum):

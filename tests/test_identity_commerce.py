@@ -392,3 +392,111 @@ def _empty_store(engine):
     with engine.begin() as conn:
         for table in reversed(metadata.sorted_tables):
             conn.execute(table.delete())
+
+
+# --- Open carts carried forward by new product events (profiles.commerce.plan_commerce) ---
+
+
+def cart_rows(engine):
+    """Every cart's whole content, items in their order: what a rebuild must reproduce exactly."""
+    return sorted(
+        (
+            c.customer_id,
+            c.status,
+            c.cart_id,
+            c.items,
+            c.item_count,
+            c.value,
+            c.currency,
+            c.started_at,
+            c.updated_at,
+            c.converted_at,
+            c.order_id,
+            c.lines,
+        )
+        for c in all_rows(engine, Cart)
+    )
+
+
+def random_commerce(rng, customers=3, steps=60):
+    """Time-ordered product events with removals below zero, re-adds, price, currency and cart id
+    changes, and an occasional order, for a few customers."""
+    payloads = []
+    for step in range(steps):
+        who = {"userId": f"r{rng.randrange(customers)}"}
+        at = f"2026-06-02T{8 + step // 60:02d}:{step % 60:02d}:00Z"
+        product = rng.choice(["tee", "cap", "sock", "hat"])
+        roll = rng.random()
+        if roll < 0.55:
+            extra = {}
+            if rng.random() < 0.3:
+                extra["currency"] = rng.choice(["EUR", "USD", "GBPX"])
+            if rng.random() < 0.3:
+                extra["cart_id"] = f"c-{step}"
+            payloads.append(
+                add(f"r{step}", who, product, rng.choice([5.0, 7.5, 12.25]), rng.randint(1, 3), at, **extra)
+            )
+        elif roll < 0.9:
+            payloads.append(remove(f"r{step}", who, product, rng.randint(1, 3), at))
+        else:
+            payloads.append(completed(f"r{step}", who, f"o-{step}", 10.0, at))
+    return payloads
+
+
+def test_carts_carried_forward_event_by_event_equal_a_rebuild_from_the_whole_history(engine):
+    from profiles.commerce import rebuild_commerce
+
+    rng = random.Random(11)
+    payloads = random_commerce(rng)
+    open_ids = {}
+    for payload in payloads:
+        # One event a run: each product event is later than everything stored, so the open cart is
+        # carried forward from its row, in place.
+        ingest(engine, payload)
+        carts = {c.customer_id: c.id for c in all_rows(engine, Cart, Cart.status == "open")}
+        customer = customer_of(engine, payload["userId"])
+        if payload["event"] != "Order Completed" and customer in open_ids and customer in carts:
+            assert carts[customer] == open_ids[customer], "the open cart is updated in place"
+        open_ids = carts
+    carried = cart_rows(engine)
+    assert any(row[1] == "open" for row in carried)
+    assert any(line["quantity"] <= 0 for row in carried if row[1] == "open" for _, line in row[-1]), (
+        "the history has a line removed down to zero that the items leave out"
+    )
+    with session_scope(engine) as session:
+        rebuild_commerce(session, [c.id for c in all_rows(engine, Customer)])
+    assert cart_rows(engine) == carried
+
+
+def customer_of(engine, user_id):
+    with session_scope(engine) as s:
+        return resolve_customer_key(s, user_id)
+
+
+def test_late_tied_and_merged_product_events_are_re_derived_not_carried(engine):
+    from profiles.commerce import CommerceEvent, plan_commerce
+
+    ingest(engine, add("1", USER, "tee", 20.0, at=ts(9)), add("2", {"userId": "u2"}, "cap", 5.0, at=ts(9)))
+    ana, bob = customer_of(engine, "u1"), customer_of(engine, "u2")
+    at = datetime(2026, 6, 2, 9, 0, tzinfo=UTC)
+
+    def event(hour):
+        return CommerceEvent("Product Added", "web", f"m{hour}", {"product_id": "x"}, at.replace(hour=hour))
+
+    with session_scope(engine) as session:
+        plan = plan_commerce(session, {ana: [event(10)], bob: [event(9)], 999: [event(8)]}, set())
+        assert set(plan.carry) == {ana, 999}  # later than the stored history; no history at all
+        assert plan.rebuild == {bob}  # the same instant as a stored event: a rebuild orders them
+        plan = plan_commerce(session, {ana: [event(10)]}, {ana})
+        assert (plan.carry, plan.rebuild) == ({}, {ana})  # merged (or another commerce event)
+
+
+def test_open_cart_written_before_lines_were_kept_is_re_derived(engine):
+    ingest(engine, add("1", USER, "tee", 20.0, at=ts(9)), remove("2", USER, "tee", at=ts(9, 5)))
+    with engine.begin() as conn:
+        conn.execute(Cart.__table__.update().values(lines=None))
+    ingest(engine, add("3", USER, "tee", 20.0, at=ts(9, 10)))
+    [cart] = all_rows(engine, Cart)
+    # Removed down to zero, then added again: one tee, and the lines kept from now on.
+    assert (cart.item_count, cart.value) == (1, 20.0)
+    assert [key for key, _ in cart.lines] == ["tee"]
