@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import orjson
-from sqlalchemy import Engine, bindparam, select, text, update
+from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from omni.collector import collect_now, collector_paused
@@ -50,8 +50,10 @@ from profiles.bulk import (
     insert_values,
     json_text,
     list_param,
+    read_json,
     read_timestamp,
     timestamp_param,
+    update_rows,
 )
 from profiles.commerce import CommerceEvent, apply_commerce, plan_commerce
 from profiles.consent import ConsentDecision, apply_consents
@@ -475,22 +477,21 @@ def _apply_profiles(session: Session, changes: Sequence[tuple[int, ProfileUpdate
     touched = sorted(set(identifies) | set(zones))
     if not touched:
         return
-    table = Customer.__table__
-    columns = [
-        table.c.id,
-        table.c.traits,
-        table.c.traits_at,
-        table.c.context_timezone,
-        table.c.context_timezone_at,
-    ]
-    columns += [table.c[name] for name in PROFILE_COLUMNS]
+    dialect = dialect_of(session)
+    sql = (
+        f"SELECT id, traits, traits_at, context_timezone, context_timezone_at, {', '.join(PROFILE_COLUMNS)}"
+        f" FROM customers WHERE {in_list('id', dialect)}"
+    )
     updates: list[dict[str, Any]] = []
-    for chunk in chunked(touched):
-        for row in session.execute(select(*columns).where(table.c.id.in_(chunk))):
-            values = {name: getattr(row, name) for name in PROFILE_COLUMNS}
-            traits = dict(row.traits or {})
-            traits_at = row.traits_at
-            for payload in sorted(identifies.get(row.id, ()), key=lambda u: u.occurred_at):
+    for chunk in chunked(touched, 5000):
+        for customer_id, stored_traits, stored_traits_at, zone, zone_at, *profile in execute_sql(
+            session, sql, (list_param(chunk, dialect),)
+        ):
+            values = dict(zip(PROFILE_COLUMNS, profile, strict=True))
+            traits = dict(read_json(stored_traits) or {})
+            traits_at = read_timestamp(stored_traits_at)
+            zone_at = read_timestamp(zone_at)
+            for payload in sorted(identifies.get(customer_id, ()), key=lambda u: u.occurred_at):
                 if traits_at is None or payload.occurred_at >= traits_at:
                     traits.update(payload.traits or {})
                     values.update(payload.profile)
@@ -501,14 +502,13 @@ def _apply_profiles(session: Session, changes: Sequence[tuple[int, ProfileUpdate
                     for key, value in payload.profile.items():
                         if values.get(key) is None:
                             values[key] = value
-            zone, zone_at = row.context_timezone, row.context_timezone_at
-            if row.id in zones:
-                at, name = zones[row.id]
+            if customer_id in zones:
+                at, name = zones[customer_id]
                 if zone_at is None or at >= zone_at:
                     zone, zone_at = name, at
             updates.append(
                 {
-                    "b_id": row.id,
+                    "id": customer_id,
                     **values,
                     "traits": traits,
                     "traits_at": traits_at,
@@ -517,4 +517,4 @@ def _apply_profiles(session: Session, changes: Sequence[tuple[int, ProfileUpdate
                     "updated_at": now,
                 }
             )
-    session.execute(update(table).where(table.c.id == bindparam("b_id")), updates)
+    update_rows(session, Customer.__table__, "id", updates)
