@@ -45,6 +45,9 @@ from profiles.models import Cart, CartStatus, Order, OrderStatus
 from profiles.segment import COMMERCE_EVENTS, ORDER_COMPLETED, ORDER_UPDATED, PRODUCT_EVENTS
 
 FULFILLMENTS = ("ship", "pickup", "in_store")
+# Events whose effect can be carried forward from the stored state (see plan_commerce); an Order
+# Updated always means a rebuild.
+CARRIED_EVENTS = PRODUCT_EVENTS | {ORDER_COMPLETED}
 ORDER_STATUSES = tuple(s.value for s in OrderStatus)
 
 
@@ -356,32 +359,40 @@ def rebuild_commerce(session: Session, customer_ids: Iterable[int]) -> None:
 class CommercePlan:
     """What a batch's commerce events need, decided before the batch's events are stored."""
 
-    # Customers whose open cart is carried forward by their new product events (time-ordered).
+    # Customers whose carts and orders are carried forward by their new events (in derivation order).
     carry: dict[int, list[CommerceEvent]]
     # Customers whose carts and orders are re-derived from their whole commerce history.
     rebuild: set[int]
 
 
-def plan_commerce(
-    session: Session, product_events: dict[int, list[CommerceEvent]], rebuild: Iterable[int]
-) -> CommercePlan:
-    """Split a batch's commerce customers into carried-forward carts and full rebuilds.
+def _derivation_order(event: CommerceEvent) -> tuple:
+    # As derive_commerce orders events: at the same instant an order comes after the activity it converts.
+    return (event.occurred_at, event.name == ORDER_COMPLETED, event.message_id)
 
-    ``product_events`` are the batch's Product Added / Removed events by customer; ``rebuild`` the
-    customers that must be re-derived anyway (another commerce event in the batch, or a merge). Must
-    run before the batch's events are stored: a customer is carried forward only when each of their
-    new events is later than every commerce event already stored for them, so that applying the new
-    events after the stored state is the order a rebuild would apply them in (at the same instant a
-    rebuild orders by message id, so a tie means a rebuild).
+
+def plan_commerce(
+    session: Session, new_events: dict[int, list[CommerceEvent]], rebuild: Iterable[int]
+) -> CommercePlan:
+    """Split a batch's commerce customers into carried-forward carts and orders and full rebuilds.
+
+    ``new_events`` are the batch's Product Added / Product Removed / Order Completed events by
+    customer; ``rebuild`` the customers that must be re-derived anyway (an Order Updated in the batch,
+    or a merge). Must run before the batch's events are stored. A customer is carried forward only
+    when each of their new events is later than every commerce event already stored for them, so that
+    applying the new events after the stored state is the order a rebuild would apply them in (at the
+    same instant a rebuild orders by message id, so a tie means a rebuild); and, for a new order, when
+    no Order Updated is stored for them (a rebuild applies updates to orders whatever their time, so
+    one could be waiting for this order).
     """
     rebuild = set(rebuild)
-    candidates = {c: events for c, events in product_events.items() if c not in rebuild}
-    latest = _latest_commerce(session, sorted(candidates))
+    candidates = {c: events for c, events in new_events.items() if c not in rebuild}
+    stored = _stored_commerce(session, sorted(candidates))
     carry: dict[int, list[CommerceEvent]] = {}
     for customer_id, events in candidates.items():
-        events.sort(key=lambda e: (e.occurred_at, e.message_id))
-        stored = latest.get(customer_id)
-        if stored is None or events[0].occurred_at > stored:
+        events.sort(key=_derivation_order)
+        latest, has_updates = stored.get(customer_id, (None, False))
+        later = latest is None or events[0].occurred_at > latest
+        if later and not (has_updates and any(e.name == ORDER_COMPLETED for e in events)):
             carry[customer_id] = events
         else:
             rebuild.add(customer_id)
@@ -390,31 +401,37 @@ def plan_commerce(
 
 def apply_commerce(session: Session, plan: CommercePlan) -> None:
     """Write a batch's carts and orders (after its events are stored), as :func:`plan_commerce` planned."""
-    rebuild = plan.rebuild | _carry_carts(session, plan.carry)
+    rebuild = plan.rebuild | _carry_forward(session, plan.carry)
     rebuild_commerce(session, rebuild)
 
 
-def _latest_commerce(session: Session, customer_ids: Sequence[int]) -> dict[int, datetime]:
-    """The time of each customer's latest stored commerce event (customers without one are absent)."""
+def _stored_commerce(session: Session, customer_ids: Sequence[int]) -> dict[int, tuple[datetime, bool]]:
+    """For each customer with stored commerce events: the latest one's time, and whether an Order
+    Updated is among them."""
     dialect = dialect_of(session)
+    updated = "'" + ORDER_UPDATED.replace("'", "''") + "'"
     sql = (
-        "SELECT customer_id, max(occurred_at) FROM events "
-        f"WHERE {in_list('customer_id', dialect)} AND name IN ({_NAMES_SQL}) GROUP BY customer_id"
+        f"SELECT customer_id, max(occurred_at), max(CASE WHEN name = {updated} THEN 1 ELSE 0 END) "
+        f"FROM events WHERE {in_list('customer_id', dialect)} AND name IN ({_NAMES_SQL}) "
+        "GROUP BY customer_id"
     )
-    latest: dict[int, datetime] = {}
+    stored: dict[int, tuple[datetime, bool]] = {}
     for chunk in chunked(customer_ids, 5000):
-        for customer_id, occurred_at in execute_sql(session, sql, (list_param(chunk, dialect),)):
-            latest[customer_id] = read_timestamp(occurred_at)
-    return latest
+        for customer_id, occurred_at, has_updates in execute_sql(session, sql, (list_param(chunk, dialect),)):
+            stored[customer_id] = (read_timestamp(occurred_at), bool(has_updates))
+    return stored
 
 
-# What new product events change on a stored open cart (its customer, status and start stay).
+# What new product events change on a stored open cart (its customer, status and start stay), and
+# what an order converting it changes besides.
 _CARRIED = ("cart_id", "items", "item_count", "value", "currency", "updated_at", "lines")
+_CONVERTED = (*_CARRIED, "status", "converted_at", "order_id")
 
 
-def _carry_carts(session: Session, carry: dict[int, list[CommerceEvent]]) -> set[int]:
-    """Apply new product events to their customers' stored open carts; return the customers whose
-    open cart cannot be carried forward (a row without ``lines``, written before they were kept)."""
+def _carry_forward(session: Session, carry: dict[int, list[CommerceEvent]]) -> set[int]:
+    """Apply new commerce events to their customers' stored open carts, converting them on an order;
+    return the customers that cannot be carried forward (an open cart row without ``lines``, written
+    before they were kept), left for a rebuild."""
     if not carry:
         return set()
     dialect = dialect_of(session)
@@ -428,19 +445,50 @@ def _carry_carts(session: Session, carry: dict[int, list[CommerceEvent]]) -> set
             stored[row[1]].append(row)
     unusable = {c for c, rows in stored.items() if len(rows) > 1 or read_json(rows[0][2]) is None}
     inserts: list[dict[str, Any]] = []
-    updates: list[dict[str, Any]] = []
+    carried: list[dict[str, Any]] = []
+    converted: list[dict[str, Any]] = []
+    orders: dict[str, dict[str, Any]] = {}
     for customer_id, events in carry.items():
         if customer_id in unusable:
             continue
         rows = stored.get(customer_id)
         cart = _CartState.from_stored(*rows[0][2:]) if rows else _CartState()
+        stored_id = rows[0][0] if rows else None
         for event in events:
-            cart.apply(event.name, event.properties, event.occurred_at)
-        row = cart.row(customer_id, CartStatus.OPEN.value)
-        if rows:
-            updates.append({"id": rows[0][0], **{name: row[name] for name in _CARRIED}})
-        else:
-            inserts.append(row)
-    update_rows(session, Cart.__table__, "id", updates)
+            if event.name != ORDER_COMPLETED:
+                cart.apply(event.name, event.properties, event.occurred_at)
+                continue
+            order = _order_row(customer_id, event)
+            orders[order["order_id"]] = order
+            if cart.started_at is not None:
+                row = cart.row(
+                    customer_id,
+                    CartStatus.CONVERTED.value,
+                    converted_at=event.occurred_at,
+                    order_id=order["order_id"],
+                )
+                if stored_id is None:
+                    inserts.append(row)
+                else:
+                    converted.append({"id": stored_id, **{name: row[name] for name in _CONVERTED}})
+                    stored_id = None
+            cart = _CartState()
+        if cart.started_at is not None:
+            row = cart.row(customer_id, CartStatus.OPEN.value)
+            if stored_id is None:
+                inserts.append(row)
+            else:
+                carried.append({"id": stored_id, **{name: row[name] for name in _CARRIED}})
+    update_rows(session, Cart.__table__, "id", carried)
+    update_rows(session, Cart.__table__, "id", converted)
     insert_rows(session, Cart.__table__, inserts)
+    if orders:
+        # An order id derived before (for this customer or another) is replaced: the latest wins.
+        for chunk in chunked(sorted(orders), 5000):
+            execute_sql(
+                session,
+                f"DELETE FROM orders WHERE {in_list('order_id', dialect)}",
+                (list_param(chunk, dialect),),
+            )
+        insert_rows(session, Order.__table__, list(orders.values()))
     return unusable

@@ -55,13 +55,13 @@ from profiles.bulk import (
     timestamp_param,
     update_rows,
 )
-from profiles.commerce import CommerceEvent, apply_commerce, plan_commerce
+from profiles.commerce import CARRIED_EVENTS, CommerceEvent, apply_commerce, plan_commerce
 from profiles.consent import ConsentDecision, apply_consents
 from profiles.db import session_scope, utcnow
 from profiles.identity import PROFILE_COLUMNS, chunked, resolve_customers
 from profiles.models import Customer, Event, RejectedEvent
 from profiles.reader import LineChunk, RawItem, iter_input, parse_chunk
-from profiles.segment import COMMERCE_EVENTS, PRODUCT_EVENTS, Rejected, validate_payload
+from profiles.segment import COMMERCE_EVENTS, Rejected, validate_payload
 
 SAMPLE_REJECTIONS = 20
 # Serialises ingestion batches across processes on PostgreSQL (SQLite's BEGIN IMMEDIATE does it there).
@@ -433,21 +433,22 @@ def store_prepared(session: Session, batch: PreparedBatch, *, now: datetime) -> 
 def _commerce_events(
     events: Sequence[PreparedEvent], customer_ids: Sequence[int], merged: set[int]
 ) -> tuple[dict[int, list[CommerceEvent]], set[int]]:
-    """The batch's product events by customer, and the customers whose commerce must be re-derived
-    whatever the store holds: those with another commerce event in the batch, and merge survivors."""
-    products: dict[int, list[CommerceEvent]] = defaultdict(list)
+    """The batch's product and Order Completed events by customer, and the customers whose commerce
+    must be re-derived whatever the store holds: those with an Order Updated in the batch, and merge
+    survivors (see :func:`profiles.commerce.plan_commerce`)."""
+    carried: dict[int, list[CommerceEvent]] = defaultdict(list)
     rebuild = set(merged)
     for event, customer_id in zip(events, customer_ids, strict=True):
         if event.type != "track" or event.name not in COMMERCE_EVENTS:
             continue
-        if event.name in PRODUCT_EVENTS:
+        if event.name in CARRIED_EVENTS:
             row = event.row  # message_id, type, name, channel, properties, context, ..., occurred_at
-            products[customer_id].append(
+            carried[customer_id].append(
                 CommerceEvent(event.name, row[3], row[0], orjson.loads(row[4]) or {}, read_timestamp(row[8]))
             )
         else:
             rebuild.add(customer_id)
-    return products, rebuild
+    return carried, rebuild
 
 
 def _existing_message_ids(session: Session, message_ids: Sequence[str]) -> set[str]:
