@@ -435,9 +435,11 @@ def _carry_forward(session: Session, carry: dict[int, list[CommerceEvent]]) -> s
     if not carry:
         return set()
     dialect = dialect_of(session)
+    # "status || ''": not a term ix_carts_status_updated can serve, so that SQLite looks the carts up
+    # by customer (a few rows each) instead of scanning every open cart in the store for each batch.
     sql = (
         "SELECT id, customer_id, lines, started_at, updated_at, cart_id, currency FROM carts "
-        f"WHERE {in_list('customer_id', dialect)} AND status = '{CartStatus.OPEN.value}'"
+        f"WHERE {in_list('customer_id', dialect)} AND status || '' = '{CartStatus.OPEN.value}'"
     )
     stored: dict[int, list[tuple]] = defaultdict(list)
     for chunk in chunked(sorted(carry), 5000):
