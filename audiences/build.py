@@ -6,8 +6,8 @@ A build of one audience is one transaction, and its compiled condition runs once
   which any statement that writes forbids), then one statement: a FULL JOIN of those ids with the
   audience's open memberships gives who enters and who leaves, and data-modifying CTEs close the open
   rows of those who left (``exited_at = now``, by ctid) and insert a row for each newcomer
-  (``entered_at = now``). When the audience has no open row (a first build), the ids are inserted
-  straight from the temporary table.
+  (``entered_at = now``). When the audience has no open row (a first build), the query sorts the ids
+  (in its workers) and they are inserted straight from the temporary table, in that order.
 - SQLite (no data-modifying CTEs): the ids go into a temporary table, then ``UPDATE ... WHERE NOT
   EXISTS`` closes and ``INSERT ... SELECT ... WHERE NOT EXISTS`` opens rows. When the audience has no
   open row (a first build), the ids are inserted straight from the condition.
@@ -186,18 +186,23 @@ def _write_members_postgresql(
     1. ``CREATE TEMPORARY TABLE ... AS`` the audience query: unlike ``INSERT ... SELECT`` (or any
        statement that writes), it may run the query with parallel workers, as the query alone would.
     2. When the audience has no open row (a first build, or an audience that was empty), every id
-       enters: one ``INSERT ... SELECT`` of those ids. Otherwise one statement, one snapshot: a FULL
-       JOIN of those ids with the audience's open rows (which PostgreSQL can only run as a hash or
-       merge join, so no estimate turns it into a scan per row) gives who enters and who leaves; two
-       data-modifying CTEs close and open the rows.
+       enters: one ``INSERT ... SELECT`` of those ids, which statement 1 sorted. Otherwise one
+       statement, one snapshot: a FULL JOIN of those ids with the audience's open rows (which
+       PostgreSQL can only run as a hash or merge join, so no estimate turns it into a scan per row)
+       gives who enters and who leaves; two data-modifying CTEs close and open the rows.
     """
     first = not _has_open_rows(conn, name)
+    if first:
+        # Every id enters, in id order (ids are numbered as customers are, so the inserts into the
+        # one-open-row index stay local). The query sorts them in its parallel workers, rather than the
+        # INSERT alone after it; the temporary table, written and then read in that order (a new table
+        # read by a sequential scan), hands them over sorted. The order only matters for speed.
+        statement = statement.order_by(None).order_by(statement.selected_columns[0])
     size = conn.execute(_CreateTempAs(new_members.name, statement), execution_options=ROWCOUNT).rowcount
     new = new_members.c.customer_id
     if first:
-        # In id order: ids are numbered as customers are, and index inserts stay local.
         opened = insert(memberships).from_select(
-            ["audience", "customer_id", "entered_at"], _new_rows(name, new, now).order_by(new)
+            ["audience", "customer_id", "entered_at"], _new_rows(name, new, now)
         )
         exited, entered = 0, conn.execute(opened, execution_options=ROWCOUNT).rowcount
     else:
@@ -229,7 +234,7 @@ def _diff_statement(name: str, now: datetime) -> Select:
         update(memberships)
         .where(row == any_(func.array(leaving)))
         .values(exited_at=now)
-        .returning(memberships.c.id)
+        .returning(memberships.c.customer_id)
         .cte("omni_closed")
     )
     opened = (
@@ -241,7 +246,7 @@ def _diff_statement(name: str, now: datetime) -> Select:
             .where(diff.c.entering.is_not(None))
             .order_by(diff.c.entering),
         )
-        .returning(memberships.c.id)
+        .returning(memberships.c.customer_id)
         .cte("omni_opened")
     )
     return select(

@@ -287,6 +287,14 @@ class AudienceMembership(SQLModel, table=True):
     never deleted: a merged customer keeps its row). So ``customer_id`` has no foreign key, whose check
     (one row lock in ``customers`` per member written) was most of a first build's cost on PostgreSQL,
     and no index of its own: every lookup names the audience (migration 0003).
+
+    No surrogate key either (migration 0005): nothing looks a stay up by its own id, and on PostgreSQL
+    numbering each row (``nextval``) and indexing that number cost more than the row itself. The table
+    has no primary key; its one index is the one-open-row index below. A row is known by (audience,
+    customer_id, entered_at), which is the ORM's identity for it (``__mapper_args__``; no constraint in
+    the database: a stay that opens and closes within builds at one ``now`` may share it). On
+    PostgreSQL the table's replica identity is FULL, so that logical replication of its updates
+    (``exited_at``) keeps working without a key.
     """
 
     __tablename__ = "audience_memberships"
@@ -302,8 +310,8 @@ class AudienceMembership(SQLModel, table=True):
             postgresql_where=text("exited_at IS NULL"),
         ),
     )
+    __mapper_args__ = {"primary_key": ["audience", "customer_id", "entered_at"]}
 
-    id: int | None = _id_column()
     audience: str = Field(sa_column=Column(String(200), nullable=False))
     customer_id: int | None = Field(default=None, sa_column=Column(BigIntId, nullable=False))
     entered_at: datetime | None = _ts(nullable=False)

@@ -10,7 +10,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import insert, inspect, select
+from sqlalchemy import insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
 
@@ -82,26 +82,46 @@ def test_init_on_an_empty_database(blank_url):
     assert _init(blank_url)["changed"] is False
 
 
+def _seed_memberships(engine, stays):
+    """Two customers, and stays of theirs in one audience: (customer_id, exited_at), entered at T0."""
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Customer.__table__),
+            [
+                {"id": i, "email": email, "traits": {}, "created_at": T0, "updated_at": T0}
+                for i, email in [(1, "ann@example.org"), (2, None)]
+            ],
+        )
+        conn.execute(
+            insert(memberships),
+            [
+                {"audience": "reachable", "customer_id": customer, "entered_at": T0, "exited_at": exited}
+                for customer, exited in stays
+            ],
+        )
+
+
+def _builds_go_on_from_the_seeded_history(engine):
+    """After an upgrade: still one open row per customer, and a build goes on from the history as it
+    was: customer 2 (no email) leaves."""
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.execute(insert(memberships).values(audience="reachable", customer_id=1, entered_at=T0))
+    definitions = {
+        "reachable": parse_definition(
+            {"name": "reachable", "where": {"trait": "email", "exists": True}}, file="reachable.yaml"
+        )
+    }
+    later = T0 + timedelta(hours=1)
+    result = build_audience(engine, "reachable", now=later, definitions=definitions)
+    assert result.as_dict() == {"size": 1, "entered": 0, "exited": 1}
+    assert _memberships(engine) == [(1, T0, None), (2, T0, T0), (2, T0, later)]
+
+
 def test_upgrade_from_0002_keeps_memberships_without_the_customer_foreign_key(blank_url):
     engine = create_store_engine(blank_url)
     try:
         upgrade_schema(engine, "0002")
-        with engine.begin() as conn:
-            conn.execute(
-                insert(Customer.__table__),
-                [
-                    {"id": i, "email": email, "traits": {}, "created_at": T0, "updated_at": T0}
-                    for i, email in [(1, "ann@example.org"), (2, None)]
-                ],
-            )
-            conn.execute(
-                insert(memberships),
-                [
-                    {"audience": "reachable", "customer_id": 1, "entered_at": T0, "exited_at": None},
-                    {"audience": "reachable", "customer_id": 2, "entered_at": T0, "exited_at": T0},
-                    {"audience": "reachable", "customer_id": 2, "entered_at": T0, "exited_at": None},
-                ],
-            )
+        _seed_memberships(engine, [(1, None), (2, T0), (2, None)])
         before = _memberships(engine)
         assert _init(blank_url)["previous_revision"] == "0002"
         assert current_revision(engine) == head_revision()
@@ -111,18 +131,7 @@ def test_upgrade_from_0002_keeps_memberships_without_the_customer_foreign_key(bl
         assert [i["name"] for i in inspect(engine).get_indexes("audience_memberships")] == [
             "uq_audience_memberships_open"
         ]
-        with pytest.raises(IntegrityError), engine.begin() as conn:  # still one open row per customer
-            conn.execute(insert(memberships).values(audience="reachable", customer_id=1, entered_at=T0))
-        # Builds go on from the history as it was: customer 2 (no email) leaves.
-        definitions = {
-            "reachable": parse_definition(
-                {"name": "reachable", "where": {"trait": "email", "exists": True}}, file="reachable.yaml"
-            )
-        }
-        later = T0 + timedelta(hours=1)
-        result = build_audience(engine, "reachable", now=later, definitions=definitions)
-        assert result.as_dict() == {"size": 1, "entered": 0, "exited": 1}
-        assert _memberships(engine) == [(1, T0, None), (2, T0, T0), (2, T0, later)]
+        _builds_go_on_from_the_seeded_history(engine)
     finally:
         engine.dispose()
 
@@ -143,10 +152,91 @@ def test_downgrade_to_0002_and_upgrade_again(blank_url):
         engine.dispose()
 
 
+# --- 0005: memberships without the surrogate id ----------------------------------------------------
+
+
+def _replica_identity(engine) -> str:
+    with engine.connect() as conn:
+        return conn.execute(
+            text("SELECT relreplident FROM pg_class WHERE relname = 'audience_memberships'")
+        ).scalar_one()
+
+
+def test_upgrade_from_0004_drops_the_membership_id(blank_url):
+    engine = create_store_engine(blank_url)
+    try:
+        upgrade_schema(engine, "0004")
+        assert "id" in [c["name"] for c in inspect(engine).get_columns("audience_memberships")]
+        _seed_memberships(engine, [(2, T0), (1, None), (2, None)])
+        before = _memberships(engine)
+        assert _init(blank_url)["previous_revision"] == "0004"
+        assert current_revision(engine) == head_revision()
+        assert _memberships(engine) == before
+        _no_differences(engine)
+        schema = inspect(engine)
+        assert [c["name"] for c in schema.get_columns("audience_memberships")] == [
+            "audience",
+            "customer_id",
+            "entered_at",
+            "exited_at",
+        ]
+        assert schema.get_pk_constraint("audience_memberships")["constrained_columns"] == []
+        assert [i["name"] for i in schema.get_indexes("audience_memberships")] == [
+            "uq_audience_memberships_open"
+        ]
+        if engine.dialect.name == "postgresql":
+            assert _replica_identity(engine) == "f"  # logical replication can still publish its updates
+        _builds_go_on_from_the_seeded_history(engine)
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_to_0004_numbers_the_stays_in_order(blank_url):
+    engine = create_store_engine(blank_url)
+    t1, t2 = T0 + timedelta(hours=1), T0 + timedelta(hours=2)
+    try:
+        upgrade_schema(engine)
+        with engine.begin() as conn:
+            conn.execute(
+                insert(memberships),
+                [
+                    {"audience": "b", "customer_id": 1, "entered_at": t1, "exited_at": None},
+                    {"audience": "a", "customer_id": 2, "entered_at": T0, "exited_at": t1},
+                    {"audience": "a", "customer_id": 2, "entered_at": t2, "exited_at": None},
+                    {"audience": "a", "customer_id": 1, "entered_at": T0, "exited_at": None},
+                ],
+            )
+        command.downgrade(_alembic_config(engine), "0004")
+        assert current_revision(engine) == "0004"
+        assert inspect(engine).get_pk_constraint("audience_memberships")["constrained_columns"] == ["id"]
+        if engine.dialect.name == "postgresql":
+            assert _replica_identity(engine) == "d"
+        read = text("SELECT id, audience, customer_id FROM audience_memberships ORDER BY id")
+        with engine.begin() as conn:
+            assert [tuple(r) for r in conn.execute(read)] == [
+                (1, "a", 1),
+                (2, "a", 2),
+                (3, "b", 1),
+                (4, "a", 2),
+            ]
+            # New rows are numbered after them, as before 0005.
+            conn.execute(insert(memberships).values(audience="c", customer_id=3, entered_at=t2))
+            assert (
+                conn.execute(text("SELECT max(id) FROM audience_memberships WHERE audience = 'c'")).scalar()
+                == 5
+            )
+        upgrade_schema(engine)
+        assert current_revision(engine) == head_revision()
+        _no_differences(engine)
+        assert len(_memberships(engine)) == 5
+    finally:
+        engine.dispose()
+
+
 def _memberships(engine) -> list[tuple]:
     with engine.connect() as conn:
         return conn.execute(
             select(memberships.c.customer_id, memberships.c.entered_at, memberships.c.exited_at).order_by(
-                memberships.c.id
+                memberships.c.entered_at, memberships.c.customer_id, memberships.c.exited_at.nulls_last()
             )
         ).all()

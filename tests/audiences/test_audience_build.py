@@ -40,8 +40,9 @@ def _rows(engine) -> list[tuple]:
     names = user_ids(engine)
     with engine.connect() as conn:
         rows = conn.execute(
+            # In the order of the stays (the table has no surrogate id to order by).
             select(table.c.audience, table.c.customer_id, table.c.entered_at, table.c.exited_at).order_by(
-                table.c.id
+                table.c.entered_at, table.c.audience, table.c.customer_id, table.c.exited_at.nulls_last()
             )
         ).all()
     return [(a, names[c], entered, exited) for a, c, entered, exited in rows]
