@@ -2,10 +2,11 @@
 
 They are rebuilt from a customer's whole commerce history whenever a batch brings that customer a
 commerce event (or a merge), so a late or shuffled event lands exactly where it belongs — except in
-the common case that needs no history: a customer whose new events are all product events, later
-than every commerce event stored for them, and not merged. Their open cart is carried forward from
-its stored row (``carts.lines`` keeps every line, including those removed down to zero), which gives
-the same row a rebuild would (:func:`plan_commerce`, :func:`apply_commerce`). The rules:
+the common case that needs no history: a customer whose new events are product events and orders,
+later than every commerce event stored for them, with no Order Updated in play, and not merged. Their
+open cart is carried forward from its stored row (``carts.lines`` keeps every line, including those
+removed down to zero) and a new order converts it, which gives the same rows a rebuild would
+(:func:`plan_commerce`, :func:`apply_commerce`). The rules:
 
 - An ``Order Completed`` on any channel (web, app, a store's POS; with or without ``cart_id``) is an
   order, and converts every cart activity before it (at the same instant counts as before).
