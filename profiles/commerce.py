@@ -429,6 +429,18 @@ _CARRIED = ("cart_id", "items", "item_count", "value", "currency", "updated_at",
 _CONVERTED = (*_CARRIED, "status", "converted_at", "order_id")
 
 
+def open_carts_sql(dialect: str) -> str:
+    """The open carts of a list of customers (bound with ``list_param``), with what carrying them
+    forward needs."""
+    # "status || ''": not a term ix_carts_status_updated can serve, so that SQLite (without statistics)
+    # looks the carts up by customer, a few rows each, instead of scanning every open cart in the store
+    # for each batch (which made a 1,000,000-event ingest's carts 2.5 times slower).
+    return (
+        "SELECT id, customer_id, lines, started_at, updated_at, cart_id, currency FROM carts "
+        f"WHERE {in_list('customer_id', dialect)} AND status || '' = '{CartStatus.OPEN.value}'"
+    )
+
+
 def _carry_forward(session: Session, carry: dict[int, list[CommerceEvent]]) -> set[int]:
     """Apply new commerce events to their customers' stored open carts, converting them on an order;
     return the customers that cannot be carried forward (an open cart row without ``lines``, written
@@ -436,12 +448,7 @@ def _carry_forward(session: Session, carry: dict[int, list[CommerceEvent]]) -> s
     if not carry:
         return set()
     dialect = dialect_of(session)
-    # "status || ''": not a term ix_carts_status_updated can serve, so that SQLite looks the carts up
-    # by customer (a few rows each) instead of scanning every open cart in the store for each batch.
-    sql = (
-        "SELECT id, customer_id, lines, started_at, updated_at, cart_id, currency FROM carts "
-        f"WHERE {in_list('customer_id', dialect)} AND status || '' = '{CartStatus.OPEN.value}'"
-    )
+    sql = open_carts_sql(dialect)
     stored: dict[int, list[tuple]] = defaultdict(list)
     for chunk in chunked(sorted(carry), 5000):
         for row in execute_sql(session, sql, (list_param(chunk, dialect),)):

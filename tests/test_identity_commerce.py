@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime
 
+import pytest
 from sqlalchemy import select
 
 from profiles.db import session_scope
@@ -525,3 +526,16 @@ def test_open_cart_written_before_lines_were_kept_is_re_derived(engine):
     # Removed down to zero, then added again: one tee, and the lines kept from now on.
     assert (cart.item_count, cart.value) == (1, 20.0)
     assert [key for key, _ in cart.lines] == ["tee"]
+
+
+def test_open_carts_are_looked_up_by_customer_not_by_scanning_the_open_carts(engine):
+    """On SQLite without statistics, the status index looked cheaper than the customer index: every
+    batch then read every open cart in the store."""
+    from profiles.commerce import open_carts_sql
+
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL plans from its statistics")
+    with engine.connect() as conn:
+        plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + open_carts_sql("sqlite"), ("[1, 2]",)).fetchall()
+    steps = " / ".join(row[-1] for row in plan)
+    assert "carts USING INDEX ix_carts_customer_id" in steps, steps
