@@ -164,6 +164,22 @@ def execute_sql(session: Session, sql: str, params: Sequence[Any] = ()) -> list[
         cursor.close()
 
 
+def delete_in(session: Session, table: str, column: str, values: Sequence[Any], chunk: int = 10_000) -> None:
+    """DELETE the rows of ``table`` whose ``column`` is one of ``values``, a statement per ``chunk``."""
+    dialect = dialect_of(session)
+    for start in range(0, len(values), chunk):
+        execute_sql(
+            session,
+            f"DELETE FROM {table} WHERE {in_list(column, dialect)}",
+            (list_param(values[start : start + chunk], dialect),),
+        )
+
+
+def sql_string(value: str) -> str:
+    """A string literal for SQL text built in code (names of events, statuses; never user input)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def dialect_of(session: Session) -> str:
     return session.connection().dialect.name
 

@@ -32,6 +32,7 @@ import orjson
 from sqlalchemy.orm import Session
 
 from profiles.bulk import (
+    delete_in,
     dialect_of,
     execute_sql,
     in_list,
@@ -39,6 +40,7 @@ from profiles.bulk import (
     list_param,
     read_json,
     read_timestamp,
+    sql_string,
     update_rows,
 )
 from profiles.identity import chunked
@@ -234,7 +236,7 @@ class CommerceEvent(NamedTuple):
     occurred_at: datetime
 
 
-_NAMES_SQL = ", ".join("'" + name.replace("'", "''") + "'" for name in sorted(COMMERCE_EVENTS))
+_NAMES_SQL = ", ".join(sql_string(name) for name in sorted(COMMERCE_EVENTS))
 CART_COLUMNS = (
     "customer_id",
     "status",
@@ -340,18 +342,8 @@ def rebuild_commerce(session: Session, customer_ids: Iterable[int]) -> None:
         stale_orders = [order_id for order_id in stored_orders if order_id not in new_orders]
         stale_orders += [order["order_id"] for order in insert_orders]
 
-        if stale_carts:
-            execute_sql(
-                session,
-                f"DELETE FROM carts WHERE {in_list('id', dialect)}",
-                (list_param(stale_carts, dialect),),
-            )
-        if stale_orders:
-            execute_sql(
-                session,
-                f"DELETE FROM orders WHERE {in_list('order_id', dialect)}",
-                (list_param(stale_orders, dialect),),
-            )
+        delete_in(session, "carts", "id", stale_carts)
+        delete_in(session, "orders", "order_id", stale_orders)
         insert_rows(session, Cart.__table__, insert_carts)
         insert_rows(session, Order.__table__, insert_orders)
 
@@ -410,9 +402,9 @@ def _stored_commerce(session: Session, customer_ids: Sequence[int]) -> dict[int,
     """For each customer with stored commerce events: the latest one's time, and whether an Order
     Updated is among them."""
     dialect = dialect_of(session)
-    updated = "'" + ORDER_UPDATED.replace("'", "''") + "'"
     sql = (
-        f"SELECT customer_id, max(occurred_at), max(CASE WHEN name = {updated} THEN 1 ELSE 0 END) "
+        "SELECT customer_id, max(occurred_at), "
+        f"max(CASE WHEN name = {sql_string(ORDER_UPDATED)} THEN 1 ELSE 0 END) "
         f"FROM events WHERE {in_list('customer_id', dialect)} AND name IN ({_NAMES_SQL}) "
         "GROUP BY customer_id"
     )
@@ -492,13 +484,7 @@ def _carry_forward(session: Session, carry: dict[int, list[CommerceEvent]]) -> s
     update_rows(session, Cart.__table__, "id", carried)
     update_rows(session, Cart.__table__, "id", converted)
     insert_rows(session, Cart.__table__, inserts)
-    if orders:
-        # An order id derived before (for this customer or another) is replaced: the latest wins.
-        for chunk in chunked(sorted(orders), 5000):
-            execute_sql(
-                session,
-                f"DELETE FROM orders WHERE {in_list('order_id', dialect)}",
-                (list_param(chunk, dialect),),
-            )
-        insert_rows(session, Order.__table__, list(orders.values()))
+    # An order id derived before (for this customer or another) is replaced: the latest wins.
+    delete_in(session, "orders", "order_id", sorted(orders))
+    insert_rows(session, Order.__table__, list(orders.values()))
     return unusable

@@ -26,7 +26,15 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from profiles.bulk import dialect_of, execute_sql, in_list, insert_rows, list_param, timestamp_param
+from profiles.bulk import (
+    delete_in,
+    dialect_of,
+    execute_sql,
+    in_list,
+    insert_rows,
+    list_param,
+    timestamp_param,
+)
 from profiles.models import (
     Consent,
     Customer,
@@ -223,12 +231,7 @@ def merge_many(session: Session, merges: Sequence[tuple[int, Sequence[int]]], *,
             f"UPDATE {table} SET customer_id = m.survivor FROM {mapping} WHERE {table}.customer_id = m.loser",
             params,
         )
-    losers = [loser for loser, _ in pairs]
-    execute_sql(
-        session,
-        f"DELETE FROM carts WHERE {in_list('customer_id', dialect)}",
-        (list_param(losers, dialect),),
-    )
+    delete_in(session, "carts", "customer_id", [loser for loser, _ in pairs])
     for survivor, group in merges:
         if group:
             _merge_consents(session, survivor=survivor, losers=group)

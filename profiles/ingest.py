@@ -442,6 +442,8 @@ def _commerce_events(
         if event.type != "track" or event.name not in COMMERCE_EVENTS:
             continue
         if event.name in CARRIED_EVENTS:
+            # Read back from the prepared row: a batch prepared in a parse worker arrives as driver
+            # values only, since passing parsed dicts between processes cost more than this.
             row = event.row  # message_id, type, name, channel, properties, context, ..., occurred_at
             carried[customer_id].append(
                 CommerceEvent(event.name, row[3], row[0], orjson.loads(row[4]) or {}, read_timestamp(row[8]))

@@ -101,6 +101,15 @@ def _seed_memberships(engine, stays):
         )
 
 
+def _init_to_head_keeping_memberships(engine, url, revision):
+    """``omni init`` upgrades a store at ``revision`` to the head, memberships as they were."""
+    before = _memberships(engine)
+    assert _init(url)["previous_revision"] == revision
+    assert current_revision(engine) == head_revision()
+    assert _memberships(engine) == before
+    _no_differences(engine)
+
+
 def _builds_go_on_from_the_seeded_history(engine):
     """After an upgrade: still one open row per customer, and a build goes on from the history as it
     was: customer 2 (no email) leaves."""
@@ -122,11 +131,7 @@ def test_upgrade_from_0002_keeps_memberships_without_the_customer_foreign_key(bl
     try:
         upgrade_schema(engine, "0002")
         _seed_memberships(engine, [(1, None), (2, T0), (2, None)])
-        before = _memberships(engine)
-        assert _init(blank_url)["previous_revision"] == "0002"
-        assert current_revision(engine) == head_revision()
-        assert _memberships(engine) == before
-        _no_differences(engine)
+        _init_to_head_keeping_memberships(engine, blank_url, "0002")
         assert inspect(engine).get_foreign_keys("audience_memberships") == []
         assert [i["name"] for i in inspect(engine).get_indexes("audience_memberships")] == [
             "uq_audience_memberships_open"
@@ -168,11 +173,7 @@ def test_upgrade_from_0004_drops_the_membership_id(blank_url):
         upgrade_schema(engine, "0004")
         assert "id" in [c["name"] for c in inspect(engine).get_columns("audience_memberships")]
         _seed_memberships(engine, [(2, T0), (1, None), (2, None)])
-        before = _memberships(engine)
-        assert _init(blank_url)["previous_revision"] == "0004"
-        assert current_revision(engine) == head_revision()
-        assert _memberships(engine) == before
-        _no_differences(engine)
+        _init_to_head_keeping_memberships(engine, blank_url, "0004")
         schema = inspect(engine)
         assert [c["name"] for c in schema.get_columns("audience_memberships")] == [
             "audience",
