@@ -241,3 +241,67 @@ def _memberships(engine) -> list[tuple]:
                 memberships.c.entered_at, memberships.c.customer_id, memberships.c.exited_at.nulls_last()
             )
         ).all()
+
+
+# --- 0004: the open cart's lines ----------------------------------------------------------------------
+
+
+def test_upgrade_from_0003_keeps_carts_and_the_next_product_event_fills_their_lines(blank_url):
+    from profiles.ingest import ingest_payloads
+    from profiles.models import Cart, Event, Identity
+
+    tee = {"product_id": "tee", "price": 20.0, "quantity": 1}
+    engine = create_store_engine(blank_url)
+    try:
+        upgrade_schema(engine, "0003")
+        assert "lines" not in [c["name"] for c in inspect(engine).get_columns("carts")]
+        # A store written before 0004: a customer, one Product Added and the open cart derived from it.
+        with engine.begin() as conn:
+            conn.execute(
+                insert(Customer.__table__), [{"id": 1, "traits": {}, "created_at": T0, "updated_at": T0}]
+            )
+            conn.execute(
+                insert(Identity.__table__),
+                [{"kind": "user_id", "value": "u1", "customer_id": 1, "created_at": T0}],
+            )
+            conn.execute(
+                insert(Event.__table__).values(
+                    message_id="m1",
+                    customer_id=1,
+                    type="track",
+                    name="Product Added",
+                    channel="web",
+                    properties=tee,
+                    context={},
+                    user_id="u1",
+                    occurred_at=T0,
+                    received_at=T0,
+                )
+            )
+            item = {"product_id": "tee", "sku": None, "name": None, "price": 20.0, "quantity": 1}
+            conn.execute(
+                insert(Cart.__table__).values(
+                    customer_id=1,
+                    status="open",
+                    items=[item],
+                    item_count=1,
+                    value=20.0,
+                    started_at=T0,
+                    updated_at=T0,
+                )
+            )
+        assert _init(blank_url)["previous_revision"] == "0003"
+        _no_differences(engine)
+        with engine.connect() as conn:
+            assert conn.execute(select(Cart.item_count, Cart.lines)).all() == [(1, None)]
+        # A row without lines is re-derived from the events, and keeps its lines from then on.
+        later = T0 + timedelta(hours=1)
+        added = {"type": "track", "userId": "u1", "event": "Product Added", "properties": tee}
+        ingest_payloads(engine, [{**added, "messageId": "m2", "timestamp": later.isoformat()}], now=later)
+        with engine.connect() as conn:
+            [(count, lines)] = conn.execute(select(Cart.item_count, Cart.lines)).all()
+        assert (count, [key for key, _ in lines]) == (2, ["tee"])
+        command.downgrade(_alembic_config(engine), "0003")
+        assert "lines" not in [c["name"] for c in inspect(engine).get_columns("carts")]
+    finally:
+        engine.dispose()
