@@ -69,9 +69,12 @@ def demo(
     ] = True,
     json: JsonOption = False,
 ) -> None:
-    """Seed a retailer (3 stores, web / app / store histories) in an empty store and walk the
-    abandoned-cart and pickup journeys through ticks at T, T + 1 day and T + 3 days, while some shoppers
-    buy online or at the till in between. Prints what each channel received and who exited, and why."""
+    """Seed a retailer in an empty store and walk the flagship journeys over three simulated days.
+
+    Three stores and their shoppers' web, app and till histories; then the abandoned-cart and pickup
+    journeys run through ticks at T, T + 1 day and T + 3 days, while some shoppers buy online or at
+    the till in between. Prints what each channel received and who exited, and why.
+    """
     from sqlalchemy import func, select
 
     from profiles.db import create_store_engine, session_scope, upgrade_schema
