@@ -28,6 +28,19 @@ PROFILE_FIELDS = (
 )
 
 
+def _money(value: Any, props: dict) -> str:
+    """``12.5`` as ``12.50`` (with the payload's currency when it names one); anything that is not a
+    number is shown as it came."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return str(value)
+    try:
+        amount = f"{float(value):.2f}"
+    except ValueError:
+        return str(value)
+    currency = props.get("currency")
+    return f"{amount} {currency}" if isinstance(currency, str) and currency else amount
+
+
 def summarize_event(name: str | None, kind: str, properties: dict) -> str:
     """A one-line human summary of an event's content."""
     props = properties or {}
@@ -35,10 +48,10 @@ def summarize_event(name: str | None, kind: str, properties: dict) -> str:
         label = props.get("name") or props.get("sku") or props.get("product_id") or "?"
         quantity = props.get("quantity", 1)
         price = props.get("price")
-        return f"{label} x{quantity}" + (f" @ {price}" if price is not None else "")
+        return f"{label} x{quantity}" + (f" @ {_money(price, props)}" if price is not None else "")
     if name == "Order Completed":
         total = props.get("total", props.get("revenue"))
-        return f"order {props.get('order_id', '?')} total {total}" + (
+        return f"order {props.get('order_id', '?')} total {_money(total, props)}" + (
             f" at store {props['store_id']}" if props.get("store_id") else ""
         )
     if name == "Order Updated":

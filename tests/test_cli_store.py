@@ -197,3 +197,23 @@ def test_stores_load_and_list(database_url, tmp_path):
     result = omni("stores", "load", bad, "--database-url", database_url)
     assert result.exit_code == 2
     assert "[item 0]" in result.stderr and "Mars/Base" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "properties", "summary"),
+    [
+        ("Product Added", {"name": "Tote", "quantity": 2, "price": 29}, "Tote x2 @ 29.00"),
+        ("Product Added", {"sku": "T-1", "price": "12.5", "currency": "EUR"}, "T-1 x1 @ 12.50 EUR"),
+        ("Product Removed", {"name": "Tote", "price": "n/a"}, "Tote x1 @ n/a"),
+        ("Order Completed", {"order_id": "W1", "total": 129, "currency": "USD"}, "order W1 total 129.00 USD"),
+        (
+            "Order Completed",
+            {"order_id": "S1", "revenue": 5.5, "store_id": "soho"},
+            "order S1 total 5.50 at store soho",
+        ),
+    ],
+)
+def test_timeline_summaries_show_money_with_two_decimals_and_the_currency(name, properties, summary):
+    from profiles.timeline import summarize_event
+
+    assert summarize_event(name, "track", properties) == summary
