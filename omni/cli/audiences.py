@@ -118,10 +118,18 @@ def show(
     if definition.description:
         console.print(definition.description, highlight=False)
     console.print()
-    console.print(Syntax((definition.text or "").rstrip(), "yaml", word_wrap=True))
+    _print_code((definition.text or "").rstrip(), "yaml")
     console.print()
     console.print(f"[bold]SQL[/] ({engine.dialect.name}, now = {at.isoformat()}):")
-    console.print(Syntax(sql, "sql", word_wrap=True))
+    _print_code(sql, "sql")
+
+
+def _print_code(code: str, lexer: str) -> None:
+    """Highlighted, and soft-wrapped: no line breaks are added inside a line and nothing is cut off,
+    so YAML and SQL copied from the terminal (or a pipe) stay valid."""
+    text = Syntax(code, lexer).highlight(code)
+    text.rstrip()
+    console.print(text, soft_wrap=True)
 
 
 @audiences_app.command("build")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from audience_testkit import NOW, History, days, hours
@@ -119,3 +120,17 @@ def test_build_audiences_flow(prefect_harness, engine, database_url):
     rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
     assert [row["audience"] for row in rows] == list(state.result())
     assert {"size", "entered", "exited", "duration_ms"} <= set(rows[0])
+
+
+def test_cli_show_prints_definition_and_sql_unbroken(database_url):
+    # The console is 80 columns here; the definition has longer lines and the SQL too. Neither may be
+    # wrapped or cut, so what a marketer copies from the terminal is the file and the query as they are.
+    result = _omni(database_url, "audiences", "show", "cart_abandoners", "--now", NOW.isoformat())
+    assert result.exit_code == 0, result.output
+    definition = (Path(__file__).parents[2] / "audiences" / "cart_abandoners.yaml").read_text()
+    assert max(len(line) for line in definition.splitlines()) > 80
+    assert definition.strip() in result.stdout
+    shown = json.loads(
+        _omni(database_url, "audiences", "show", "cart_abandoners", "--now", NOW.isoformat(), "--json").stdout
+    )
+    assert shown["sql"] in result.stdout
