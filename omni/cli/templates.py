@@ -105,13 +105,16 @@ def templates_render(
             f"  segments {rendered.sms_segments} ({len(rendered.text or '')} chars)", highlight=False
         )
     if rendered.unsubscribe_url:
-        console.print(f"  unsubscribe {rendered.unsubscribe_url}", highlight=False, markup=False)
+        console.print(
+            f"  unsubscribe {rendered.unsubscribe_url}", highlight=False, markup=False, soft_wrap=True
+        )
+    # Bodies are soft-wrapped: links and HTML copied from the preview must work as sent.
     if rendered.text:
         console.rule("text" if rendered.channel == "email" else "body")
-        console.print(rendered.text, highlight=False, markup=False)
+        console.print(rendered.text, highlight=False, markup=False, soft_wrap=True)
     if rendered.html:
         console.rule("html")
-        console.print(rendered.html, highlight=False, markup=False)
+        console.print(rendered.html, highlight=False, markup=False, soft_wrap=True)
     for warning in rendered.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
 

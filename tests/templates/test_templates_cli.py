@@ -43,6 +43,21 @@ def test_list_render_test_send_and_outbox(database_url):
     rendered = json.loads(result.stdout)
     assert rendered["subject"] == "Ana, you left 3 items in your cart"
     assert rendered["recipients"] == ["u-ana@example.org"] and "Total: $44.00" in rendered["text"]
+    human = invoke(
+        "templates",
+        "render",
+        "email/abandoned_cart",
+        "--customer",
+        "u-ana@example.org",
+        "--database-url",
+        database_url,
+        "--now",
+        NOW,
+    )
+    # The preview is 80 columns wide here; the links are longer and must come out whole.
+    assert human.exit_code == 0, human.output
+    assert len(rendered["unsubscribe_url"]) > 80 and rendered["unsubscribe_url"] in human.stdout
+    assert rendered["text"].strip() in human.stdout and rendered["html"].strip() in human.stdout
 
     result = invoke(
         "templates",
