@@ -75,7 +75,9 @@ def list_audiences(database_url: DatabaseUrlOption = None, json: JsonOption = Fa
     if json:
         print_json(rows)
         return
-    table = Table(title=f"Audiences ({len(rows)})", title_justify="left")
+    from audiences.definitions import audiences_directory
+
+    table = Table(title=f"Audiences in {audiences_directory()} ({len(rows)})", title_justify="left")
     for column in ("name", "description", "last size", "last build"):
         table.add_column(column, overflow="fold")
     for row in rows:

@@ -44,7 +44,10 @@ def campaigns_list(json: JsonOption = False) -> None:
     if json:
         print_json(items)
         return
-    table = Table(title=f"Campaigns ({len(items)})", title_justify="left")
+    from sequences.definitions import campaigns_dir
+
+    # Campaigns live in the working directory by default: say where they were looked for.
+    table = Table(title=f"Campaigns in {campaigns_dir()} ({len(items)})", title_justify="left")
     for column in ("name", "audience", "channel", "template", "send_at"):
         table.add_column(column)
     for c in items:

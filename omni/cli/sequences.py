@@ -126,7 +126,11 @@ def sequences_list(database_url: DatabaseUrlOption = None, json: JsonOption = Fa
     if json:
         print_json(items)
         return
-    view = Table(title=f"Sequences ({len(items)})", title_justify="left", show_lines=True)
+    from sequences.definitions import sequences_dir
+
+    view = Table(
+        title=f"Sequences in {sequences_dir()} ({len(items)})", title_justify="left", show_lines=True
+    )
     for column in ("name", "trigger", "steps", "active / completed / exited / held out"):
         view.add_column(column)
     for item in items:

@@ -214,6 +214,10 @@ def test_cli_campaigns_send_and_list(store, database_url, tmp_path, monkeypatch)
     customer(store, 1)
     listed = json.loads(runner.invoke(app, ["campaigns", "list", "--json"]).stdout)
     assert [c["name"] for c in listed] == ["cart_push"]
+    # The human list says which folder it read (campaigns default to ./campaigns, not the package).
+    human = runner.invoke(app, ["campaigns", "list"])
+    # (Compared without whitespace: the console may fold a long path.)
+    assert human.exit_code == 0 and f"Campaignsin{folder}(1)" in "".join(human.stdout.split())
     sent = runner.invoke(
         app,
         ["campaigns", "send", "cart_push", "--database-url", database_url, "--now", T0.isoformat(), "--json"],
