@@ -12,8 +12,20 @@ A build of one audience is one transaction, and its compiled condition runs once
   EXISTS`` closes and ``INSERT ... SELECT ... WHERE NOT EXISTS`` opens rows. When the audience has no
   open row (a first build), the ids are inserted straight from the condition.
 
+Before that, two short statements: the audience's lock (PostgreSQL), then its last build and whether it
+has open rows, read together.
+
 A customer who leaves and comes back has one row per stay. A row in ``audience_builds`` records size,
 entered, exited and duration.
+
+On PostgreSQL a build that owns its transaction (``target`` an engine) commits with
+``synchronous_commit = off`` (``SET LOCAL``: that transaction only): its commit does not wait for the
+write-ahead log to reach the disk. A build is derived data, recomputed from the store at every run, so
+a crash right after its commit (within about three ``wal_writer_delay``, 0.6 s by default) may lose
+it, build log row included, and the next run simply builds the audience again. Anything that read the
+build and then committed itself (an enrollment, say) makes the build durable too, since the log is
+written in order. A build in the caller's transaction (a session or connection) leaves its settings
+alone: its other writes keep the durability the caller chose.
 
 Building again at the same ``now`` with the same data changes nothing (not even the build log).
 """
@@ -46,6 +58,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.ext.compiler import compiles
@@ -136,33 +149,52 @@ def _prepare_temp(conn: Connection) -> None:
     conn.execute(build_members.delete())
 
 
-def _start(conn: Connection, name: str, now: datetime) -> Any:
-    """Lock the audience (PostgreSQL) and return its last build, refusing a ``now`` before it."""
+def _start(conn: Connection, name: str, now: datetime, *, own_transaction: bool) -> tuple[Any, bool]:
+    """Lock the audience (PostgreSQL); return its last build (or None), refusing a ``now`` before it,
+    and whether it has open rows."""
     if conn.dialect.name == "postgresql":
-        # Two builds of the same audience at once would race on the one-open-row index.
-        conn.execute(select(func.pg_advisory_xact_lock(_lock_key(name))))
-    last = conn.execute(
+        # Two builds of the same audience at once would race on the one-open-row index. The lock is a
+        # statement of its own: the reads below must take their snapshot after it is granted.
+        lock = [func.pg_advisory_xact_lock(_lock_key(name))]
+        if own_transaction:
+            # SET LOCAL, in the same round trip (see the module docstring).
+            lock.append(func.set_config("synchronous_commit", "off", True))
+        conn.execute(select(*lock))
+    last = (
         select(builds.c.built_at, builds.c.size)
         .where(builds.c.audience == name)
         .order_by(builds.c.built_at.desc(), builds.c.id.desc())
         .limit(1)
-    ).first()
-    if last is not None and now < last.built_at:
+        .subquery("omni_last")
+    )
+    one = select(literal(1).label("one")).subquery("omni_one")
+    has_open = exists(select(literal(1)).where(_open_rows(name)))
+    row = conn.execute(
+        select(last.c.built_at, last.c.size, has_open.label("has_open")).select_from(
+            one.outerjoin(last, true())
+        )
+    ).one()
+    if row.built_at is not None and now < row.built_at:
         raise BuildOrderError(
-            f"audience {name!r} was last built at {last.built_at.isoformat()}; cannot build it at the "
+            f"audience {name!r} was last built at {row.built_at.isoformat()}; cannot build it at the "
             f"earlier time {now.isoformat()}"
         )
-    return last
+    return (row if row.built_at is not None else None), bool(row.has_open)
 
 
 def _write_members(
-    conn: Connection, definition: AudienceDefinition, *, now: datetime, definitions: Mapping
+    conn: Connection,
+    definition: AudienceDefinition,
+    *,
+    now: datetime,
+    definitions: Mapping,
+    has_open_rows: bool,
 ) -> tuple[int, int, int]:
     """(size, exited, entered): the new member set and the history rows, set-based."""
     statement = compile_audience(definition, now=now, definitions=definitions)
     if conn.dialect.name == "postgresql":
-        return _write_members_postgresql(conn, definition.name, statement, now)
-    return _write_members_sqlite(conn, definition.name, statement, now)
+        return _write_members_postgresql(conn, definition.name, statement, now, first=not has_open_rows)
+    return _write_members_sqlite(conn, definition.name, statement, now, first=not has_open_rows)
 
 
 def _open_rows(name: str) -> Any:
@@ -170,16 +202,12 @@ def _open_rows(name: str) -> Any:
     return and_(memberships.c.audience == name, memberships.c.exited_at.is_(None))
 
 
-def _has_open_rows(conn: Connection, name: str) -> bool:
-    return conn.execute(select(literal(1)).where(_open_rows(name)).limit(1)).first() is not None
-
-
 def _new_rows(name: str, ids: Any, now: datetime) -> Select:
     return select(literal(name).label("audience"), ids, literal(now, UTCDateTime()).label("entered_at"))
 
 
 def _write_members_postgresql(
-    conn: Connection, name: str, statement: Select, now: datetime
+    conn: Connection, name: str, statement: Select, now: datetime, *, first: bool
 ) -> tuple[int, int, int]:
     """Two statements.
 
@@ -191,7 +219,6 @@ def _write_members_postgresql(
        PostgreSQL can only run as a hash or merge join, so no estimate turns it into a scan per row)
        gives who enters and who leaves; two data-modifying CTEs close and open the rows.
     """
-    first = not _has_open_rows(conn, name)
     if first:
         # Every id enters, in id order (ids are numbered as customers are, so the inserts into the
         # one-open-row index stay local). The query sorts them in its parallel workers, rather than the
@@ -256,11 +283,11 @@ def _diff_statement(name: str, now: datetime) -> Select:
 
 
 def _write_members_sqlite(
-    conn: Connection, name: str, statement: Select, now: datetime
+    conn: Connection, name: str, statement: Select, now: datetime, *, first: bool
 ) -> tuple[int, int, int]:
     """No data-modifying CTEs on SQLite: the ids go to a temporary table first, unless the audience has
     no open row (a first build): then every id enters, straight from the query."""
-    if not _has_open_rows(conn, name):
+    if first:
         ids = statement.subquery("omni_new")
         entered = conn.execute(
             insert(memberships).from_select(
@@ -301,12 +328,19 @@ def _write_members_sqlite(
 
 
 def _build(
-    conn: Connection, definition: AudienceDefinition, *, now: datetime, definitions: Mapping
+    conn: Connection,
+    definition: AudienceDefinition,
+    *,
+    now: datetime,
+    definitions: Mapping,
+    own_transaction: bool = False,
 ) -> BuildResult:
     started = time.perf_counter()
     name = definition.name
-    last = _start(conn, name, now)
-    size, exited, entered = _write_members(conn, definition, now=now, definitions=definitions)
+    last, has_open_rows = _start(conn, name, now, own_transaction=own_transaction)
+    size, exited, entered = _write_members(
+        conn, definition, now=now, definitions=definitions, has_open_rows=has_open_rows
+    )
     duration = time.perf_counter() - started
     repeat = last is not None and last.built_at == now and entered == 0 and exited == 0 and last.size == size
     if not repeat:
@@ -338,8 +372,9 @@ def build_audience(
 ) -> BuildResult:
     """Build one audience at ``now``: write its members and the entered / exited history.
 
-    ``target`` is an engine (the build commits on its own), or a session or connection (the caller's
-    transaction; nothing is committed here). ``definitions`` default to :func:`load_audiences`.
+    ``target`` is an engine (the build commits on its own; on PostgreSQL without waiting for the disk,
+    see the module docstring), or a session or connection (the caller's transaction, whose settings
+    the build leaves alone; nothing is committed here). ``definitions`` default to :func:`load_audiences`.
     Audiences this one refers to are read as they are (build them first: :func:`build_audiences`).
     """
     if now.tzinfo is None:
@@ -350,7 +385,9 @@ def build_audience(
     conn, own = _connection_and_commit(target)
     if own:
         with conn.begin() as connection:
-            return _build(connection, definitions[name], now=now, definitions=definitions)
+            return _build(
+                connection, definitions[name], now=now, definitions=definitions, own_transaction=True
+            )
     return _build(conn, definitions[name], now=now, definitions=definitions)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from audience_testkit import NOW, SECOND, History, days, hours, user_ids
-from sqlalchemy import select
+from sqlalchemy import event, select, text
 
 from audiences import (
     BuildOrderError,
@@ -238,3 +238,31 @@ def test_several_builds_in_one_callers_transaction(engine):
         ("viewers", "ann"),
         ("viewers", "bob"),
     ]
+
+
+def test_a_build_on_its_own_commits_without_waiting_for_the_disk_but_a_callers_transaction_keeps_its_setting(
+    engine,
+):
+    # PostgreSQL: a build that owns its transaction commits with synchronous_commit off (derived data,
+    # redone by the next run if a crash loses it); in the caller's transaction the setting is the caller's.
+    if engine.dialect.name != "postgresql":
+        pytest.skip("synchronous_commit is a PostgreSQL setting")
+    History().track("ann", "Page Viewed", days(0.5)).ingest(engine)
+    at_commit = []
+
+    @event.listens_for(engine, "commit")
+    def _setting_at_commit(conn):  # before the COMMIT is sent, in the transaction being committed
+        with conn.connection.dbapi_connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            at_commit.append(cursor.fetchone()[0])
+
+    assert build_audience(engine, "viewers", now=NOW, definitions=VIEWERS).entered == 1
+    assert at_commit == ["off"]
+    with engine.connect() as conn:
+        default = conn.execute(text("SHOW synchronous_commit")).scalar_one()
+    assert default != "off"  # SET LOCAL: the pooled connection is back to the server's setting
+    at_commit.clear()
+    with session_scope(engine) as session:
+        assert build_audience(session, "viewers", now=NOW + SECOND, definitions=VIEWERS).size == 1
+        assert session.execute(text("SHOW synchronous_commit")).scalar_one() == default
+    assert at_commit == [default]
