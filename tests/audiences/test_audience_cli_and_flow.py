@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from audience_testkit import NOW, History, days, hours
 from typer.testing import CliRunner
 
+from audiences.definitions import builtin_directory
 from omni.cli import app
 
 runner = CliRunner()
@@ -127,7 +127,7 @@ def test_cli_show_prints_definition_and_sql_unbroken(database_url):
     # wrapped or cut, so what a marketer copies from the terminal is the file and the query as they are.
     result = _omni(database_url, "audiences", "show", "cart_abandoners", "--now", NOW.isoformat())
     assert result.exit_code == 0, result.output
-    definition = (Path(__file__).parents[2] / "audiences" / "cart_abandoners.yaml").read_text()
+    definition = (builtin_directory() / "cart_abandoners.yaml").read_text()
     assert max(len(line) for line in definition.splitlines()) > 80
     assert definition.strip() in result.stdout
     shown = json.loads(
