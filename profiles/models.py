@@ -331,9 +331,25 @@ class AudienceBuild(SQLModel, table=True):
     duration_ms: int = Field(default=0, sa_column=Column(Integer, nullable=False))
 
 
+ENROLLMENT_OPEN = "status IN ('active', 'holdout')"
+
+
 class Enrollment(SQLModel, table=True):
     __tablename__ = "enrollments"
-    __table_args__ = (Index("ix_enrollments_sequence_status_next", "sequence", "status", "next_run_at"),)
+    __table_args__ = (
+        Index("ix_enrollments_sequence_status_next", "sequence", "status", "next_run_at"),
+        # At most one open enrollment per sequence and customer, whatever the isolation level: two ticks
+        # at once both enrolling the same entrants lose the race here (enroll inserts ON CONFLICT DO
+        # NOTHING). Migration 0006.
+        Index(
+            "uq_enrollments_open",
+            "sequence",
+            "customer_id",
+            unique=True,
+            sqlite_where=text(ENROLLMENT_OPEN),
+            postgresql_where=text(ENROLLMENT_OPEN),
+        ),
+    )
 
     id: int | None = _id_column()
     sequence: str = Field(sa_column=Column(String(200), nullable=False))

@@ -211,6 +211,15 @@ def _insert_ignore(session: Session, table: Any, rows: list[dict[str, Any]]) -> 
     return Driver(session).insert_ignore(table, rows) if rows else 0
 
 
+def _dialect_insert(session: Session, table: Any) -> Any:
+    """An INSERT with the dialect's ``on_conflict_do_nothing`` (SQLite and PostgreSQL both have one)."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
 def provider_of(channel: str, settings: Any) -> str:
     from connectors import provider_for
 
@@ -344,9 +353,11 @@ def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, rep
             literal(now, type_=enrollments.c.enrolled_at.type),
             literal(now, type_=enrollments.c.updated_at.type),
         ).where(~already, condition if threshold else literal(True))
-        # RETURNING, not rowcount: psycopg reports -1 for INSERT ... SELECT here.
+        # RETURNING, not rowcount: psycopg reports -1 for INSERT ... SELECT here. ON CONFLICT DO NOTHING:
+        # a concurrent tick that enrolled the same customer first wins (uq_enrollments_open), and this
+        # one enrolls nobody twice, whatever the isolation level.
         created = session.execute(
-            enrollments.insert()
+            _dialect_insert(session, enrollments)
             .from_select(
                 [
                     "sequence",
@@ -359,6 +370,7 @@ def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, rep
                 ],
                 chosen,
             )
+            .on_conflict_do_nothing()
             .returning(enrollments.c.id)
         ).all()
         counts = report.sequences[sequence.name]

@@ -25,7 +25,7 @@ from profiles.db import (
     scratch_database,
     upgrade_schema,
 )
-from profiles.models import AudienceMembership, Customer, metadata
+from profiles.models import AudienceMembership, Customer, Delivery, Enrollment, metadata
 
 memberships = AudienceMembership.__table__
 
@@ -303,5 +303,53 @@ def test_upgrade_from_0003_keeps_carts_and_the_next_product_event_fills_their_li
         assert (count, [key for key, _ in lines]) == (2, ["tee"])
         command.downgrade(_alembic_config(engine), "0003")
         assert "lines" not in [c["name"] for c in inspect(engine).get_columns("carts")]
+    finally:
+        engine.dispose()
+
+
+# --- 0006: one open enrollment per sequence and customer --------------------------------------------
+
+
+def test_upgrade_to_0006_closes_duplicate_enrollments_left_by_concurrent_ticks(blank_url):
+    """A store that already holds the race's duplicates upgrades: the first enrollment stays open, the
+    others exit with the reason and their pending deliveries are skipped, so nothing goes out twice."""
+    engine = create_store_engine(blank_url)
+    try:
+        upgrade_schema(engine, "0005")
+        customer = {"id": 1, "traits": {}, "created_at": T0, "updated_at": T0}
+        row = {"sequence": "abandoned_cart", "customer_id": 1, "step_index": 0, "enrolled_at": T0}
+        send = {"step_id": "cart_email", "customer_id": 1, "channel": "email", "connector": "outbox"}
+        send |= {"status": "pending", "attempts": 0, "marketing": True, "next_attempt_at": T0}
+        with engine.begin() as conn:
+            conn.execute(insert(Customer.__table__), [customer])
+            conn.execute(
+                insert(Enrollment.__table__),
+                [
+                    {**row, "id": n, "status": status, "updated_at": T0}
+                    for n, status in ((1, "active"), (2, "active"), (3, "completed"), (4, "holdout"))
+                ],
+            )
+            conn.execute(
+                insert(Delivery.__table__),
+                [
+                    {**send, "dedupe_key": f"enrollment:{n}:cart_email", "enrollment_id": n}
+                    | {"created_at": T0, "updated_at": T0}
+                    for n in (1, 2)
+                ],
+            )
+        upgrade_schema(engine)
+        _no_differences(engine)
+        with engine.begin() as conn:
+            statuses = conn.execute(text("SELECT id, status, exit_reason FROM enrollments ORDER BY id")).all()
+            sends = conn.execute(
+                text("SELECT enrollment_id, status FROM deliveries ORDER BY enrollment_id")
+            ).all()
+        assert [tuple(r) for r in statuses] == [
+            (1, "active", None),
+            (2, "exited", "duplicate enrollment"),
+            (3, "completed", None),
+            (4, "exited", "duplicate enrollment"),
+        ]
+        assert [tuple(r) for r in sends] == [(1, "pending"), (2, "skipped")]
     finally:
         engine.dispose()
