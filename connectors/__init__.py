@@ -5,8 +5,11 @@ For the sequence engine (see ``connectors/base.py`` for the details):
 - ``get_connector(channel, settings=None, *, engine=None, clock=None) -> Connector``: the connector
   configured for ``channel`` (``OMNI_<CHANNEL>_CONNECTOR``, ``outbox`` by default); raises
   ``ConnectorConfigError`` naming the missing setting when it cannot be built.
-- ``connector.send(batch) -> list[Result]`` and ``send_batch(connector, messages, policy=..., sleep=...)
-  -> SendReport`` (the one retry loop).
+- ``send_batch(connector, messages, policy=..., sleep=...) -> SendReport`` (the one retry loop; the
+  engine uses it, not ``connector.send``): results ``sent`` / ``retryable`` / ``failed`` / ``unknown``
+  (may have been processed: never resend), and ``report.halted`` (the connector cannot send at all).
+- ``at_most_once(channel)`` / ``AT_LEAST_ONCE_CHANNELS``: the one statement of each channel's delivery
+  semantics (email, SMS, push at most once; ads, webhook at least once).
 - ``connectors.effects.apply_effects(session, results, now=...)`` for provider side effects.
 - ``MetaCustomAudience.add / remove(audience, members)`` for ad audiences (or ``send`` with ``ads``
   messages carrying ``action`` and ``member``).
@@ -17,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from connectors.base import (
+    AT_LEAST_ONCE_CHANNELS,
     AudienceMember,
     Channel,
     Connector,
@@ -27,6 +31,10 @@ from connectors.base import (
     RetryPolicy,
     SendReport,
     Status,
+    at_most_once,
+    redact,
+    register_basic_auth,
+    register_secret,
     send_batch,
 )
 from connectors.fcm_push import FcmPush
@@ -94,6 +102,7 @@ def get_connector(channel: str, settings: Any = None, **kwargs: Any) -> Connecto
 
 
 __all__ = [
+    "AT_LEAST_ONCE_CHANNELS",
     "CHANNEL_SETTINGS",
     "REGISTRY",
     "AudienceMember",
@@ -106,7 +115,11 @@ __all__ = [
     "RetryPolicy",
     "SendReport",
     "Status",
+    "at_most_once",
     "get_connector",
     "provider_for",
+    "redact",
+    "register_basic_auth",
+    "register_secret",
     "send_batch",
 ]

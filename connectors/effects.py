@@ -41,7 +41,8 @@ def apply_effects(session: Session, results: Iterable[Result | Effect], *, now: 
         if e.kind == SMS_OPTED_OUT and e.customer_id is not None
     ]
     if decisions:
-        apply_consents(session, decisions)
+        # The customer opted out at the provider (replied STOP): it always takes effect.
+        apply_consents(session, decisions, now=now, operator=True)
     tokens = sorted({e.value for e in effects if e.kind == DEVICE_TOKEN_INVALID})
     removed = 0
     if tokens:

@@ -15,7 +15,14 @@ Errors are read from ``error.details[].errorCode`` (then ``error.status``):
 - ``UNREGISTERED`` (404), ``SENDER_ID_MISMATCH`` (403), ``INVALID_ARGUMENT`` on ``message.token``:
   permanent, with a ``device_token_invalid`` effect (the token is deleted from the profile);
 - other ``INVALID_ARGUMENT``, ``THIRD_PARTY_AUTH_ERROR``: permanent;
-- ``QUOTA_EXCEEDED`` (429), ``UNAVAILABLE`` (503), ``INTERNAL`` (500): retryable, ``Retry-After`` honoured.
+- ``UNAUTHENTICATED`` (401, still after one token refresh), ``PERMISSION_DENIED`` (403), and a service
+  account the token endpoint rejects (``invalid_grant``, 400/401/403): permanent and ``halt``
+  (``send_batch`` stops: nothing can be sent with these credentials);
+- ``QUOTA_EXCEEDED`` / ``RESOURCE_EXHAUSTED`` (429): retryable, never processed, ``Retry-After`` honoured;
+- ``UNAVAILABLE`` (503), ``INTERNAL`` (500), any 5xx, a read timeout or a connection dropped after the
+  request was sent: ambiguous (FCM may have delivered it): ``send_batch`` records them ``unknown`` and
+  never resends (push is at most once). A failure to get the OAuth token is never ambiguous: the push
+  itself was not sent.
 """
 
 from __future__ import annotations
@@ -53,7 +60,9 @@ from connectors.base import (
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 TOKEN_ERRORS = {"UNREGISTERED", "SENDER_ID_MISMATCH"}
-RETRYABLE_ERRORS = {"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL", "RESOURCE_EXHAUSTED"}
+THROTTLE_ERRORS = {"QUOTA_EXCEEDED", "RESOURCE_EXHAUSTED"}
+RETRYABLE_ERRORS = {"UNAVAILABLE", "INTERNAL"} | THROTTLE_ERRORS
+AUTH_ERRORS = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
 
 
 def _b64(data: bytes) -> str:
@@ -218,28 +227,54 @@ class FcmPush(HttpConnector):
         for attempt in (1, 2):
             try:
                 token = self.credentials.token(refresh=attempt == 2)
+            except TokenError as exc:
+                return self._token_failure(exc).result(message.delivery_id)
+            except Exception as exc:  # noqa: BLE001 - the push itself was not sent: never ambiguous
+                verdict = classify_transport_error(exc)
+                return Verdict(Status.RETRYABLE, f"FCM OAuth token request: {verdict.reason}").result(
+                    message.delivery_id
+                )
+            try:
                 response = self.http.request(
                     "POST",
                     self.url,
                     data=raw,
                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
                 )
-            except TokenError as exc:
-                verdict = classify_status(exc.response.status_code, exc.response.headers)
-                return Verdict(verdict.status, f"FCM {exc}", verdict.retry_after).result(message.delivery_id)
-            except requests.RequestException as exc:
-                return classify_transport_error(exc).result(message.delivery_id)
-            # OAuth 401 UNAUTHENTICATED: refresh the token and retry once.
+            except Exception as exc:  # noqa: BLE001 - classified: refused/DNS retryable, the rest ambiguous
+                verdict = classify_transport_error(exc)
+                return verdict.replace(reason=f"FCM {verdict.reason}").result(message.delivery_id)
+            # OAuth 401 UNAUTHENTICATED (not processed): refresh the token and retry once.
             if response.status_code != 401 or _status_of(response) != "UNAUTHENTICATED":
                 break
         assert response is not None
         if response.status_code == 200:
             try:
                 name = response.json().get("name")
-            except ValueError:
+            except (ValueError, AttributeError):
                 name = None
             return Result.sent(message.delivery_id, name)
         return self.classify(response, message).result(message.delivery_id)
+
+    def _token_failure(self, exc: TokenError) -> Verdict:
+        """The token endpoint's answer: the push was not sent, so never ambiguous. A rejected service
+        account (400 ``invalid_grant``, 401, 403) halts: nothing can be sent with it."""
+        status = exc.response.status_code
+        try:
+            body = exc.response.json()
+        except ValueError:
+            body = {}
+        error = body.get("error") if isinstance(body, dict) else None
+        detail = f" {error}" if isinstance(error, str) else ""
+        reason = f"FCM {exc}{detail}"
+        if status in (400, 401, 403):
+            return Verdict(
+                Status.FAILED, f"{reason} (the service-account credentials were rejected)", halt=True
+            )
+        verdict = classify_status(status, exc.response.headers)
+        if verdict.status is Status.RETRYABLE:
+            return Verdict(Status.RETRYABLE, reason, verdict.retry_after, throttled=verdict.throttled)
+        return Verdict(verdict.status, reason)
 
     def classify(self, response: requests.Response, message: Message) -> Verdict:
         """The one place FCM answers are judged: ``details[].errorCode``, then ``status``, then HTTP."""
@@ -247,7 +282,8 @@ class FcmPush(HttpConnector):
             error = response.json().get("error") or {}
         except (ValueError, AttributeError):
             error = {}
-        details = error.get("details") or [] if isinstance(error, dict) else []
+        error = error if isinstance(error, dict) else {}
+        details = error.get("details") if isinstance(error.get("details"), list) else []
         code = None
         token_field = False
         for detail in details:
@@ -257,17 +293,28 @@ class FcmPush(HttpConnector):
             for violation in detail.get("fieldViolations") or []:
                 if isinstance(violation, dict) and violation.get("field") == "message.token":
                     token_field = True
-        code = code or (error.get("status") if isinstance(error, dict) else None)
-        text = redact(str(error.get("message") or "")) if isinstance(error, dict) else ""
-        reason = f"FCM {code or response.status_code}" + (f": {text}" if text else "")
+        code = code or error.get("status")
+        text = redact(str(error.get("message") or ""))[:500]
+        reason = f"FCM HTTP {response.status_code} {code or ''}".rstrip() + (f": {text}" if text else "")
         if code in TOKEN_ERRORS or (code == "INVALID_ARGUMENT" and token_field):
             effect = Effect("device_token_invalid", message.customer_id, message.to, f"fcm:{code}")
             return Verdict(Status.FAILED, reason, effects=(effect,))
         verdict = classify_status(response.status_code, response.headers)
-        if code in RETRYABLE_ERRORS:
-            return Verdict(Status.RETRYABLE, reason, verdict.retry_after, ambiguous=code == "INTERNAL")
-        if verdict.status is Status.RETRYABLE:
-            return Verdict(Status.RETRYABLE, reason, verdict.retry_after, verdict.ambiguous)
+        if 300 <= response.status_code < 400:
+            return verdict.replace(reason=f"FCM {verdict.reason}")
+        if code in AUTH_ERRORS or (code is None and response.status_code in (401, 403)):
+            return Verdict(Status.FAILED, f"{reason} (the credentials cannot send)", halt=True)
+        if code in THROTTLE_ERRORS or response.status_code == 429:
+            # Quota exceeded: documented as not processed, safe to retry.
+            return Verdict(Status.RETRYABLE, reason, verdict.retry_after, throttled=True)
+        if code in RETRYABLE_ERRORS or verdict.status is Status.RETRYABLE:
+            # UNAVAILABLE / INTERNAL / any 5xx: the request was sent and may have been delivered.
+            return Verdict(
+                Status.RETRYABLE,
+                reason,
+                verdict.retry_after,
+                ambiguous=response.status_code >= 500 or code in {"UNAVAILABLE", "INTERNAL"},
+            )
         return Verdict(Status.FAILED, reason)
 
 

@@ -23,6 +23,11 @@ Errors ``{"error": {message, type, code, error_subcode, is_transient, fbtrace_id
 code / subcode / ``is_transient``, not by HTTP status: 1, 2, 4, 17, 613, 80003, 80004, any
 ``is_transient`` and 2650 with 1870145 / 1870148 are retryable (``X-Business-Use-Case-Usage``
 ``estimated_time_to_regain_access`` honoured); the rest (100, 190, 10, 200, 294, 368, ...) permanent.
+190 (invalid or expired access token) and 102 also ``halt``: ``send_batch`` stops, nothing can be sent.
+
+Delivery semantics: ad-audience syncs are at least once (``connectors.base.at_most_once``): adding or
+removing the same hashes again is set membership, so ``send_batch`` retries ambiguous answers (5xx, a
+timeout) too. Redirects are never followed (the token travels in the body).
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ from connectors.base import (
 
 SCHEMA = ["EMAIL", "PHONE", "FN", "LN"]
 RETRYABLE_CODES = {1, 2, 4, 17, 613, 80003, 80004}
+THROTTLE_CODES = {4, 17, 613, 80003, 80004}
+# The access token is invalid or expired (or the API session is): nothing can be sent.
+AUTH_CODES = {102, 190}
 RETRYABLE_REPLACE_SUBCODES = {1870145, 1870148}
 ACTIONS = ("add", "remove")
 
@@ -215,10 +223,10 @@ class MetaCustomAudience(HttpConnector):
         url = f"{self.base_url}/{self.api_version}/{audience_id}/users"
         try:
             response = self.http.request("POST", url, data=form)
-        except requests.RequestException as exc:
+        except Exception as exc:  # noqa: BLE001 - classified; retried either way (at least once)
             verdict = classify_transport_error(exc)
             # Audience adds and removes are idempotent: a retry after a timeout is harmless.
-            verdict = Verdict(verdict.status, verdict.reason)
+            verdict = Verdict(verdict.status, f"Meta {verdict.reason}")
             return [verdict.result(i) for i in ids], {}
         try:
             body = response.json()
@@ -242,7 +250,7 @@ class MetaCustomAudience(HttpConnector):
         error = body.get("error") if isinstance(body.get("error"), dict) else None
         if error is None:
             verdict = classify_status(status, headers)
-            return Verdict(verdict.status, f"Meta HTTP {status}", verdict.retry_after)
+            return verdict.replace(reason=f"Meta {verdict.reason}", ambiguous=False)
         code, subcode = error.get("code"), error.get("error_subcode")
         reason = redact(
             f"Meta error {code}" + (f"/{subcode}" if subcode else "") + f": {error.get('message') or ''}"
@@ -254,8 +262,8 @@ class MetaCustomAudience(HttpConnector):
         )
         if retryable:
             wait = _regain_access_seconds(headers) or parse_retry_after(headers)
-            return Verdict(Status.RETRYABLE, reason, retry_after=wait)
-        return Verdict(Status.FAILED, reason)
+            return Verdict(Status.RETRYABLE, reason, retry_after=wait, throttled=code in THROTTLE_CODES)
+        return Verdict(Status.FAILED, reason, halt=code in AUTH_CODES)
 
     # --- the common connector interface ---------------------------------------------------------------
 
@@ -272,13 +280,21 @@ class MetaCustomAudience(HttpConnector):
                 )
                 continue
             groups.setdefault((message.to, message.action), []).append(message)
+        halted: str | None = None
         for (audience, action), messages in groups.items():
             for part in chunks(messages, self.max_batch_size):
+                if halted is not None:
+                    # The token cannot send: the other requests of the batch are not attempted.
+                    for m in part:
+                        results[m.delivery_id] = Result.retryable(m.delivery_id, halted, halt=True)
+                    continue
                 report = self._update(
                     action, audience, [m.member for m in part], [m.delivery_id for m in part]
                 )
                 for result in report.results:
                     results[result.delivery_id] = result
+                    if result.halt and halted is None:
+                        halted = result.reason or "Meta cannot send"
         return [results[m.delivery_id] for m in batch]
 
 

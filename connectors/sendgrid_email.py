@@ -1,4 +1,4 @@
-"""Email through SendGrid v3 Mail Send (``POST {host}/v3/mail/send``) with the official ``sendgrid`` library.
+"""Email through SendGrid v3 Mail Send (``POST {host}/v3/mail/send``) over the shared HTTP session.
 
 Auth: ``Authorization: Bearer <OMNI_SENDGRID_API_KEY>``. Host: ``OMNI_SENDGRID_BASE_URL`` (default
 ``https://api.sendgrid.com``; EU subusers ``https://api.eu.sendgrid.com``; tests a local fake server).
@@ -16,34 +16,42 @@ identical content. Subject, RFC 8058 one-click ``List-Unsubscribe`` / ``List-Uns
 headers and ``custom_args`` are per personalization. Optional unsubscribe group (``asm``) and sandbox
 mode (``OMNI_SENDGRID_SANDBOX``: validate only).
 
-Errors (``python_http_client.exceptions.HTTPError``): 429 and 5xx retryable (``Retry-After`` or
-``X-RateLimit-Reset`` honoured), other 4xx permanent. A 400 naming ``personalizations.N`` fails only
-message N; the others of that request are returned retryable at once (SendGrid rejected the whole
-request, nothing was sent). Network errors (``urllib.error.URLError``, timeouts) are retryable.
+Transport: the shared :class:`~connectors.base.Http` session (``requests``, keep-alive), not the
+``sendgrid`` SDK: its ``python_http_client`` sends through ``urllib``, whose default opener follows a
+302 to another host with the ``Authorization: Bearer`` header. Here a 3xx is never followed: it is a
+permanent failure naming the base URL to fix.
+
+Errors: 429 retryable (``Retry-After`` or ``X-RateLimit-Reset`` honoured: never processed); 401 / 403
+permanent and ``halt`` (a revoked key or a missing ``mail.send`` scope: ``send_batch`` stops at once
+and the rest of the batch is not attempted); 5xx, read timeouts and a connection dropped after the
+request was sent are ambiguous (SendGrid may have queued the mail): ``send_batch`` records them
+``unknown`` and never resends (email is at most once). Connection refused, DNS failures and connect
+timeouts are retryable (nothing was sent). Other 4xx are permanent. A 400 naming ``personalizations.N``
+fails only message N; the others of that request are returned retryable at once (SendGrid rejected the
+whole request, nothing was sent).
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
-import urllib.error
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from email.utils import parseaddr
 from typing import Any
 
+import requests
 from pydantic import SecretStr
-from python_http_client.exceptions import HTTPError
-from sendgrid import SendGridAPIClient
 
 from connectors.base import (
     Channel,
-    Connector,
+    Http,
+    HttpConnector,
     Message,
     Result,
     Status,
     Verdict,
     classify_status,
+    classify_transport_error,
     redact,
     require,
     reveal,
@@ -54,7 +62,7 @@ HTML_TAG = "-omni_html-"
 _PERSONALIZATION_FIELD = re.compile(r"personalizations\.(\d+)")
 
 
-class SendGridEmail(Connector):
+class SendGridEmail(HttpConnector):
     provider = "sendgrid"
     channel = Channel.EMAIL
     max_batch_size = 1000
@@ -82,6 +90,7 @@ class SendGridEmail(Connector):
         asm_group_id: int | None = None,
         reply_to: str | None = None,
         timeout: float = 10.0,
+        session: requests.Session | None = None,
     ) -> None:
         self.api_key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
         require(self.api_key, "OMNI_SENDGRID_API_KEY", self.provider)
@@ -94,9 +103,8 @@ class SendGridEmail(Connector):
         self.asm_group_id = asm_group_id
         self.reply_to = reply_to
         self.timeout = timeout
-        self.requests_made = 0
-        self._client = SendGridAPIClient(api_key=reveal(self.api_key), host=self.base_url)
-        self._client.client.timeout = timeout
+        self.http = Http(timeout=timeout, session=session)
+        reveal(self.api_key)  # registered for redaction (with its encoded forms) before any request
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> SendGridEmail:
@@ -193,52 +201,68 @@ class SendGridEmail(Connector):
 
     # --- sending --------------------------------------------------------------------------------------
 
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/v3/mail/send"
+
     def send(self, batch: Sequence[Message]) -> list[Result]:
         self.check_batch(batch)
         results: dict[str, Result] = {}
+        halted: str | None = None
         for request in self.plan(batch):
+            if halted is not None:
+                # The key cannot send: the other requests of the batch are not attempted.
+                for m in request:
+                    results[m.delivery_id] = Result.retryable(m.delivery_id, halted, halt=True)
+                continue
             for result in self._send_request(request):
                 results[result.delivery_id] = result
+                if result.halt and halted is None:
+                    halted = result.reason or "SendGrid cannot send"
         return [results[m.delivery_id] for m in batch]
 
     def _send_request(self, messages: Sequence[Message]) -> list[Result]:
         for message in messages:
             if not message.subject:
                 return [Result.failed(m.delivery_id, "email without a subject") for m in messages]
-        body = self.build_body(messages)
-        self.requests_made += 1
+        body = json.dumps(self.build_body(messages), separators=(",", ":")).encode()
         try:
-            response = self._client.send(body)
-        except HTTPError as exc:
-            return self._error_results(messages, exc)
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            if isinstance(reason, TimeoutError):
-                verdict = Verdict(Status.RETRYABLE, "connect timeout")
-            elif isinstance(reason, ConnectionRefusedError):
-                verdict = Verdict(Status.RETRYABLE, "connection refused")
-            else:
-                verdict = Verdict(Status.RETRYABLE, redact(f"connection error: {reason}"))
+            response = self.http.request(
+                "POST",
+                self.url,
+                data=body,
+                headers={
+                    "Authorization": f"Bearer {reveal(self.api_key)}",
+                    "Content-Type": "application/json",
+                    "Accept": "application/json",
+                },
+            )
+        except Exception as exc:  # noqa: BLE001 - classified: refused/DNS retryable, the rest ambiguous
+            verdict = classify_transport_error(exc)
+            verdict = verdict.replace(reason=f"SendGrid {verdict.reason}")
             return [verdict.result(m.delivery_id) for m in messages]
-        except (TimeoutError, http.client.HTTPException, ConnectionError) as exc:
-            verdict = Verdict(Status.RETRYABLE, f"network error: {type(exc).__name__}", ambiguous=True)
-            return [verdict.result(m.delivery_id) for m in messages]
-        headers = {k.lower(): v for k, v in dict(response.headers or {}).items()}
-        provider_id = headers.get("x-message-id")
-        return [Result.sent(m.delivery_id, provider_id, status_code=response.status_code) for m in messages]
+        if 200 <= response.status_code < 300:
+            provider_id = response.headers.get("X-Message-Id")
+            return [
+                Result.sent(m.delivery_id, provider_id, status_code=response.status_code) for m in messages
+            ]
+        return self._error_results(messages, response.status_code, response.headers, response.content)
 
-    def classify(self, status: int, headers: dict[str, str], body: bytes | str | None) -> Verdict:
+    def classify(self, status: int, headers: Mapping[str, str], body: bytes | str | None) -> Verdict:
         """The one place SendGrid answers are judged: HTTP status, then the documented error body."""
         verdict = classify_status(status, headers)
+        if 300 <= status < 400:
+            return verdict.replace(reason=f"SendGrid {verdict.reason}")
         detail = _error_text(body)
         reason = f"SendGrid HTTP {status}" + (f": {detail}" if detail else "")
-        return Verdict(verdict.status, redact(reason), verdict.retry_after, verdict.ambiguous)
+        return verdict.replace(reason=redact(reason))
 
-    def _error_results(self, messages: Sequence[Message], exc: HTTPError) -> list[Result]:
-        headers = {str(k): str(v) for k, v in dict(exc.headers or {}).items()}
-        verdict = self.classify(int(exc.status_code), headers, exc.body)
-        if verdict.status is Status.FAILED and exc.status_code == 400 and len(messages) > 1:
-            culprits = _personalization_indexes(exc.body, len(messages))
+    def _error_results(
+        self, messages: Sequence[Message], status: int, headers: Mapping[str, str], body: bytes | None
+    ) -> list[Result]:
+        verdict = self.classify(status, headers, body)
+        if verdict.status is Status.FAILED and status == 400 and len(messages) > 1:
+            culprits = _personalization_indexes(body, len(messages))
             if culprits:
                 return [
                     verdict.result(m.delivery_id)
@@ -264,7 +288,7 @@ def _error_body(body: bytes | str | None) -> dict:
 def _error_text(body: bytes | str | None) -> str:
     errors = _error_body(body).get("errors") or []
     parts = []
-    for error in errors[:3]:
+    for error in errors[:3] if isinstance(errors, list) else []:
         if isinstance(error, dict):
             field = error.get("field")
             parts.append(f"{error.get('message')}" + (f" ({field})" if field else ""))
@@ -273,8 +297,11 @@ def _error_text(body: bytes | str | None) -> str:
 
 def _personalization_indexes(body: bytes | str | None, count: int) -> set[int]:
     found: set[int] = set()
-    for error in _error_body(body).get("errors") or []:
-        match = _PERSONALIZATION_FIELD.match(str((error or {}).get("field") or ""))
+    errors = _error_body(body).get("errors")
+    for error in errors if isinstance(errors, list) else []:
+        if not isinstance(error, dict):
+            continue
+        match = _PERSONALIZATION_FIELD.match(str(error.get("field") or ""))
         if match and int(match.group(1)) < count:
             found.add(int(match.group(1)))
     return found

@@ -10,10 +10,16 @@ Limits: one recipient per request (no bulk endpoint). Success: ``201`` with the 
 Errors ``{"code", "message", "more_info", "status"}``:
 - 21610 (the customer replied STOP): permanent, with an ``sms_opted_out`` effect so the profile store
   records an SMS opt-out (``connectors.effects.apply_effects``);
-- 21211 invalid ``To``, 21408 region not enabled, 21612 unroutable, 21614 not a mobile number,
-  20003 / 401 authentication: permanent;
-- 20429 / HTTP 429 (too many concurrent requests; never processed): retryable, safe;
-- 5xx and read timeouts: retryable but ambiguous (Twilio may have queued the message).
+- 21211 invalid ``To``, 21408 region not enabled, 21612 unroutable, 21614 not a mobile number:
+  permanent for that message;
+- 20003 / 20005 / HTTP 401 / 403 (authentication failed, account not active): permanent and ``halt``
+  (nothing can be sent with this credential: ``send_batch`` stops at once);
+- 20429 / HTTP 429 (too many concurrent requests; documented as never processed): retryable, safe;
+- 5xx, read timeouts, a connection dropped after the request was sent: ambiguous (Twilio may have queued
+  the message), so ``send_batch`` records them ``unknown`` and never resends (SMS is at most once).
+
+The Basic credential (``base64(SID:token)``, and its URL-encoded forms) is registered for redaction: a
+Twilio error body echoing the ``Authorization`` header never reaches a reason or a log.
 """
 
 from __future__ import annotations
@@ -37,8 +43,8 @@ from connectors.base import (
     classify_status,
     classify_transport_error,
     redact,
+    register_basic_auth,
     require,
-    reveal,
 )
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
@@ -49,8 +55,9 @@ PERMANENT_CODES = {
     21408: "region not enabled (Geo Permissions)",
     21612: "To number unroutable",
     21614: "To number is not a mobile number",
-    20003: "authentication failed",
 }
+# The credential or the account is invalid: nothing can be sent (SendReport.halted).
+AUTH_CODES = {20003: "authentication failed", 20005: "account not active"}
 OPTED_OUT = 21610
 TOO_MANY_REQUESTS = 20429
 
@@ -87,7 +94,7 @@ class TwilioSms(HttpConnector):
         self.base_url = base_url.rstrip("/")
         self.status_callback_url = status_callback_url
         self.http = Http(timeout=timeout, session=session)
-        reveal(self.auth_token)
+        self._authorization = register_basic_auth(self.account_sid, self.auth_token)
 
     @classmethod
     def from_settings(cls, settings: Any, **kwargs: Any) -> TwilioSms:
@@ -141,10 +148,9 @@ class TwilioSms(HttpConnector):
                 "POST",
                 self.url,
                 data=self.form(message),
-                auth=(self.account_sid, reveal(self.auth_token)),
-                headers={"Accept": "application/json"},
+                headers={"Accept": "application/json", "Authorization": self._authorization},
             )
-        except requests.RequestException as exc:
+        except Exception as exc:  # noqa: BLE001 - classified: refused/DNS retryable, the rest ambiguous
             return classify_transport_error(exc).result(message.delivery_id)
         if response.status_code in (200, 201):
             try:
@@ -161,15 +167,24 @@ class TwilioSms(HttpConnector):
         except ValueError:
             body = {}
         code = body.get("code") if isinstance(body, dict) else None
-        text = redact(str(body.get("message") or "")) if isinstance(body, dict) else ""
-        reason = f"Twilio {code or response.status_code}" + (f": {text}" if text else "")
+        text = redact(str(body.get("message") or ""))[:500] if isinstance(body, dict) else ""
+        reason = (
+            f"Twilio HTTP {response.status_code}"
+            + (f" error {code}" if code else "")
+            + (f": {text}" if text else "")
+        )
         if code == OPTED_OUT:
             effect = Effect("sms_opted_out", message.customer_id, message.to.strip(), "twilio:21610")
             return Verdict(Status.FAILED, reason + " (recipient replied STOP)", effects=(effect,))
         if code in PERMANENT_CODES:
             return Verdict(Status.FAILED, f"{reason} ({PERMANENT_CODES[code]})")
+        if code in AUTH_CODES or response.status_code in (401, 403):
+            what = AUTH_CODES.get(code, "authentication failed")
+            return Verdict(Status.FAILED, f"{reason} ({what})", halt=True)
         verdict = classify_status(response.status_code, response.headers)
         if code == TOO_MANY_REQUESTS or response.status_code == 429:
-            # Never processed: safe to retry.
-            return Verdict(Status.RETRYABLE, reason, retry_after=verdict.retry_after)
+            # Documented as never processed: safe to retry.
+            return Verdict(Status.RETRYABLE, reason, retry_after=verdict.retry_after, throttled=True)
+        if verdict.status is Status.FAILED and 300 <= response.status_code < 400:
+            return Verdict(Status.FAILED, f"Twilio {verdict.reason}")
         return Verdict(verdict.status, reason, verdict.retry_after, verdict.ambiguous)

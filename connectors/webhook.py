@@ -8,7 +8,12 @@ Body: ``{"delivery_id", "channel", "to", "customer_id", "template", "subject", "
 replay protection). One message per request.
 
 Answers: 2xx sent (the provider id is the JSON body's ``id`` when there is one, else the delivery id);
-408, 429 and 5xx retryable (``Retry-After`` honoured); other 4xx permanent.
+408, 429 and 5xx retryable (``Retry-After`` honoured); 401 / 403 permanent and ``halt`` (the receiver
+rejects our signature or credentials: ``send_batch`` stops); 3xx never followed (permanent); other 4xx
+permanent.
+
+Delivery semantics: webhooks are at least once (``connectors.base.at_most_once``): receivers dedupe on
+``X-Omni-Delivery-Id``, so ``send_batch`` retries ambiguous answers (5xx, timeouts, dropped connections).
 """
 
 from __future__ import annotations
@@ -128,8 +133,9 @@ class WebhookConnector(HttpConnector):
         }
         try:
             response = self.http.request("POST", self.url, data=body, headers=headers)
-        except requests.RequestException as exc:
-            return classify_transport_error(exc).result(message.delivery_id)
+        except Exception as exc:  # noqa: BLE001 - classified: refused/DNS or ambiguous (retried: at least once)
+            verdict = classify_transport_error(exc)
+            return verdict.replace(reason=f"webhook {verdict.reason}").result(message.delivery_id)
         verdict = self.classify(response)
         if 200 <= response.status_code < 300:
             try:
@@ -142,6 +148,4 @@ class WebhookConnector(HttpConnector):
     def classify(self, response: requests.Response) -> Verdict:
         """The one place webhook answers are judged: by HTTP status (the receiver's body is not read)."""
         verdict = classify_status(response.status_code, response.headers)
-        return Verdict(
-            verdict.status, f"webhook HTTP {response.status_code}", verdict.retry_after, verdict.ambiguous
-        )
+        return verdict.replace(reason=f"webhook {verdict.reason}")

@@ -15,8 +15,10 @@ the store (``omni_metadata``, key ``unsubscribe_secret``), so the default set-up
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
+import re
 import secrets
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -98,19 +100,33 @@ def make_token(secret: SecretStr | str, customer_id: int, channel: str) -> str:
     return f"{payload}.{_signature(secret, payload)}"
 
 
-def verify_token(secret: SecretStr | str, token: str) -> tuple[int, str]:
-    """The (customer id, channel) a token names; :class:`InvalidToken` if it was not signed by ``secret``."""
-    try:
-        payload, signature = token.strip().split(".")
-    except (AttributeError, ValueError):
-        raise InvalidToken("malformed unsubscribe token") from None
-    if not hmac.compare_digest(_signature(secret, payload), signature):
+# A token is ``<base64url payload>.<base64url signature>``, unpadded; anything else is malformed.
+MAX_TOKEN_CHARS = 1024
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{2,}\.[A-Za-z0-9_-]{43}")
+_CUSTOMER_ID = re.compile(r"-?[0-9]{1,19}")
+
+
+def verify_token(secret: SecretStr | str, token: object) -> tuple[int, str]:
+    """The (customer id, channel) a token names; :class:`InvalidToken` if it was not signed by ``secret``.
+
+    Every malformed input (not a string, bytes, empty, too long, non-ASCII, wrong padding, extra dots,
+    a payload that is not ``<id>:<channel>``) raises :class:`InvalidToken`, never another error.
+    """
+    if not isinstance(token, str):
+        raise InvalidToken("malformed unsubscribe token")
+    token = token.strip()
+    if not token or len(token) > MAX_TOKEN_CHARS or not _TOKEN.fullmatch(token):
+        raise InvalidToken("malformed unsubscribe token")
+    payload, signature = token.split(".")
+    if not hmac.compare_digest(_signature(secret, payload).encode(), signature.encode()):
         raise InvalidToken("unsubscribe token signature does not match")
     try:
-        customer, channel = _b64decode(payload).decode().split(":", 1)
-        return int(customer), channel
-    except (ValueError, UnicodeDecodeError):
+        customer, channel = _b64decode(payload).decode("utf-8").split(":", 1)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
         raise InvalidToken("malformed unsubscribe token") from None
+    if not _CUSTOMER_ID.fullmatch(customer) or not channel:
+        raise InvalidToken("malformed unsubscribe token")
+    return int(customer), channel
 
 
 def unsubscribe_url(base_url: str, token: str) -> str:

@@ -5,6 +5,12 @@ throttled answer and a permanent error look like; the suite checks the rest: mas
 ``repr`` / logs / reasons, batching at the limit, retryable vs permanent classification, 429 with
 Retry-After, 500, timeouts, connection refused, the shared retry loop, and start-up configuration errors.
 No test reaches the real network or sleeps: ``send_batch`` gets a recording ``sleep``.
+
+Delivery semantics: for the at-most-once channels (email, SMS, push) every ambiguous answer (accepted
+then 5xx, the connection dropped or reset after the request was read, an answer after the client's
+timeout) reaches the provider exactly once and comes back ``unknown``; for the at-least-once channels
+(ads, webhook) it is retried. A revoked credential halts at once; a provider that refuses connections
+throughout halts after the bounded retries; no connector follows a redirect.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import logging
 from typing import Any, ClassVar
 
 import pytest
-from connector_fakes import refused_url, silent_server
+from connector_fakes import RawServer, refused_url, silent_server
 
 from connectors import REGISTRY, ConnectorConfigError, Message, RetryPolicy, Status, get_connector, send_batch
+from connectors.base import at_most_once
 from omni.settings import Settings
 
 
@@ -170,9 +177,110 @@ class ConnectorContract:
 
     def test_retries_are_capped(self, fake, connector):
         for _ in range(5):
-            fake.script(503, {"error": "unavailable"}, {"Retry-After": "1"})
+            self.throttled(fake, 1)
         sleeps = Sleeps()
         report = send_batch(connector, [self.message(0)], policy=FAST, sleep=sleeps)
         assert report.results[0].status is Status.RETRYABLE
         assert report.attempts == FAST.max_attempts
         assert len(self.provider_requests(fake)) == FAST.max_attempts
+        assert report.halted is None  # a throttling provider is up: not halted
+
+    # --- at most once vs at least once ----------------------------------------------------------------
+
+    def revoked(self, fake: Any) -> None:
+        """Queue the provider's answer to a revoked / invalid credential."""
+        fake.script(401, {"error": "unauthorized"})
+
+    def warm(self, connector: Any) -> None:
+        """Anything to do before a tiny client timeout applies (FCM: fetch the OAuth token first)."""
+
+    def expected_requests(self) -> int:
+        return 1 if at_most_once(self.channel) else FAST.max_attempts
+
+    def assert_once_or_retried(self, report, seen: int) -> None:
+        [result] = report.results
+        if at_most_once(self.channel):
+            assert seen == 1, f"an ambiguous {self.channel} request was sent {seen} times"
+            assert result.status is Status.UNKNOWN, result
+            assert result.ambiguous
+            assert "not resent (at most once)" in result.reason
+            assert report.halted is None
+        else:
+            assert seen == FAST.max_attempts  # at least once: retried
+            assert result.status is Status.RETRYABLE
+
+    @pytest.mark.parametrize("status", [500, 502, 503, 504])
+    def test_accepted_then_5xx(self, fake, connector, status):
+        for _ in range(FAST.max_attempts):
+            fake.script(status, {"error": "internal"})
+        report = send_batch(connector, [self.message(0)], policy=FAST, sleep=Sleeps())
+        self.assert_once_or_retried(report, len(self.provider_requests(fake)))
+
+    @pytest.mark.parametrize("mode", ["drop", "reset"])
+    def test_connection_dropped_after_the_request_was_read(self, fake, mode):
+        with RawServer(mode) as server:
+            connector = self.make_connector(fake, base_url=server.url, timeout=2.0)
+            report = send_batch(connector, [self.message(0)], policy=FAST, sleep=Sleeps())
+            connector.close()
+            self.assert_once_or_retried(report, server.seen(self.expected_requests()))
+
+    def test_answer_after_the_clients_timeout(self, fake):
+        with RawServer("late", delay=0.3) as server:
+            connector = self.make_connector(fake, base_url=server.url, timeout=0.05)
+            self.warm(connector)
+            report = send_batch(connector, [self.message(0)], policy=FAST, sleep=Sleeps())
+            connector.close()
+            self.assert_once_or_retried(report, server.seen(self.expected_requests()))
+
+    def test_unknown_is_never_resent_by_any_policy(self, fake, connector):
+        fake.script(500, {"error": "internal"})
+        fake.script(500, {"error": "internal"})
+        policy = RetryPolicy(max_attempts=10, base_delay=0.0, max_inline_delay=60.0)
+        report = send_batch(connector, [self.message(0)], policy=policy, sleep=Sleeps())
+        if at_most_once(self.channel):
+            assert len(self.provider_requests(fake)) == 1
+            assert report.results[0].status is Status.UNKNOWN
+        else:
+            assert report.results[0].status is Status.SENT
+
+    def test_429_then_sent(self, fake, connector):
+        self.throttled(fake, 0)
+        report = send_batch(connector, [self.message(0)], policy=FAST, sleep=Sleeps())
+        assert report.results[0].status is Status.SENT
+        assert len(self.provider_requests(fake)) == 2
+
+    # --- halting --------------------------------------------------------------------------------------
+
+    def test_revoked_credential_halts_at_once(self, fake, connector):
+        self.revoked(fake)
+        messages = [self.message(i) for i in range(5)]
+        report = send_batch(connector, messages, policy=FAST, sleep=Sleeps())
+        assert report.halted
+        assert len(self.provider_requests(fake)) == 1  # not one request per message
+        assert [r.status for r in report.results] == [Status.RETRYABLE] * 5
+        assert all(r.reason == report.halted for r in report.results)
+        assert not report.sent
+
+    def test_connection_refused_throughout_halts_after_bounded_retries(self, fake):
+        connector = self.make_connector(fake, base_url=refused_url())
+        sleeps = Sleeps()
+        policy = RetryPolicy(max_attempts=3, base_delay=0.5)
+        messages = [self.message(i) for i in range(4)]
+        report = send_batch(connector, messages, policy=policy, sleep=sleeps, rng=lambda: 1.0)
+        assert report.halted and "refused" in report.halted
+        assert report.calls == FAST.max_attempts  # the rest of the batch is not attempted
+        assert [r.status for r in report.results] == [Status.RETRYABLE] * 4
+        assert all(r.reason == report.halted for r in report.results)
+        assert sleeps == [0.5, 1.0]  # exponential backoff between the bounded tries
+
+    # --- redirects ------------------------------------------------------------------------------------
+
+    def test_redirect_to_another_origin_is_never_followed(self, fake, connector):
+        with RawServer("drop") as other:
+            fake.script(302, b"", {"Location": other.url + "/steal"})
+            report = send_batch(connector, [self.message(0)], policy=FAST, sleep=Sleeps())
+            assert other.requests == []  # neither the credentials nor the request went there
+        [result] = report.results
+        assert result.status is Status.FAILED
+        assert "redirect" in result.reason
+        assert len(self.provider_requests(fake)) == 1

@@ -14,6 +14,7 @@ import itertools
 import json
 import re
 import socket
+import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -376,3 +377,124 @@ def silent_server() -> Iterator[str]:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         sock.close()
+
+
+# --- ambiguous answers: the request reached the server, the answer did not reach the client ---------
+
+
+class RawServer:
+    """A bare HTTP/1.1 server on a local port that reads each request in full (headers and
+    ``Content-Length`` body), records it, then, by ``mode``:
+
+    - ``"drop"``: closes the socket without answering (the connection dropped after the request was read);
+    - ``"reset"``: resets the connection (TCP RST) without answering;
+    - ``"late"``: answers ``late_status`` only after ``delay`` seconds (after the client's timeout);
+    - ``"redirect"``: answers ``302`` with ``Location: <location>``.
+
+    ``requests`` holds ``(request line, headers dict, body)`` per request read.
+    """
+
+    def __init__(
+        self,
+        mode: str = "drop",
+        *,
+        delay: float = 0.5,
+        late_status: int = 200,
+        late_body: bytes = b"{}",
+        location: str = "",
+    ) -> None:
+        self.mode, self.delay, self.late_status, self.late_body = mode, delay, late_status, late_body
+        self.location = location
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self._sock.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> tuple[str, dict[str, str], bytes] | None:
+        conn.settimeout(5)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length") or 0)
+        while len(body) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        return lines[0], headers, body
+
+    def _handle(self, conn: socket.socket) -> None:
+        import struct
+        import time
+
+        try:
+            request = self._read(conn)
+            if request is None:
+                return
+            self.requests.append(request)
+            if self.mode == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            elif self.mode == "late":
+                time.sleep(self.delay)
+                conn.sendall(
+                    f"HTTP/1.1 {self.late_status} OK\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(self.late_body)}\r\nConnection: close\r\n\r\n".encode()
+                    + self.late_body
+                )
+            elif self.mode == "redirect":
+                conn.sendall(
+                    f"HTTP/1.1 302 Found\r\nLocation: {self.location}\r\nContent-Length: 0\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                )
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def seen(self, at_least: int = 1, timeout: float = 3.0) -> int:
+        """The number of requests read, once at least ``at_least`` were (or ``timeout`` passed): the
+        client may give up before this server's thread has read what the kernel already holds."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(self.requests) < at_least and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        return len(self.requests)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close()
+
+    def __enter__(self) -> RawServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -100,13 +100,19 @@ def test_only_retryable_messages_are_resent():
     assert [r.status for r in report.results] == [Status.SENT] * 4
 
 
-def test_ambiguous_results_are_not_retried_when_asked():
+def test_ambiguous_results_are_never_retried_for_at_most_once_channels():
     connector = Scripted(["ambiguous"])
-    report = send_batch(
-        connector, messages(1), sleep=lambda s: None, policy=RetryPolicy(retry_ambiguous=False)
-    )
+    report = send_batch(connector, messages(1), sleep=lambda s: None, policy=RetryPolicy(max_attempts=5))
     assert connector.calls == [["d0"]]
-    assert report.results[0].status is Status.RETRYABLE and report.results[0].retry_after > 0
+    [result] = report.results
+    assert result.status is Status.UNKNOWN and result.ambiguous
+    assert "not resent (at most once)" in result.reason
+    assert report.halted is None
+
+
+def test_retry_ambiguous_is_no_longer_a_policy_knob():
+    with pytest.raises(TypeError):
+        RetryPolicy(retry_ambiguous=True)  # type: ignore[call-arg]
 
 
 def test_duplicate_delivery_ids_are_refused():

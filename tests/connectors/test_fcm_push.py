@@ -90,6 +90,24 @@ class TestFcmPush(ConnectorContract):
             },
         )
 
+    def warm(self, connector) -> None:
+        timeout, connector.http.timeout = connector.http.timeout, 5.0
+        connector.credentials.token()
+        connector.http.timeout = timeout
+
+    def revoked(self, fake) -> None:
+        fake.script(
+            403,
+            {
+                "error": {
+                    "code": 403,
+                    "message": "Permission 'cloudmessaging.messages.create' denied",
+                    "status": "PERMISSION_DENIED",
+                    "details": [],
+                }
+            },
+        )
+
     def provider_requests(self, fake):
         return [r for r in fake.requests if r.path != "/token"]
 
@@ -177,3 +195,41 @@ class TestFcmPush(ConnectorContract):
     def test_missing_credentials_file_fails_at_construction(self, tmp_path):
         with pytest.raises(ConnectorConfigError, match="OMNI_FCM_CREDENTIALS_FILE"):
             FcmPush(project_id="p", credentials=tmp_path / "nope.json")
+
+    def test_unauthenticated_after_a_refresh_halts(self, fake, connector):
+        from connector_contract import FAST, Sleeps
+
+        from connectors import send_batch
+
+        unauthenticated = {"error": {"code": 401, "message": "bad", "status": "UNAUTHENTICATED"}}
+        fake.script(401, unauthenticated)
+        fake.script(401, unauthenticated)
+        report = send_batch(connector, [push(i) for i in range(5)], policy=FAST, sleep=Sleeps())
+        assert report.halted and "UNAUTHENTICATED" in report.halted
+        assert len(self.provider_requests(fake)) == 2  # the send, then once with a refreshed token
+        assert [r.status for r in report.results] == [Status.RETRYABLE] * 5
+
+    def test_a_rejected_service_account_halts_without_sending(self, fake, connector):
+        from connector_contract import FAST, Sleeps
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        from connectors import send_batch
+
+        # The token endpoint no longer knows the connector's key: invalid_grant.
+        fake.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        report = send_batch(connector, [push(i) for i in range(3)], policy=FAST, sleep=Sleeps())
+        assert report.halted and "invalid_grant" in report.halted
+        assert self.provider_requests(fake) == []
+
+    def test_a_token_endpoint_failure_is_never_ambiguous(self, fake, tmp_path):
+        from connector_fakes import RawServer
+
+        with RawServer("drop") as token_server:
+            info = {**fake.credentials(), "token_uri": token_server.url + "/token"}
+            path = tmp_path / "sa.json"
+            path.write_text(json.dumps(info))
+            connector = FcmPush(project_id=fake.project_id, credentials=path, base_url=fake.url, timeout=2)
+            [result] = connector.send([push(1)])
+        assert result.status is Status.RETRYABLE and not result.ambiguous
+        assert "OAuth token" in result.reason
+        assert self.provider_requests(fake) == []

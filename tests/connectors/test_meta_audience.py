@@ -78,6 +78,20 @@ class TestMetaCustomAudience(ConnectorContract):
             },
         )
 
+    def revoked(self, fake) -> None:
+        fake.script(
+            400,
+            {
+                "error": {
+                    "message": "Error validating access token: Session has expired",
+                    "type": "OAuthException",
+                    "code": 190,
+                    "error_subcode": 463,
+                    "fbtrace_id": "x",
+                }
+            },
+        )
+
     def test_timeout_is_retryable_and_ambiguous(self, fake):
         # Overrides the contract: audience adds and removes are idempotent, so a timeout is never ambiguous.
         from connector_fakes import silent_server
@@ -157,3 +171,28 @@ class TestMetaCustomAudience(ConnectorContract):
     def test_unmapped_audience_is_a_configuration_error(self, connector):
         with pytest.raises(ConnectorConfigError, match="OMNI_META_AUDIENCES"):
             connector.add("unknown_audience", [member(1)])
+
+    def test_an_expired_token_halts_before_the_other_audiences(self, fake):
+        from connector_contract import FAST, Sleeps
+
+        from connectors import send_batch
+
+        connector = MetaCustomAudience(
+            access_token="EAAB-expired",
+            audiences={"cart_retargeting": AUDIENCE_ID, "vip": "23850000000000002"},
+            base_url=fake.url,
+        )
+        vip = Message(delivery_id="v1", channel="ads", to="vip", action="add", member=member(9))
+        report = send_batch(connector, [ad(1), ad(2, "remove"), vip], policy=FAST, sleep=Sleeps())
+        assert len(fake.requests) == 1
+        assert report.halted and "190" in report.halted
+        assert [r.status for r in report.results] == [Status.RETRYABLE] * 3
+
+    def test_a_5xx_is_retried_at_least_once(self, fake, connector):
+        from connector_contract import FAST, Sleeps
+
+        from connectors import send_batch
+
+        fake.script(500, {"error": {"message": "An unknown error occurred", "code": 1, "is_transient": True}})
+        report = send_batch(connector, [ad(1)], policy=FAST, sleep=Sleeps())
+        assert report.results[0].status is Status.SENT and len(fake.requests) == 2

@@ -100,7 +100,7 @@ class TestSendGridEmail(ConnectorContract):
     def test_1000_personalizations_per_request(self, fake, connector):
         messages = [email(i) for i in range(2500)]
         report = send_batch(connector, messages, policy=FAST, sleep=Sleeps())
-        assert report.counts() == {"sent": 2500, "retryable": 0, "failed": 0}
+        assert report.counts() == {"sent": 2500, "retryable": 0, "failed": 0, "unknown": 0}
         assert [len(r.json()["personalizations"]) for r in fake.requests] == [1000, 1000, 500]
 
     def test_an_address_appears_once_per_request(self, fake, connector):
@@ -153,3 +153,23 @@ class TestSendGridEmail(ConnectorContract):
         fake.script(502, b"bad gateway")
         [result] = connector.send([email(1)])
         assert result.status is Status.RETRYABLE
+
+    def test_revoked_key_stops_before_the_other_requests_of_the_batch(self, fake):
+        connector = SendGridEmail(api_key="SG.revoked", email_from="news@shop.example", base_url=fake.url)
+        # The same address twice: two requests planned for one chunk.
+        messages = [email(1), email(2, to="customer1@example.org", delivery_id="other"), email(3)]
+        report = send_batch(connector, messages, policy=FAST, sleep=Sleeps())
+        assert len(fake.requests) == 1
+        assert report.halted and "401" in report.halted
+        assert [r.status for r in report.results] == [Status.RETRYABLE] * 3
+        assert all(r.reason == report.halted for r in report.results)
+
+    def test_the_key_never_follows_a_redirect(self, fake, connector):
+        from connector_fakes import RawServer
+
+        with RawServer("drop") as other:
+            fake.script(302, b"", {"Location": other.url + "/v3/mail/send"})
+            [result] = connector.send([email(1)])
+            assert other.requests == []
+        assert result.status is Status.FAILED and "redirect" in result.reason
+        assert fake.api_key not in result.reason

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from connector_contract import ConnectorContract
+import base64
+import json
+import logging
+from urllib.parse import quote, quote_plus
+
+from connector_contract import FAST, ConnectorContract, Sleeps
 from connector_fakes import FakeTwilio
 
-from connectors import Message, Status
+from connectors import Message, Status, send_batch
 from connectors.twilio_sms import TwilioSms
 
 
@@ -68,6 +73,17 @@ class TestTwilioSms(ConnectorContract):
             },
         )
 
+    def revoked(self, fake) -> None:
+        fake.script(
+            401,
+            {
+                "code": 20003,
+                "message": "Authentication Error - invalid username",
+                "more_info": "https://www.twilio.com/docs/errors/20003",
+                "status": 401,
+            },
+        )
+
     def test_request_is_form_encoded_field_by_field(self, fake, connector):
         [result] = connector.send([sms(1)])
         assert result.status is Status.SENT
@@ -124,3 +140,47 @@ class TestTwilioSms(ConnectorContract):
         fake.script(503, {"code": 20500, "message": "Service unavailable", "status": 503})
         [result] = connector.send([sms(1)])
         assert result.status is Status.RETRYABLE and result.ambiguous
+
+    def test_a_revoked_token_halts_after_one_request_not_one_per_message(self, fake):
+        wrong = TwilioSms(
+            account_sid=fake.account_sid, auth_token="revoked-token", sender="+15005550006", base_url=fake.url
+        )
+        report = send_batch(wrong, [sms(i) for i in range(1000)], policy=FAST, sleep=Sleeps())
+        assert len(fake.requests) == 1
+        assert report.halted and "20003" in report.halted
+        assert report.counts() == {"sent": 0, "retryable": 1000, "failed": 0, "unknown": 0}
+
+    def test_20429_is_never_ambiguous_and_retried(self, fake, connector):
+        self.throttled(fake, 0)
+        report = send_batch(connector, [sms(1)], policy=FAST, sleep=Sleeps())
+        assert report.results[0].status is Status.SENT and len(fake.requests) == 2
+
+
+class EchoingTwilio(FakeTwilio):
+    """A Twilio whose error body echoes the request's Authorization header (raw, URL- and JSON-encoded)."""
+
+    def answer(self, seen):
+        auth = seen.headers.get("authorization", "")
+        message = f"Bad request; headers: Authorization={auth} ({quote(auth, safe='')}) {json.dumps(auth)}"
+        return self.json_response(500, {"code": 20500, "message": message, "status": 500})
+
+
+def test_an_echoed_authorization_header_never_leaks(httpserver, caplog):
+    caplog.set_level(logging.DEBUG)
+    fake = EchoingTwilio(httpserver)
+    connector = TwilioSms(
+        account_sid=fake.account_sid, auth_token=fake.auth_token, sender="+15005550006", base_url=fake.url
+    )
+    report = send_batch(connector, [sms(1), sms(2)], policy=FAST, sleep=Sleeps())
+    encoded = base64.b64encode(f"{fake.account_sid}:{fake.auth_token}".encode()).decode()
+    assert report.results[0].status is Status.UNKNOWN
+    assert "Authorization=Basic" in report.results[0].reason  # the echo is there, masked
+    text = repr(report) + caplog.text + json.dumps([r.reason for r in report.results])
+    for secret in (
+        fake.auth_token,
+        encoded,
+        quote(encoded, safe=""),
+        quote_plus(encoded),
+        encoded.rstrip("="),
+    ):
+        assert secret not in text, secret
