@@ -1,7 +1,16 @@
 """Marketing consent per customer and channel.
 
 Email and ads are allowed unless the customer opted out; SMS and push need an opt-in. The newest
-decision wins by the time it was made (the event time), so consent does not depend on arrival order.
+decision wins by the time it was made (the event time), so consent does not depend on arrival order,
+with three safeguards so that an opt-out always takes effect:
+
+- a feed's decision counts from its event time but never from later than Omni received it (ingest
+  passes ``min(occurred_at, received_at)``, and rejects payloads dated too far ahead): no payload can
+  pin a consent with a future timestamp. A recorded decision time later than ``now`` (written before
+  that rule) means nothing: any opt-out replaces it, and an opt-in replaces only an opt-in;
+- at the same time, an opt-out beats an opt-in, whatever the order they arrive in;
+- an operator's decision (``omni consent set``, ``operator=True``) is applied at the time of the
+  command whatever the stored time says.
 """
 
 from __future__ import annotations
@@ -36,12 +45,36 @@ def is_allowed(channel: str, status: str | None) -> bool:
     return status == ConsentStatus.OPTED_IN.value
 
 
-def apply_consents(session: Session, decisions: Iterable[ConsentDecision]) -> int:
+OPTED_OUT = ConsentStatus.OPTED_OUT.value
+
+
+def _supersedes(decision: ConsentDecision, status: str, at: datetime) -> bool:
+    """Whether ``decision`` replaces a recorded ``status`` made at ``at``: it is newer, or as new and
+    an opt-out (an opt-out wins a tie)."""
+    if decision.at != at:
+        return decision.at > at
+    return decision.status == OPTED_OUT or status != OPTED_OUT
+
+
+def apply_consents(
+    session: Session,
+    decisions: Iterable[ConsentDecision],
+    *,
+    now: datetime | None = None,
+    operator: bool = False,
+) -> int:
     """Record decisions; one older than what is recorded for that customer and channel is ignored.
+
+    Args:
+        now: the time of receipt: a recorded decision time later than it is meaningless (a decision
+            can never be later than when Omni learned of it), see the module's docstring.
+        operator: decisions made by a person operating Omni (``omni consent set``): applied whatever
+            the recorded time, which becomes the decision's.
 
     Returns the number of (customer, channel) pairs whose status or source changed.
     """
-    decisions = sorted(decisions, key=lambda d: d.at)
+    # Time order; at the same time opt-outs last, so that they win.
+    decisions = sorted(decisions, key=lambda d: (d.at, d.status == OPTED_OUT))
     if not decisions:
         return 0
     table = Consent.__table__
@@ -58,8 +91,14 @@ def apply_consents(session: Session, decisions: Iterable[ConsentDecision]) -> in
     for decision in decisions:
         key = (decision.customer_id, decision.channel)
         row = current.get(key)
-        if row is not None and decision.at < row["updated_at"]:
-            continue
+        if row is not None and not operator:
+            if now is not None and row["updated_at"] > now:
+                # Recorded with a time from the future (before ingest refused such times): that time
+                # means nothing. An opt-out replaces it; an opt-in does not undo an opt-out so recorded.
+                if decision.status != OPTED_OUT and row["status"] == OPTED_OUT:
+                    continue
+            elif not _supersedes(decision, row["status"], row["updated_at"]):
+                continue
         new = {
             "customer_id": decision.customer_id,
             "channel": decision.channel,

@@ -6,14 +6,14 @@ queue on the busy timeout instead of failing half-way); PostgreSQL is reached th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, DateTime, Engine, create_engine, event
+from sqlalchemy import JSON, Connection, DateTime, Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -241,3 +241,93 @@ def require_schema(engine: Engine) -> None:
             f"the profile store's schema is at revision {current}, the code needs {head_revision()}: "
             "run `omni init` to upgrade it"
         )
+
+
+# SQLite: rows ANALYZE reads per index (PRAGMA analysis_limit), so a refresh costs about the same
+# whatever the table's size; PostgreSQL samples a fixed number of rows (default_statistics_target) anyway.
+SQLITE_ANALYSIS_LIMIT = 2000
+# When a table's statistics are stale: autovacuum's default rule (autovacuum_analyze_threshold = 50,
+# autovacuum_analyze_scale_factor = 0.1): more rows changed than 50 + 10 % of the rows at the last ANALYZE.
+ANALYZE_THRESHOLD = 50
+ANALYZE_SCALE_FACTOR = 0.1
+
+
+@contextmanager
+def _connection(bind: Engine | Connection | Session) -> Iterator[Connection]:
+    """A connection of ``bind``: an engine's in a transaction of its own (committed at the end), a
+    connection or session's own, in the caller's transaction (the caller commits)."""
+    if isinstance(bind, Engine):
+        with bind.begin() as conn:
+            yield conn
+    elif isinstance(bind, Session):
+        yield bind.connection()
+    else:
+        yield bind
+
+
+def refresh_statistics(bind: Engine | Connection | Session, tables: Iterable[str]) -> None:
+    """Refresh the planner's statistics of ``tables`` (after a bulk write changed them substantially).
+
+    PostgreSQL: one ``ANALYZE t1, t2, ...`` (samples a fixed number of rows per table, so it costs about
+    the same at any size). SQLite: ``ANALYZE`` of each table, bounded by ``PRAGMA analysis_limit``.
+    Works inside a transaction on both (ANALYZE, unlike VACUUM, needs none of its own): given an Engine
+    it runs in a short transaction of its own; given a Connection or Session, in the caller's, and the
+    statistics count once the caller commits. Empty tables are fine; unknown names raise.
+
+    On PostgreSQL it takes a SHARE UPDATE EXCLUSIVE lock on each table until the transaction ends: reads
+    and writes go on, another ANALYZE or VACUUM of the same table waits. So call it at the end of the
+    write, not before more work in a long transaction.
+    """
+    names = sorted(set(tables))
+    if not names:
+        return
+    with _connection(bind) as conn:
+        quote = conn.dialect.identifier_preparer.quote
+        if conn.dialect.name == "sqlite":
+            conn.exec_driver_sql(f"PRAGMA analysis_limit = {SQLITE_ANALYSIS_LIMIT}")
+            try:
+                for name in names:
+                    conn.exec_driver_sql(f"ANALYZE {quote(name)}")
+            finally:
+                conn.exec_driver_sql("PRAGMA analysis_limit = 0")
+        else:
+            conn.exec_driver_sql(f"ANALYZE {', '.join(quote(name) for name in names)}")
+
+
+def stale_statistics(bind: Engine | Connection | Session, changed: Mapping[str, int]) -> list[str]:
+    """The tables of ``changed`` (table -> rows written, at most) whose statistics a write of that many
+    rows makes stale: never analyzed, or more rows changed than ``50 + 10 %`` of the rows their
+    statistics count (autovacuum's default rule). Cheap: reads the catalog, not the tables."""
+    names = sorted(name for name, rows in changed.items() if rows > 0)
+    if not names:
+        return []
+    with _connection(bind) as conn:
+        if conn.dialect.name == "sqlite":
+            analyzed = conn.exec_driver_sql(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'sqlite_stat1'"
+            ).first()
+            counted: dict[str, float] = {}
+            if analyzed is not None:
+                # stat: "rows [rows per distinct key prefix ...]"; one row per index (or table).
+                for table, stat in conn.exec_driver_sql("SELECT tbl, stat FROM sqlite_stat1"):
+                    if table in names and stat:
+                        counted[table] = max(counted.get(table, 0.0), float(str(stat).split()[0]))
+        else:
+            counted = {
+                table: float(reltuples)
+                for table, reltuples in conn.execute(
+                    text(
+                        "SELECT relname, reltuples FROM pg_class "
+                        "WHERE relkind IN ('r', 'p') AND relnamespace = to_regnamespace(current_schema()) "
+                        "AND relname = ANY(:names)"
+                    ),
+                    {"names": names},
+                )
+                # -1: never analyzed nor vacuumed (PostgreSQL 14 and later)
+                if reltuples >= 0
+            }
+    return [
+        name
+        for name in names
+        if name not in counted or changed[name] > ANALYZE_THRESHOLD + ANALYZE_SCALE_FACTOR * counted[name]
+    ]

@@ -26,18 +26,23 @@ between processes (parsed payload objects are not). Batches are stored in input 
 from __future__ import annotations
 
 import gc
+import hashlib
 import multiprocessing
+import os
 import sys
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import orjson
 from sqlalchemy import Engine, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from omni.collector import collect_now, collector_paused
@@ -46,7 +51,6 @@ from profiles.bulk import (
     dialect_of,
     execute_sql,
     in_list,
-    insert_rows,
     insert_values,
     json_text,
     list_param,
@@ -57,11 +61,17 @@ from profiles.bulk import (
 )
 from profiles.commerce import CARRIED_EVENTS, CommerceEvent, apply_commerce, plan_commerce
 from profiles.consent import ConsentDecision, apply_consents
-from profiles.db import session_scope, utcnow
+from profiles.db import refresh_statistics, session_scope, stale_statistics, utcnow
 from profiles.identity import PROFILE_COLUMNS, chunked, resolve_customers
 from profiles.models import Customer, Event, RejectedEvent
 from profiles.reader import LineChunk, RawItem, iter_input, parse_chunk
-from profiles.segment import COMMERCE_EVENTS, Rejected, validate_payload
+from profiles.segment import (
+    COMMERCE_EVENTS,
+    DEFAULT_MAX_FUTURE,
+    Rejected,
+    find_unstorable,
+    validate_payload,
+)
 
 SAMPLE_REJECTIONS = 20
 # Serialises ingestion batches across processes on PostgreSQL (SQLite's BEGIN IMMEDIATE does it there).
@@ -76,9 +86,13 @@ class InputNotFound(FileNotFoundError):
 class IngestResult:
     accepted: int = 0
     duplicates: int = 0
+    # Payloads rejected by this run, including those rejected (and stored) by an earlier run of the same
+    # input: rejected_events keeps each (source, raw text) once.
     rejected: int = 0
     # The first rejections (source, reason), for people; all of them are in rejected_events.
     samples: list[tuple[str, str]] = field(default_factory=list)
+    # Rows written (at most) per table, for the statistics refresh at the end of a run.
+    written: Counter[str] = field(default_factory=Counter)
 
     @property
     def read(self) -> int:
@@ -91,6 +105,7 @@ class IngestResult:
         self.accepted += other.accepted
         self.duplicates += other.duplicates
         self.rejected += other.rejected
+        self.written.update(other.written)
         self.samples.extend(other.samples[: max(0, SAMPLE_REJECTIONS - len(self.samples))])
 
 
@@ -140,10 +155,68 @@ class PreparedBatch(NamedTuple):
     duplicates: int  # repeated message ids within the batch
 
 
+def max_future() -> timedelta | None:
+    """How far ahead of its time of receipt a payload's event time may be: ``OMNI_INGEST_MAX_FUTURE_HOURS``
+    (default 24; 0 or less: no limit)."""
+    hours = getattr(get_settings(), "ingest_max_future_hours", None)
+    if hours is None:
+        raw = os.environ.get("OMNI_INGEST_MAX_FUTURE_HOURS", "").strip()
+        try:
+            hours = float(raw) if raw else None
+        except ValueError:
+            raise ValueError(f"OMNI_INGEST_MAX_FUTURE_HOURS={raw!r} is not a number of hours") from None
+    if hours is None:
+        return DEFAULT_MAX_FUTURE
+    return timedelta(hours=hours) if hours > 0 else None
+
+
+def _prepare_one(
+    item: RawItem, *, now: datetime, default_region: str, timestamp: Callable, future: timedelta | None
+) -> PreparedEvent:
+    p = validate_payload(
+        item.value,
+        size=item.size,
+        received_at=now,
+        default_region=default_region,
+        raw=item.text,
+        max_future=future,
+    )
+    change = None
+    if p.type == "identify" or p.consents or p.context_timezone:
+        change = ProfileUpdate(
+            p.occurred_at,
+            p.traits,
+            p.profile,
+            tuple((c.channel, c.status, c.source) for c in p.consents),
+            p.context_timezone,
+        )
+    row = (
+        p.message_id,
+        p.type,
+        p.name,
+        p.channel,
+        json_text(p.properties),
+        json_text(p.context),
+        p.user_id,
+        p.anonymous_id,
+        timestamp(p.occurred_at),
+    )
+    return PreparedEvent(p.message_id, p.type, p.name, p.identities, p.previous_id, row, change)
+
+
 def prepare_batch(
-    items: Iterable[RawItem], *, now: datetime, default_region: str, dialect: str
+    items: Iterable[RawItem],
+    *,
+    now: datetime,
+    default_region: str,
+    dialect: str,
+    future: timedelta | None = DEFAULT_MAX_FUTURE,
 ) -> PreparedBatch:
-    """Validate a batch of raw payloads (no database involved); the first of a repeated messageId wins."""
+    """Validate a batch of raw payloads (no database involved); the first of a repeated messageId wins.
+
+    Whatever goes wrong with one payload rejects that payload with the reason, never the batch: an
+    unexpected error while validating it is a rejection too ("cannot be validated: ...").
+    """
     events: list[PreparedEvent] = []
     rejected: list[tuple[str, str, str]] = []
     duplicates = 0
@@ -154,41 +227,34 @@ def prepare_batch(
             rejected.append((item.source, item.text, item.error))
             continue
         try:
-            p = validate_payload(item.value, size=item.size, received_at=now, default_region=default_region)
+            event = _prepare_one(
+                item, now=now, default_region=default_region, timestamp=timestamp, future=future
+            )
         except Rejected as exc:
             rejected.append((item.source, item.text, str(exc)))
             continue
-        if p.message_id in seen:
+        except Exception as exc:  # noqa: BLE001 - one payload never stops the batch
+            rejected.append((item.source, item.text, f"cannot be validated: {type(exc).__name__}: {exc}"))
+            continue
+        if event.message_id in seen:
             duplicates += 1
             continue
-        seen.add(p.message_id)
-        change = None
-        if p.type == "identify" or p.consents or p.context_timezone:
-            change = ProfileUpdate(
-                p.occurred_at,
-                p.traits,
-                p.profile,
-                tuple((c.channel, c.status, c.source) for c in p.consents),
-                p.context_timezone,
-            )
-        row = (
-            p.message_id,
-            p.type,
-            p.name,
-            p.channel,
-            json_text(p.properties),
-            json_text(p.context),
-            p.user_id,
-            p.anonymous_id,
-            timestamp(p.occurred_at),
-        )
-        events.append(PreparedEvent(p.message_id, p.type, p.name, p.identities, p.previous_id, row, change))
+        seen.add(event.message_id)
+        events.append(event)
     return PreparedBatch(events, rejected, duplicates)
 
 
-def prepare_chunk(chunk: LineChunk, now: datetime, default_region: str, dialect: str) -> PreparedBatch:
+def prepare_chunk(
+    chunk: LineChunk,
+    now: datetime,
+    default_region: str,
+    dialect: str,
+    future: timedelta | None = DEFAULT_MAX_FUTURE,
+) -> PreparedBatch:
     """:func:`prepare_batch` of a chunk of raw JSON lines: what a parse worker process runs."""
-    return prepare_batch(parse_chunk(chunk), now=now, default_region=default_region, dialect=dialect)
+    return prepare_batch(
+        parse_chunk(chunk), now=now, default_region=default_region, dialect=dialect, future=future
+    )
 
 
 def _jobs(units: Iterable[RawItem | LineChunk], size: int) -> Iterator[list[RawItem] | LineChunk]:
@@ -217,6 +283,7 @@ def prepared_batches(
     default_region: str,
     dialect: str,
     workers: int,
+    future: timedelta | None = DEFAULT_MAX_FUTURE,
 ) -> Iterator[PreparedBatch]:
     """Prepared batches in input order; chunks of lines after the first go to ``workers`` processes.
 
@@ -238,13 +305,13 @@ def prepared_batches(
                             mp_context=multiprocessing.get_context("spawn"),
                             initializer=gc.disable,  # a worker's objects die with each chunk
                         )
-                    pending.append(pool.submit(prepare_chunk, job, now, default_region, dialect))
+                    pending.append(pool.submit(prepare_chunk, job, now, default_region, dialect, future))
                 else:
-                    pending.append(lambda job=job: prepare_chunk(job, now, default_region, dialect))
+                    pending.append(lambda job=job: prepare_chunk(job, now, default_region, dialect, future))
             else:
                 pending.append(
                     lambda job=job: prepare_batch(
-                        job, now=now, default_region=default_region, dialect=dialect
+                        job, now=now, default_region=default_region, dialect=dialect, future=future
                     )
                 )
             # Only work in a process is worth reading ahead for; the rest is prepared when its turn comes.
@@ -284,6 +351,7 @@ def ingest_items(
         default_region=region,
         dialect=engine.dialect.name,
         workers=settings.ingest_parse_workers,
+        future=max_future(),
     )
     try:
         with collector_paused():
@@ -299,9 +367,28 @@ def ingest_items(
                             on_batch(result)
                         batch = next(batches, None)
                 collect_now()
+    except BaseException:
+        # What was committed before the failure changed the tables as much (best effort: the
+        # failure may be the database's).
+        with suppress(Exception):
+            _refresh_statistics(engine, total.written)
+        raise
     finally:
         batches.close()  # stops the parse workers at once when storing failed
+    _refresh_statistics(engine, total.written)
     return total
+
+
+def _refresh_statistics(engine: Engine, written: Counter[str]) -> None:
+    """ANALYZE the tables this run changed substantially (see :func:`profiles.db.stale_statistics`), so
+    that the next audience build is planned from what the store now holds. PostgreSQL's autovacuum
+    may be off or late; SQLite has no such thing."""
+    changed = {table: rows for table, rows in written.items() if rows > 0}
+    if not changed:
+        return
+    stale = stale_statistics(engine, changed)
+    if stale:
+        refresh_statistics(engine, stale)
 
 
 def ingest_payloads(
@@ -317,8 +404,20 @@ def ingest_payloads(
 
     def items() -> Iterator[RawItem]:
         for index, value in enumerate(payloads):
-            text_value = orjson.dumps(value, default=str).decode()
-            yield from expand_value(value, f"{source} [item {index}]", text_value, len(text_value.encode()))
+            item_source = f"{source} [item {index}]"
+            # Objects handed over in Python may hold what no JSON text does (NaN, lone surrogates,
+            # integers beyond 64 bits): checked here, as orjson checks JSON text read from files.
+            problem = find_unstorable(value)
+            try:
+                text_value = orjson.dumps(value, default=str).decode()
+            except (orjson.JSONEncodeError, TypeError) as exc:
+                text_value, problem = repr(value), problem or f"cannot be written as JSON: {exc}"
+            if problem:
+                yield RawItem(
+                    item_source, text_value, len(text_value.encode("utf-8", "replace")), error=problem
+                )
+                continue
+            yield from expand_value(value, item_source, text_value, len(text_value.encode()))
 
     return ingest_items(engine, items(), now=now, batch_size=batch_size)
 
@@ -391,6 +490,7 @@ def store_prepared(session: Session, batch: PreparedBatch, *, now: datetime) -> 
 
     if events:
         customer_ids, merged = resolve_customers(session, events, now=now)
+        _count_writes(result.written, events, customer_ids)
         commerce = plan_commerce(session, *_commerce_events(events, customer_ids, merged))
         received = timestamp_param(dialect_of(session))(now)
         insert_values(
@@ -408,26 +508,80 @@ def store_prepared(session: Session, batch: PreparedBatch, *, now: datetime) -> 
             if e.change is not None
         ]
         _apply_profiles(session, changes, now=now)
+        # A feed's consent decision counts from its event time, but never from later than Omni
+        # received it: a payload cannot claim a decision from the future (see profiles.consent).
         apply_consents(
             session,
             (
-                ConsentDecision(customer_id, channel, status, source, change.occurred_at)
+                ConsentDecision(customer_id, channel, status, source, min(change.occurred_at, now))
                 for customer_id, change in changes
                 for channel, status, source in change.consents
             ),
+            now=now,
         )
         apply_commerce(session, commerce)
-    insert_rows(
-        session,
-        RejectedEvent.__table__,
-        [
-            {"source": source[:1000], "raw": raw, "reason": reason, "received_at": now}
-            for source, raw, reason in batch.rejected
-        ],
-    )
+    result.written["rejected_events"] += store_rejections(session, batch.rejected, now=now)
     result.accepted = len(events)
     result.rejected = len(batch.rejected)
     return result
+
+
+REJECTED_SOURCE_CHARS = RejectedEvent.__table__.c.source.type.length
+
+
+def storable_text(value: str) -> str:
+    """``value`` with what PostgreSQL cannot store in text escaped: NUL as ``\\u0000`` and lone
+    surrogates as ``\\udXXX`` (the raw text of a rejection must be kept whatever it holds)."""
+    if value.isascii() and "\x00" not in value:
+        return value
+    return value.replace("\x00", "\\u0000").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def rejection_hash(source: str, raw: str) -> str:
+    """What makes a stored rejection unique: its source (``file:line``) and raw text, so that running
+    the same input again stores nothing new, while the same bad payload on two lines is kept twice."""
+    return hashlib.sha256(f"{source}\n{raw}".encode()).hexdigest()
+
+
+def store_rejections(session: Session, rejected: Sequence[tuple[str, str, str]], *, now: datetime) -> int:
+    """Keep rejected payloads (source, raw text, reason) in ``rejected_events``, each (source, raw text)
+    once: one already stored (by an earlier run of the same input) is skipped. Returns the rows written
+    at most."""
+    if not rejected:
+        return 0
+    rows: dict[str, dict[str, Any]] = {}
+    for source, raw, reason in rejected:
+        source, raw = storable_text(source)[:REJECTED_SOURCE_CHARS], storable_text(raw)
+        digest = rejection_hash(source, raw)
+        rows.setdefault(
+            digest,
+            {
+                "source": source,
+                "raw": raw,
+                "reason": storable_text(reason),
+                "received_at": now,
+                "raw_hash": digest,
+            },
+        )
+    table = RejectedEvent.__table__
+    insert = postgresql_insert if dialect_of(session) == "postgresql" else sqlite_insert
+    statement = insert(table).on_conflict_do_nothing(index_elements=[table.c.raw_hash])
+    session.execute(statement, list(rows.values()))
+    return len(rows)
+
+
+def _count_writes(
+    written: Counter[str], events: Sequence[PreparedEvent], customer_ids: Sequence[int]
+) -> None:
+    """Upper bounds of the rows a batch writes per table (for the statistics refresh)."""
+    written["events"] += len(events)
+    written["customers"] += len(set(customer_ids))
+    written["identities"] += sum(len(e.identities) + (e.previous_id is not None) for e in events)
+    written["consents"] += sum(len(e.change.consents) for e in events if e.change is not None)
+    commerce = sum(1 for e in events if e.type == "track" and e.name in COMMERCE_EVENTS)
+    if commerce:
+        written["carts"] += commerce
+        written["orders"] += commerce
 
 
 def _commerce_events(

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    or_,
     text,
 )
 from sqlmodel import Field, SQLModel
@@ -54,6 +55,12 @@ MESSAGE_SENT_EVENTS = {
     "ads": "Audience Synced",
     "webhook": "Webhook Sent",
 }
+
+
+def is_touchpoint(event_name: Any) -> Any:
+    """SQL: the event is one of the customer's own touchpoints, not a message Omni sent them (the
+    ``channels_used`` condition and the profile's channels both read the customer's channels this way)."""
+    return or_(event_name.is_(None), event_name.not_in(list(MESSAGE_SENT_EVENTS.values())))
 
 
 class ConsentChannel(StrEnum):
@@ -255,12 +262,17 @@ class RejectedEvent(SQLModel, table=True):
     """Input that could not be stored, kept verbatim with the reason, so a person can fix and replay it."""
 
     __tablename__ = "rejected_events"
+    # One row per (source, raw text): running the same input again stores no rejection twice
+    # (migration 0007). Null on rows that duplicated an earlier one before that.
+    __table_args__ = (Index("uq_rejected_events_raw_hash", "raw_hash", unique=True),)
 
     id: int | None = _id_column()
     source: str = Field(sa_column=Column(String(1000), nullable=False))
     raw: str = Field(sa_column=Column(Text, nullable=False))
     reason: str = Field(sa_column=Column(Text, nullable=False))
     received_at: datetime | None = _ts(nullable=False, index=True)
+    # sha256 (hex) of source, a line feed and raw (profiles.ingest.rejection_hash)
+    raw_hash: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
 
 
 class OutboxMessage(SQLModel, table=True):

@@ -95,7 +95,11 @@ def expand_value(value: Any, source: str, text: str, size: int) -> Iterator[RawI
                     **item,
                     "integrations": {**outer_integrations, **(inner if isinstance(inner, dict) else {})},
                 }
-        item_text = orjson.dumps(item).decode()
+        try:
+            item_text = orjson.dumps(item).decode()
+        except orjson.JSONEncodeError as exc:  # a value the JSON text it came from could not hold
+            yield RawItem(item_source, repr(item), 0, error=f"cannot be written as JSON: {exc}")
+            continue
         yield RawItem(item_source, item_text, len(item_text.encode()), item)
 
 
@@ -202,7 +206,7 @@ def iter_input(
             text = first.strip().decode("utf-8", "replace")
             if isinstance(first_value, list):
                 for index, element in enumerate(first_value):
-                    element_text = orjson.dumps(element).decode()
+                    element_text = orjson.dumps(element).decode()  # parsed by orjson: it round-trips
                     yield from expand_value(
                         element,
                         f"{name}:{first_line_no} [item {index}]",
@@ -228,6 +232,20 @@ def iter_input(
                 lines, size = [], 0
     if lines:
         yield LineChunk(name, lines)
+
+
+def _document_value(value: Any, text: str, source: str) -> Iterator[RawItem]:
+    """A value the stdlib decoder read from a document, held to what orjson reads from JSON lines, so
+    that both forms of input accept the same payloads: the stdlib accepts ``NaN``, ``Infinity``, numbers
+    beyond a double (``1e400``) and lone surrogates (``"\\ud800"``), which orjson (and the store) refuse."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        yield RawItem(
+            source, text, len(text.encode("utf-8", "surrogatepass")), error=_describe_orjson_error(exc)
+        )
+        return
+    yield from expand_value(value, source, text, len(text.encode()))
 
 
 def _iter_document(source: _Input, name: str, start_line: int) -> Iterator[RawItem]:
@@ -300,7 +318,7 @@ def _iter_document(source: _Input, name: str, start_line: int) -> Iterator[RawIt
             yield from fail("invalid JSON document")
             return
         value, text = decoded
-        yield from expand_value(value, f"{name}:{item_line}", text, len(text.encode()))
+        yield from _document_value(value, text, f"{name}:{item_line}")
         skip_ws()
         if pos < len(buf):
             yield from fail("unexpected content after the JSON document")
@@ -319,7 +337,7 @@ def _iter_document(source: _Input, name: str, start_line: int) -> Iterator[RawIt
             yield from fail(f"invalid JSON in array item {index}")
             return
         value, text = decoded
-        yield from expand_value(value, f"{name}:{item_line} [item {index}]", text, len(text.encode()))
+        yield from _document_value(value, text, f"{name}:{item_line} [item {index}]")
         index += 1
         skip_ws()
         if pos >= len(buf):

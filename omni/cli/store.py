@@ -238,7 +238,8 @@ def consent_set(
     now: NowOption = None,
     source: Annotated[str, typer.Option("--source", help="Who or what recorded it.")] = "cli",
 ) -> None:
-    """Record a consent decision by hand; it applies from --now on."""
+    """Record a consent decision by hand: an operator's decision takes effect at once (at --now,
+    default the current time), whatever the time of the decision recorded before it."""
     from omni.settings import get_settings
     from profiles.consent import ConsentDecision, apply_consents, consents_of
     from profiles.db import session_scope
@@ -257,7 +258,12 @@ def consent_set(
         customer_id = resolve_customer_key(session, key, default_region=get_settings().default_phone_region)
         if customer_id is None:
             raise BadInput(f"no customer matches {key!r}")
-        apply_consents(session, [ConsentDecision(customer_id, channel, status, f"cli:{source}", at)])
+        apply_consents(
+            session,
+            [ConsentDecision(customer_id, channel, status, f"cli:{source}", at)],
+            now=at,
+            operator=True,
+        )
         state = consents_of(session, customer_id)[channel]
     if json:
         print_json({"customer_id": customer_id, "channel": channel, **state})
@@ -311,7 +317,7 @@ def stores_load(
     """Create or update stores from a file (fields: id, name, address, city, region, postal_code,
     country, phone, email, timezone, hours, latitude, longitude)."""
     from profiles.db import session_scope
-    from profiles.stores import parse_store, upsert_stores
+    from profiles.stores import StoreFileError, parse_stores, upsert_stores
 
     if not path.is_file():
         raise BadInput(f"{path}: no such file")
@@ -329,12 +335,10 @@ def stores_load(
                 except orjson.JSONDecodeError as exc:
                     raise BadInput(f"{path}:{number}: invalid JSON: {exc}") from None
                 sources.append(f"{path}:{number}")
-    records = []
-    for value, source in zip(values, sources, strict=True):
-        try:
-            records.append(parse_store(value))
-        except ValueError as exc:
-            raise BadInput(f"{source}: {exc}") from None
+    try:
+        records = parse_stores(values, sources)
+    except StoreFileError as exc:
+        raise BadInput(str(exc)) from None
     engine = open_store(database_url)
     with session_scope(engine) as session:
         count = upsert_stores(session, records, now=parse_now(now))

@@ -89,7 +89,9 @@ class History:
         payloads = list(self.payloads)
         if shuffle is not None:
             random.Random(shuffle).shuffle(payloads)
-        result = ingest_payloads(engine, payloads, now=NOW + days(1), batch_size=batch_size)
+        # Received after the latest event (ingest refuses payloads dated too far ahead of their receipt).
+        received = max([NOW + days(1), *(datetime.fromisoformat(p["timestamp"]) for p in payloads)])
+        result = ingest_payloads(engine, payloads, now=received, batch_size=batch_size)
         assert result.rejected == 0, result.samples
 
 
