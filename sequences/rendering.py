@@ -18,8 +18,10 @@ fallback says so (``{{ customer.first_name | default("there") }}``).
 Context (see :func:`build_contexts`): ``customer`` (id, first_name, last_name, name, email, phone, locale,
 timezone; keys without a value are absent), ``cart`` (the open cart: items with name, sku, price,
 quantity, line_total; total, currency, item_count), ``order`` (the latest pickup order not yet picked
-up, with its ``store``), ``store`` (the order's store, else the home store: name, address, full_address,
-phone, hours, hours_today, opening_hours), ``unsubscribe_url`` (signed, see ``sequences.unsubscribe``),
+up, with its ``store``), ``store`` (always defined, None when no store is the customer's: the store of
+:func:`profiles.stores.customer_stores` — home store, else last in-store purchase or pickup, else nearest
+— with name, address, full_address, phone, hours, hours_today and open_today (the store's own day, in
+its timezone), opening_hours, source), ``unsubscribe_url`` (signed, see ``sequences.unsubscribe``),
 ``links`` (shop, cart, order: UTM-tagged), ``brand``, ``now`` (in the customer's timezone). Filters:
 ``money(currency)``, ``utm(content=None)``, ``datetime(fmt)``.
 
@@ -29,18 +31,24 @@ Interface for the sequence engine:
   :class:`RenderError`);
 - ``render_many(session, template_name, customer_ids, *, now, settings=None) -> dict[int, Rendered |
   RenderError]``: the same for a batch, with a handful of set-based queries per batch whatever its size;
+  never raises for a template's fault (unknown, not compiling, over a render limit: every customer gets
+  a RenderError with the reason), only for the database's;
 - ``Rendered.messages(delivery_id) -> list[connectors.Message]`` (push: one per device token, the
   first keeps ``delivery_id``, the others get ``delivery_id#2``, ``#3``...).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+import string
+import time
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, update_wrapper, wraps
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -53,10 +61,18 @@ from jinja2 import (
     TemplateError,
     TemplateNotFound,
     UndefinedError,
+    nodes,
     pass_context,
+    pass_environment,
+    pass_eval_context,
 )
+from jinja2 import filters as jinja_filters
+from jinja2.compiler import CodeGenerator, Frame, optimizeconst
 from jinja2.sandbox import SandboxedEnvironment, SecurityError
+from jinja2.utils import Namespace, generate_lorem_ipsum
+from markupsafe import Markup
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from connectors.base import Message
@@ -80,14 +96,20 @@ GSM7 = frozenset(GSM7_BASIC | GSM7_EXTENDED)
 
 
 class RenderError(Exception):
-    """A template that cannot be rendered for a customer (missing data, no address, bad template)."""
+    """A template that cannot be rendered for a customer (missing data, no address, bad template, a
+    render limit)."""
 
-    def __init__(self, template: str, customer_id: int | None, reason: str) -> None:
+    def __init__(
+        self, template: str, customer_id: int | None, reason: str, *, kind: str = "template"
+    ) -> None:
         who = f" for customer {customer_id}" if customer_id is not None else ""
         super().__init__(f"cannot render {template}{who}: {reason}")
         self.template = template
         self.customer_id = customer_id
         self.reason = reason
+        # data (the customer lacks something the template needs), template (broken or unsafe), or the
+        # limit that was hit: time, output, size, range, arithmetic, format, items.
+        self.kind = kind
 
 
 @dataclass
@@ -188,11 +210,452 @@ def templates_dir(settings: Any = None) -> Path:
     return Path(settings.templates_dir) if settings.templates_dir else BUILTIN_TEMPLATES_DIR
 
 
+# --- limits --------------------------------------------------------------------------------------------
+#
+# A template is code a marketer writes: it must not be able to take a tick down. Every render runs under a
+# budget (a deadline and an output cap, per render of one customer) and every operation that could build a
+# huge value from a small template is checked *before* it allocates: ``range`` size, ``**`` / ``*`` results
+# (big integers, repeated strings and lists), ``+`` and ``~`` concatenation, ``%`` / ``format`` widths,
+# string methods that grow their input (``center``, ``ljust``, ``replace``, ``join``, ``expandtabs`` ...),
+# filters that do (``center``, ``indent``, ``replace``, ``join``, ``format``, ``batch``, ``slice``,
+# ``wordwrap``, ``round``), ``lipsum``, and list / dict growth through their methods. Loops check the
+# deadline on every iteration, calls and operators on every use. A render over a limit fails that
+# customer's render with a :class:`RenderError` saying which limit; nothing raises out of ``render_many``.
+
+
+@dataclass(frozen=True)
+class RenderLimits:
+    seconds: float = 0.5  # per render of one customer (all parts of the template)
+    string_chars: int = 1_000_000  # any one string (or a list's text) a template builds
+    items: int = 100_000  # any one list / dict a template builds or grows
+    range_items: int = 10_000  # range(...)
+    int_bits: int = 4096  # integers (about 1,233 digits)
+    format_width: int = 1_000  # a width or precision in '%' / str.format / the format filter
+    lipsum_paragraphs: int = 20
+    lipsum_words: int = 200
+    wordwrap_chars: int = 200_000
+
+
+LIMITS = RenderLimits()
+# Output of one render (all parts together), by channel: an email is at most 1 MB; an SMS is checked
+# against SMS_MAX_CHARS after rendering, a push payload is a few KB at most.
+OUTPUT_LIMITS = {"email": 1_000_000, "sms": 10_000, "push": 4_000}
+# A template that runs out of time for this many customers of a batch is not run for the rest of it
+# (each would cost the full deadline): they fail at once with the same reason.
+TIME_FAILURES_PER_BATCH = 3
+
+
+class LimitExceeded(SecurityError):
+    """A template went over one of the render limits (``kind``: time, output, size, range, arithmetic,
+    format, items)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _Budget:
+    __slots__ = ("deadline", "output", "output_limit", "seconds")
+
+    def __init__(self, seconds: float, output_limit: int) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.output = 0
+        self.output_limit = output_limit
+
+
+_BUDGET: ContextVar[_Budget | None] = ContextVar("omni_render_budget", default=None)
+
+
+def _tick() -> None:
+    budget = _BUDGET.get()
+    if budget is not None and time.monotonic() > budget.deadline:
+        raise LimitExceeded("time", f"the render took longer than {budget.seconds:g} s")
+
+
+def _size(value: Any, limit: int) -> int:
+    """About how many characters ``str(value)`` has; stops counting past ``limit`` (shared and cyclic
+    references are counted each time they are reached, as ``str`` prints them)."""
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item) + 2
+        elif isinstance(item, bool) or item is None:
+            total += 5
+        elif isinstance(item, int):
+            total += item.bit_length() * 0.302 + 2
+        elif isinstance(item, list | tuple | set | frozenset):
+            total += 2 + len(item)
+            stack.extend(item)
+        elif isinstance(item, dict):
+            total += 2 + 2 * len(item)
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, Namespace):
+            total += 14
+            stack.append(object.__getattribute__(item, "_Namespace__attrs"))
+        else:
+            total += 32
+        if total > limit:
+            return int(total)
+    return int(total)
+
+
+def _check_value(value: Any, what: str = "a value") -> None:
+    limit = LIMITS.string_chars
+    if isinstance(value, str):
+        if len(value) > limit:
+            raise LimitExceeded("size", f"{what} of {len(value):,} chars is over the limit of {limit:,}")
+    elif isinstance(value, list | tuple | dict | set | frozenset | Namespace):
+        if _size(value, limit) > limit:
+            raise LimitExceeded("size", f"{what} would print over {limit:,} chars")
+
+
+def _check_result(value: Any, what: str = "a result") -> None:
+    if isinstance(value, str):
+        _check_value(value, what)
+    elif isinstance(value, list | tuple | dict | set | frozenset) and len(value) > LIMITS.items:
+        raise LimitExceeded("items", f"{what} of {len(value):,} items is over the limit of {LIMITS.items:,}")
+
+
+def _check_length(length: float, what: str) -> None:
+    if length > LIMITS.string_chars:
+        raise LimitExceeded(
+            "size", f"{what} would be {int(length):,} chars, over the limit of {LIMITS.string_chars:,}"
+        )
+
+
+def _check_width(value: Any, what: str) -> None:
+    if isinstance(value, int) and value > LIMITS.string_chars:
+        raise LimitExceeded("size", f"{what} {value:,} is over the limit of {LIMITS.string_chars:,}")
+
+
+def _check_pow(left: Any, right: Any) -> None:
+    if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+        bits = right * math.log2(abs(left))
+        if bits > LIMITS.int_bits:
+            raise LimitExceeded(
+                "arithmetic", f"a power of about {int(bits):,} bits is over the limit of {LIMITS.int_bits:,}"
+            )
+
+
+def _check_mul(left: Any, right: Any) -> None:
+    if isinstance(left, int) and not isinstance(right, int):
+        left, right = right, left
+    if isinstance(right, int) and isinstance(left, str | list | tuple):
+        times = max(int(right), 0)
+        if isinstance(left, str):
+            _check_length(len(left) * times, "a repeated string")
+        else:
+            if len(left) * times > LIMITS.items:
+                raise LimitExceeded(
+                    "items",
+                    f"a repeated list of {len(left) * times:,} items is over the limit of {LIMITS.items:,}",
+                )
+            _check_length(_size(left, LIMITS.string_chars) * times, "a repeated list")
+    elif isinstance(left, int) and isinstance(right, int):
+        if left.bit_length() + right.bit_length() > LIMITS.int_bits + 1:
+            raise LimitExceeded("arithmetic", f"a product of over {LIMITS.int_bits:,} bits")
+
+
+def _check_add(left: Any, right: Any) -> None:
+    if isinstance(left, str) and isinstance(right, str):
+        _check_length(len(left) + len(right), "a string")
+    elif isinstance(left, list | tuple) and isinstance(right, list | tuple):
+        if len(left) + len(right) > LIMITS.items:
+            raise LimitExceeded(
+                "items", f"a list of {len(left) + len(right):,} items is over the limit of {LIMITS.items:,}"
+            )
+
+
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?([a-zA-Z%])")
+
+
+def _check_percent(fmt: str, args: Any) -> None:
+    """``fmt % args`` (the ``%`` operator and the ``format`` filter): widths, precisions and the result."""
+    fields = 0
+    widest = 0
+    for width, precision, conversion in _PERCENT_SPEC.findall(fmt):
+        if conversion == "%":
+            continue
+        fields += 1
+        for number in (width, precision):
+            if number == "*":
+                raise LimitExceeded("format", "'*' widths are not allowed in templates")
+            if number and int(number) > LIMITS.format_width:
+                raise LimitExceeded(
+                    "format",
+                    f"a format width of {int(number):,} is over the limit of {LIMITS.format_width:,}",
+                )
+            widest = max(widest, int(number or 0))
+    if fields:
+        values = args.values() if isinstance(args, Mapping) else args if isinstance(args, tuple) else (args,)
+        largest = max((_size(v, LIMITS.string_chars) for v in values), default=0)
+        _check_length(len(fmt) + fields * (largest + widest), "a formatted string")
+
+
+_FORMATTER = string.Formatter()
+
+
+def _check_brace_format(fmt: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """``fmt.format(...)``: widths and precisions, and the result's size."""
+    fields = 0
+    for _, field_name, spec, _ in _FORMATTER.parse(fmt):
+        if field_name is None:
+            continue
+        fields += 1
+        if spec and "{" in spec:
+            raise LimitExceeded("format", "nested format specs are not allowed in templates")
+        for number in re.findall(r"\d+", spec or ""):
+            if int(number) > LIMITS.format_width:
+                raise LimitExceeded(
+                    "format",
+                    f"a format width of {int(number):,} is over the limit of {LIMITS.format_width:,}",
+                )
+    if fields:
+        largest = max((_size(v, LIMITS.string_chars) for v in (*args, *kwargs.values())), default=0)
+        _check_length(len(fmt) + fields * (largest + LIMITS.format_width), "a formatted string")
+
+
+def _check_replace(s: str, old: str, new: str, count: Any = None) -> None:
+    times = s.count(old) if old else len(s) + 1
+    if isinstance(count, int) and count >= 0:
+        times = min(times, count)
+    _check_length(len(s) + times * (len(new) - len(old)), "a replaced string")
+
+
+def _bounded_list(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        items = value
+    else:
+        items = list(itertools.islice(iter(value), LIMITS.items + 1))
+    if len(items) > LIMITS.items:
+        raise LimitExceeded("items", f"over {LIMITS.items:,} items")
+    return items
+
+
+def _check_join(separator: str, items: Sequence[Any]) -> None:
+    total = len(separator) * max(len(items) - 1, 0)
+    for item in items:
+        total += _size(item, LIMITS.string_chars)
+        _check_length(total, "a joined string")
+
+
+def _check_str_method(s: str, name: str, args: tuple, kwargs: dict) -> tuple:
+    """Check a call of a string's method that can grow it; returns the (possibly materialised) args."""
+    if name in ("center", "ljust", "rjust", "zfill"):
+        _check_width(args[0] if args else kwargs.get("width"), f"str.{name} width")
+    elif name == "expandtabs":
+        size = args[0] if args else kwargs.get("tabsize", 8)
+        if isinstance(size, int):
+            _check_length(len(s) + s.count("\t") * size, "an expanded string")
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        _check_replace(s, args[0], args[1], args[2] if len(args) > 2 else kwargs.get("count"))
+    elif name == "join" and args:
+        items = _bounded_list(args[0])
+        _check_join(s, items)
+        args = (items, *args[1:])
+    elif name == "translate" and args and isinstance(args[0], Mapping):
+        longest = max((len(v) if isinstance(v, str) else 1 for v in args[0].values()), default=1)
+        _check_length(len(s) * max(longest, 1), "a translated string")
+    return args
+
+
+def _guard_iter(iterable: Any) -> Iterator[Any]:
+    """Every ``{% for %}`` loop iterates through this: the deadline is checked on every iteration."""
+    budget = _BUDGET.get()
+    if budget is None:
+        yield from iterable
+        return
+    deadline = budget.deadline
+    for item in iterable:
+        if time.monotonic() > deadline:
+            raise LimitExceeded("time", f"the render took longer than {budget.seconds:g} s")
+        yield item
+
+
+def _safe_range(*args: int) -> range:
+    rng = range(*args)
+    try:
+        size = len(rng)
+    except OverflowError:
+        size = LIMITS.range_items + 1
+    if size > LIMITS.range_items:
+        raise LimitExceeded("range", f"a range of {size:,} items is over the limit of {LIMITS.range_items:,}")
+    return rng
+
+
+def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:  # noqa: A002
+    if not (isinstance(n, int) and 0 <= n <= LIMITS.lipsum_paragraphs):
+        raise LimitExceeded("size", f"lipsum takes at most {LIMITS.lipsum_paragraphs} paragraphs")
+    if not (isinstance(max, int) and isinstance(min, int) and 0 < min <= max <= LIMITS.lipsum_words):
+        raise LimitExceeded("size", f"lipsum paragraphs take at most {LIMITS.lipsum_words} words")
+    return generate_lorem_ipsum(n, html, min, max)
+
+
+_SCALARS = frozenset({int, float, bool, type(None)})
+_STRINGS = frozenset({str, Markup})
+
+
+def _finalize(value: Any) -> Any:
+    """Every ``{{ ... }}`` value, before it is printed."""
+    kind = type(value)
+    if kind in _STRINGS:
+        if len(value) > LIMITS.string_chars:
+            _check_value(value, "a printed value")
+    elif kind not in _SCALARS:
+        _check_value(value, "a printed value")
+    return value
+
+
+# Filters that can build more than they are given: checked before they run.
+@pass_eval_context
+def _replace_filter(eval_ctx: Any, s: Any, old: Any, new: Any, count: int | None = None) -> str:
+    _check_replace(str(s), str(old), str(new), count)
+    return jinja_filters.do_replace(eval_ctx, s, old, new, count)
+
+
+@pass_eval_context
+def _join_filter(eval_ctx: Any, value: Any, d: str = "", attribute: Any = None) -> str:
+    items = _bounded_list(value)
+    _check_join(str(d), items)
+    return jinja_filters.sync_do_join(eval_ctx, items, d, attribute)
+
+
+def _center_filter(value: Any, width: int = 80) -> str:
+    _check_width(width, "center width")
+    return jinja_filters.do_center(value, width)
+
+
+def _indent_filter(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+    text = str(s)
+    per_line = len(width) if isinstance(width, str) else int(width)
+    _check_length(len(text) + (text.count("\n") + 1) * max(per_line, 0), "an indented string")
+    return jinja_filters.do_indent(s, width, first, blank)
+
+
+@pass_environment
+def _wordwrap_filter(
+    environment: Any,
+    s: Any,
+    width: int = 79,
+    break_long_words: bool = True,
+    wrapstring: str | None = None,
+    break_on_hyphens: bool = True,
+) -> str:
+    text = str(s)
+    if len(text) > LIMITS.wordwrap_chars:
+        raise LimitExceeded("size", f"wordwrap takes at most {LIMITS.wordwrap_chars:,} chars")
+    lines = len(text) // max(int(width), 1) + 1
+    _check_length(len(text) + lines * len(wrapstring or environment.newline_sequence), "a wrapped string")
+    return jinja_filters.do_wordwrap(environment, s, width, break_long_words, wrapstring, break_on_hyphens)
+
+
+def _format_filter(value: Any, *args: Any, **kwargs: Any) -> str:
+    _check_percent(str(value), kwargs or args)
+    return jinja_filters.do_format(value, *args, **kwargs)
+
+
+def _batch_filter(value: Any, linecount: int, fill_with: Any = None) -> Any:
+    if not isinstance(linecount, int) or not 0 < linecount <= LIMITS.items:
+        raise LimitExceeded("items", f"batch takes 1 to {LIMITS.items:,} items per batch")
+    return jinja_filters.do_batch(value, linecount, fill_with)
+
+
+def _slice_filter(value: Any, slices: int, fill_with: Any = None) -> Any:
+    if not isinstance(slices, int) or not 0 < slices <= LIMITS.items:
+        raise LimitExceeded("items", f"slice takes 1 to {LIMITS.items:,} slices")
+    return jinja_filters.sync_do_slice(value, slices, fill_with)
+
+
+def _round_filter(value: Any, precision: int = 0, method: str = "common") -> Any:
+    if not isinstance(precision, int) or abs(precision) > 100:
+        raise LimitExceeded("arithmetic", "round takes a precision between -100 and 100")
+    return jinja_filters.do_round(value, precision, method)
+
+
+GUARDED_FILTERS = {
+    "replace": _replace_filter,
+    "join": _join_filter,
+    "center": _center_filter,
+    "indent": _indent_filter,
+    "wordwrap": _wordwrap_filter,
+    "format": _format_filter,
+    "batch": _batch_filter,
+    "slice": _slice_filter,
+    "round": _round_filter,
+}
+
+
+# Filters that never build more than a few times what they are given, nor print a container: not wrapped.
+UNGUARDED_FILTERS = frozenset(
+    {"money", "utm", "datetime", "default", "d", "length", "count", "int", "float", "abs", "filesizeformat"}
+)
+
+
+def _guard_filter(function: Any) -> Any:
+    """Any other filter: the deadline, the size of what it is given and of what it returns."""
+
+    @wraps(function)  # keeps Jinja's pass_context / pass_eval_context marks
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        budget = _BUDGET.get()
+        if budget is not None and time.monotonic() > budget.deadline:
+            raise LimitExceeded("time", f"the render took longer than {budget.seconds:g} s")
+        for value in args:
+            if type(value) not in _SCALARS:
+                _check_value(value, "a filter's input")
+        for value in kwargs.values():
+            if type(value) not in _SCALARS:
+                _check_value(value, "a filter's argument")
+        result = function(*args, **kwargs)
+        if type(result) not in _SCALARS:
+            _check_result(result, "a filter's result")
+        return result
+
+    return guarded
+
+
+class _Codegen(CodeGenerator):
+    """Jinja's code generator, with every loop's iterable wrapped in :func:`_guard_iter` and every ``~``
+    concatenation checked before it is built."""
+
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        guarded = nodes.Call(
+            nodes.EnvironmentAttribute("omni_guard_iter", lineno=node.lineno),
+            [node.iter],
+            [],
+            None,
+            None,
+            lineno=node.lineno,
+        )
+        guarded.set_environment(self.environment)
+        node.iter = guarded
+        super().visit_For(node, frame)
+
+    @optimizeconst
+    def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
+        if frame.eval_ctx.volatile:
+            func_name = "(markup_join if context.eval_ctx.volatile else str_join)"
+        elif frame.eval_ctx.autoescape:
+            func_name = "markup_join"
+        else:
+            func_name = "str_join"
+        self.write(f"environment.omni_concat({func_name}, (")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
 _DICT_ATTRIBUTES = frozenset(dir(dict))
+_BUILTIN_METHOD = type("".join)
 
 
 class _Sandbox(SandboxedEnvironment):
-    """The sandbox, reading ``customer.first_name`` from a plain dict without an exception first.
+    """The sandbox, with the render limits above, reading ``customer.first_name`` from a plain dict
+    without an exception first.
 
     Jinja's ``a.b`` tries the attribute ``b`` and, when there is none, the item ``a["b"]``. A context is
     plain dicts, which have no attributes but their methods: the sandbox raised and caught an
@@ -200,6 +663,10 @@ class _Sandbox(SandboxedEnvironment):
     plain dict and a name that is not one of its attributes, this goes straight to the item, with the
     same result; anything else takes the sandbox's own path (and its checks).
     """
+
+    code_generator_class = _Codegen
+    intercepted_binops = frozenset({"+", "*", "**", "%"})
+    omni_guard_iter = staticmethod(_guard_iter)
 
     def getattr(self, obj: Any, attribute: str) -> Any:
         if type(obj) is dict and type(attribute) is str and attribute not in _DICT_ATTRIBUTES:
@@ -215,6 +682,69 @@ class _Sandbox(SandboxedEnvironment):
         # render. The environment's globals are set once, before any template is loaded.
         return {**self.globals, **(d or {})}
 
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _tick()
+        if operator == "**":
+            _check_pow(left, right)
+        elif operator == "*":
+            _check_mul(left, right)
+        elif operator == "+":
+            _check_add(left, right)
+        elif operator == "%" and isinstance(left, str):
+            _check_percent(left, right)
+        result = self.binop_table[operator](left, right)
+        if type(result) is int and result.bit_length() > LIMITS.int_bits:
+            raise LimitExceeded("arithmetic", f"a number of over {LIMITS.int_bits:,} bits")
+        return result
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        if __obj is _guard_iter:
+            return _guard_iter(*args)
+        _tick()
+        for value in args:
+            if isinstance(value, str):
+                _check_value(value, "an argument")
+        owner = __obj.__self__ if type(__obj) is _BUILTIN_METHOD else None
+        if isinstance(owner, str):
+            args = _check_str_method(owner, __obj.__name__, args, kwargs)
+        elif isinstance(owner, list) and __obj.__name__ == "extend" and args and hasattr(args[0], "__len__"):
+            if len(owner) + len(args[0]) > LIMITS.items:
+                raise LimitExceeded("items", f"a list of over {LIMITS.items:,} items")
+        result = super().call(__context, __obj, *args, **kwargs)
+        _check_result(result)
+        if isinstance(owner, list | dict | set) and len(owner) > LIMITS.items:
+            raise LimitExceeded("items", f"a {type(owner).__name__} of over {LIMITS.items:,} items")
+        return result
+
+    def wrap_str_format(self, value: Any) -> Any:
+        wrapper = super().wrap_str_format(value)
+        if wrapper is None:
+            return None
+        fmt = value.__self__
+        is_format_map = value.__name__ == "format_map"
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            _tick()
+            if is_format_map:
+                mapping = args[0] if len(args) == 1 and isinstance(args[0], Mapping) else {}
+                _check_brace_format(fmt, (), mapping)
+            else:
+                _check_brace_format(fmt, args, kwargs)
+            result = wrapper(*args, **kwargs)
+            _check_value(result, "a formatted string")
+            return result
+
+        return update_wrapper(checked, value)
+
+    @staticmethod
+    def omni_concat(join: Any, parts: tuple) -> str:
+        _tick()
+        total = 0
+        for part in parts:
+            total += len(part) if isinstance(part, str) else _size(part, LIMITS.string_chars)
+            _check_length(total, "a concatenated string")
+        return join(parts)
+
 
 @lru_cache(maxsize=8)
 def environment(directory: Path) -> SandboxedEnvironment:
@@ -229,11 +759,33 @@ def environment(directory: Path) -> SandboxedEnvironment:
         # every file on disk for each customer's render was the largest cost of a tick.
         auto_reload=False,
         cache_size=1000,
+        finalize=_finalize,
     )
+    env.globals["range"] = _safe_range
+    env.globals["lipsum"] = _lipsum
+    env.filters.update(GUARDED_FILTERS)
     env.filters["money"] = money
     env.filters["utm"] = _utm_filter
     env.filters["datetime"] = lambda value, fmt="%a %d %b, %H:%M": value.strftime(fmt) if value else ""
+    env.filters = {
+        name: f if name in UNGUARDED_FILTERS else _guard_filter(f) for name, f in env.filters.items()
+    }
     return env
+
+
+def _render_limited(template: Template, context: Mapping[str, Any], budget: _Budget) -> str:
+    """``template.render(context)`` within the budget: the output is counted as it is produced, a few
+    pieces at a time (each piece is at most one printed value, itself limited)."""
+    pieces = template.root_render_func(template.new_context(dict(context)))
+    out: list[str] = []
+    while True:
+        batch = list(itertools.islice(pieces, 16))
+        if not batch:
+            return "".join(out)
+        budget.output += sum(map(len, batch))
+        if budget.output > budget.output_limit:
+            raise LimitExceeded("output", f"the output is over the limit of {budget.output_limit:,} chars")
+        out += batch
 
 
 @pass_context
@@ -292,26 +844,48 @@ def render_parts(
     customer_id: int | None = None,
     templates: Mapping[str, Template] | None = None,
 ) -> dict[str, str]:
-    """Render every part of a template with ``context``; :class:`RenderError` on missing data.
+    """Render every part of a template with ``context`` within the render limits (one budget for all
+    the parts); :class:`RenderError` on missing data, a broken template or a limit — never anything else.
 
     ``templates``: parts already loaded (:func:`load_parts`), so a batch looks each one up once.
     """
     env = environment(directory)
     parts: dict[str, str] = {}
-    for part in info.parts:
-        try:
-            template = (templates or {}).get(part) or env.get_template(f"{info.name}.{part}.j2")
-            parts[part] = template.render(context)
-        except UndefinedError as exc:
-            raise RenderError(
-                info.name, customer_id, f"{part}: missing data: {exc.message}{_hint(exc)}"
-            ) from None
-        except SecurityError as exc:
-            raise RenderError(info.name, customer_id, f"{part}: unsafe template: {exc}") from None
-        except TemplateNotFound as exc:
-            raise RenderError(info.name, customer_id, f"{part}: template file not found: {exc}") from None
-        except TemplateError as exc:
-            raise RenderError(info.name, customer_id, f"{part}: template error: {exc}") from None
+    budget = _Budget(LIMITS.seconds, OUTPUT_LIMITS.get(info.channel, OUTPUT_LIMITS["email"]))
+    token = _BUDGET.set(budget)
+    try:
+        for part in info.parts:
+            try:
+                template = (templates or {}).get(part) or env.get_template(f"{info.name}.{part}.j2")
+                parts[part] = _render_limited(template, context, budget)
+            except LimitExceeded as exc:
+                raise RenderError(
+                    info.name, customer_id, f"{part}: over a limit: {exc}", kind=exc.kind
+                ) from None
+            except UndefinedError as exc:
+                raise RenderError(
+                    info.name, customer_id, f"{part}: missing data: {exc.message}{_hint(exc)}", kind="data"
+                ) from None
+            except SecurityError as exc:
+                raise RenderError(info.name, customer_id, f"{part}: unsafe template: {exc}") from None
+            except TemplateNotFound as exc:
+                raise RenderError(info.name, customer_id, f"{part}: template file not found: {exc}") from None
+            except TemplateError as exc:
+                raise RenderError(info.name, customer_id, f"{part}: template error: {exc}") from None
+            except RecursionError:
+                raise RenderError(
+                    info.name, customer_id, f"{part}: template error: too deeply nested (recursion)"
+                ) from None
+            except MemoryError:
+                raise RenderError(
+                    info.name, customer_id, f"{part}: over a limit: out of memory", kind="size"
+                ) from None
+            except Exception as exc:  # noqa: BLE001 - any error of a template is that render's failure
+                raise RenderError(
+                    info.name, customer_id, f"{part}: error while rendering: {_describe(exc)}"
+                ) from None
+    finally:
+        _BUDGET.reset(token)
     for part in REQUIRED_PARTS[info.channel]:
         if part not in parts:
             raise RenderError(info.name, customer_id, f"the template has no {part} part")
@@ -320,17 +894,33 @@ def render_parts(
     return parts
 
 
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def load_parts(info: TemplateInfo, *, directory: Path) -> dict[str, Template]:
     """The compiled template of each part that loads; a part that does not is left out, and
     :func:`render_parts` reports its error for each customer as before."""
+    return _load_parts(info, directory=directory)[0]
+
+
+def _load_parts(info: TemplateInfo, *, directory: Path) -> tuple[dict[str, Template], str | None]:
+    """The compiled parts, and the reason the template cannot be rendered for anyone (a part that does
+    not compile or load), or None."""
     env = environment(directory)
     loaded: dict[str, Template] = {}
+    broken: str | None = None
     for part in info.parts:
         try:
             loaded[part] = env.get_template(f"{info.name}.{part}.j2")
-        except TemplateError:
-            continue
-    return loaded
+        except TemplateNotFound as exc:
+            broken = broken or f"{part}: template file not found: {exc}"
+        except TemplateError as exc:
+            broken = broken or f"{part}: template error: {exc}"
+        except Exception as exc:  # noqa: BLE001 - e.g. a RecursionError compiling a pathological template
+            broken = broken or f"{part}: template error: {_describe(exc)}"
+    return loaded, broken
 
 
 def _hint(exc: UndefinedError) -> str:
@@ -338,8 +928,12 @@ def _hint(exc: UndefinedError) -> str:
     for key, hint in (
         ("'cart'", "the customer has no open cart"),
         ("'order'", "the customer has no pickup order waiting"),
-        ("'store'", "the customer has no home store and no pickup order store"),
         ("first_name", "the customer has no first name"),
+        (
+            "'None' has no attribute",
+            "a value the customer may not have is empty, e.g. no store is theirs: guard it with "
+            "{% if store %} ... {% else %} ... {% endif %}",
+        ),
     ):
         if key in message:
             return f" ({hint})"
@@ -411,25 +1005,51 @@ def render(
 def render_many(
     session: Session, template_name: str, customer_ids: Iterable[int], *, now: datetime, settings: Any = None
 ) -> dict[int, Rendered | RenderError]:
-    """Render a template for many customers; a customer whose render fails gets its :class:`RenderError`
-    (the others go on). An unknown template raises at once."""
+    """Render a template for many customers: each gets its :class:`Rendered` or its :class:`RenderError`
+    (missing data, a render limit...); the others go on. A template that cannot be rendered for anyone
+    (unknown, a part that does not compile) gives every customer a RenderError with the reason, and a
+    template that runs out of time for :data:`TIME_FAILURES_PER_BATCH` customers fails the rest of the
+    batch at once. Nothing raises but the database (a failing query is not the customers' failure)."""
+    ids = list(dict.fromkeys(customer_ids))
     if settings is None:
         from omni.settings import get_settings
 
         settings = get_settings()
     directory = templates_dir(settings)
-    info = find_template(template_name, settings, directory)
-    ids = list(dict.fromkeys(customer_ids))
-    contexts = build_contexts(
-        session, ids, now=now, channel=info.channel, template=info.name, settings=settings
-    )
+    try:
+        info = find_template(template_name, settings, directory)
+    except RenderError as exc:
+        return {c: RenderError(template_name, c, exc.reason) for c in ids}
+    templates, broken = _load_parts(info, directory=directory)
+    if broken is not None:
+        return {c: RenderError(info.name, c, broken) for c in ids}
+    errors: dict[int, RenderError] = {}
+    try:
+        contexts = build_contexts(
+            session, ids, now=now, channel=info.channel, template=info.name, settings=settings, errors=errors
+        )
+    except SQLAlchemyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a bug building contexts fails the batch's renders, visibly
+        reason = f"cannot build the message context: {_describe(exc)}"
+        return {c: RenderError(info.name, c, reason) for c in ids}
     outcomes: dict[int, Rendered | RenderError] = {}
-    templates = load_parts(info, directory=directory)
+    timeouts: list[RenderError] = []
     for customer_id in ids:
         context = contexts.get(customer_id)
         try:
+            if customer_id in errors:
+                raise errors[customer_id]
             if context is None:
-                raise RenderError(info.name, customer_id, "no such customer")
+                raise RenderError(info.name, customer_id, "no such customer", kind="data")
+            if len(timeouts) >= TIME_FAILURES_PER_BATCH:
+                raise RenderError(
+                    info.name,
+                    customer_id,
+                    f"not rendered: the template ran out of time for {len(timeouts)} customers of this "
+                    f"batch ({timeouts[0].reason})",
+                    kind="time",
+                )
             recipients = _recipients(info, context)
             parts = render_parts(
                 info, context, directory=directory, customer_id=customer_id, templates=templates
@@ -439,6 +1059,12 @@ def render_many(
             )
         except RenderError as exc:
             outcomes[customer_id] = exc
+            if exc.kind == "time" and not exc.reason.startswith("not rendered"):
+                timeouts.append(exc)
+        except Exception as exc:  # noqa: BLE001 - e.g. assembling an odd value: this customer's failure
+            outcomes[customer_id] = RenderError(
+                info.name, customer_id, f"error while rendering: {_describe(exc)}"
+            )
     return outcomes
 
 
@@ -446,40 +1072,50 @@ def _recipients(info: TemplateInfo, context: dict) -> list[str]:
     customer = context["customer"]
     if info.channel == "email":
         if not customer.get("email"):
-            raise RenderError(info.name, customer["id"], "the customer has no email address")
+            raise RenderError(info.name, customer["id"], "the customer has no email address", kind="data")
         return [customer["email"]]
     if info.channel == "sms":
         if not customer.get("phone"):
-            raise RenderError(info.name, customer["id"], "the customer has no phone number")
+            raise RenderError(info.name, customer["id"], "the customer has no phone number", kind="data")
         return [customer["phone"]]
     tokens = context.pop("_device_tokens", None) or []
     if not tokens:
-        raise RenderError(info.name, customer["id"], "the customer has no device token")
+        raise RenderError(info.name, customer["id"], "the customer has no device token", kind="data")
     return list(tokens)
 
 
 # --- context -------------------------------------------------------------------------------------------
 
 
-def _store_dict(store: Any, local_now: datetime) -> dict[str, Any]:
-    zone = _zone(store.timezone)
+def _store_dict(store: Mapping[str, Any], local_now: datetime) -> dict[str, Any]:
+    """A store as templates see it. Its "today" is the store's own day (in the store's timezone): the
+    hours a customer going to the store needs; the customer's local time when the store has none."""
+    from profiles.stores import stored_hours
+
+    zone = _zone(store.get("timezone"))
     store_now = local_now.astimezone(zone) if zone else local_now
-    hours = dict(store.hours or {})
+    hours = stored_hours(store.get("hours"))
     today = DAYS[store_now.weekday()]
-    address_parts = [store.address, " ".join(p for p in (store.postal_code, store.city) if p), store.region]
+    address_parts = [
+        store.get("address"),
+        " ".join(p for p in (store.get("postal_code"), store.get("city")) if p),
+        store.get("region"),
+    ]
     value = {
-        "id": store.id,
-        "name": store.name,
-        "address": store.address,
-        "city": store.city,
-        "region": store.region,
-        "postal_code": store.postal_code,
-        "country": store.country,
-        "phone": store.phone,
-        "email": store.email,
-        "timezone": store.timezone,
+        "id": store.get("id"),
+        "name": store.get("name"),
+        "address": store.get("address"),
+        "city": store.get("city"),
+        "region": store.get("region"),
+        "postal_code": store.get("postal_code"),
+        "country": store.get("country"),
+        "phone": store.get("phone"),
+        "email": store.get("email"),
+        "timezone": store.get("timezone"),
         "hours": hours,
+        # A day the hours do not give is closed; no hours at all: unknown (left out).
         "hours_today": hours.get(today, "closed") if hours else None,
+        "open_today": hours.get(today, "closed") != "closed" if hours else None,
         "opening_hours": [
             {"day": name, "hours": hours.get(key, "closed")}
             for key, name in zip(DAYS, DAY_NAMES, strict=True)
@@ -487,6 +1123,7 @@ def _store_dict(store: Any, local_now: datetime) -> dict[str, Any]:
         if hours
         else None,
         "full_address": ", ".join(p for p in address_parts if p) or None,
+        "source": store.get("source"),
     }
     return {k: v for k, v in value.items() if v is not None}
 
@@ -525,18 +1162,24 @@ def build_contexts(
     channel: str,
     template: str,
     settings: Any,
+    errors: dict[int, RenderError] | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """The template context of each customer, loaded with a few queries per 1,000 customers."""
-    from profiles.models import Cart, Customer, Identity, IdentityKind, Order, Store
+    """The template context of each customer, loaded with a few queries per 1,000 customers.
+
+    ``store`` is always there: the customer's store by :func:`profiles.stores.customer_stores` (home
+    store, else last in-store purchase or pickup, else nearest), or None. A customer whose context cannot
+    be built (odd data) is left out, with the reason in ``errors``."""
+    from profiles.models import Cart, Customer, Identity, IdentityKind, Order
+    from profiles.stores import customer_stores, load_stores
     from sequences.unsubscribe import make_token, unsubscribe_secret, unsubscribe_url
 
+    errors = {} if errors is None else errors
     secret = unsubscribe_secret(session, settings)
     campaign = template.split("/")[-1]
-    customers_t, carts_t, orders_t, stores_t, identities_t = (
+    customers_t, carts_t, orders_t, identities_t = (
         Customer.__table__,
         Cart.__table__,
         Order.__table__,
-        Store.__table__,
         Identity.__table__,
     )
     contexts: dict[int, dict[str, Any]] = {}
@@ -552,6 +1195,18 @@ def build_contexts(
         if name not in zones:
             zones[name] = _zone(name)
         return zones[name]
+
+    def store_context(store: Mapping[str, Any], zone: ZoneInfo, local_now: datetime) -> dict[str, Any]:
+        # A store's details are the same for every customer at ``now``: built once, copied for each (a
+        # template may not change what another customer's message says). Its "today" is the store's, or
+        # the customer's when the store has no valid timezone.
+        key = store["id"] if zone_of(store.get("timezone")) else f"{store['id']}@{zone.key}"
+        if key not in store_dicts:
+            store_dicts[key] = _store_dict({**store, "source": None}, local_now)
+        copied = _copy_store(store_dicts[key])
+        if store.get("source"):
+            copied["source"] = store["source"]
+        return copied
 
     # Only the columns a context uses: whole rows cost more to read (JSON traits, timestamps) than to render.
     customer_columns = [
@@ -626,91 +1281,128 @@ def build_contexts(
             ):
                 if row.kind == IdentityKind.DEVICE_TOKEN.value:
                     tokens.setdefault(row.customer_id, []).append(row.value)
-        store_ids = {c.home_store_id for c in customers.values() if c.home_store_id}
-        store_ids |= {o.store_id for o in orders.values() if o.store_id}
-        stores = (
-            {r.id: r for r in session.execute(select(stores_t).where(stores_t.c.id.in_(sorted(store_ids))))}
-            if store_ids
-            else {}
-        )
+        their_stores = customer_stores(session, list(customers))
+        order_stores = load_stores(session, {o.store_id for o in orders.values() if o.store_id})
         for customer_id in chunk:
             row = customers.get(customer_id)
             if row is None:
                 continue
-            order = orders.get(customer_id)
-            store = stores.get(order.store_id) if order is not None and order.store_id else None
-            store = store or stores.get(row.home_store_id)
-            zone = (
-                zone_of(row.timezone)
-                or zone_of(row.context_timezone)
-                or (zone_of(store.timezone) if store is not None else None)
-                or default_zone
-            )
-            local_now = local_nows.get(zone)
-            if local_now is None:
-                local_now = local_nows[zone] = now.astimezone(zone)
-            name = " ".join(p for p in (row.first_name, row.last_name) if p) or None
-            customer = {
-                "id": row.id,
-                "first_name": row.first_name,
-                "last_name": row.last_name,
-                "name": name,
-                "email": row.email,
-                "phone": row.phone,
-                "locale": row.locale,
-                "timezone": zone.key,
-            }
-            links = {"shop": shop_link}
-            context: dict[str, Any] = {
-                "customer": {k: v for k, v in customer.items() if v is not None},
-                "brand": settings.brand_name,
-                "now": local_now,
-                "channel": channel,
-                "campaign": campaign,
-                "links": links,
-                "unsubscribe_url": unsubscribe_url(
-                    settings.unsubscribe_base_url, make_token(secret, row.id, channel)
-                ),
-            }
-            cart = carts.get(customer_id)
-            if cart is not None and cart.items:
-                items = _items(cart.items)
-                context["cart"] = {
-                    "items": items,
-                    "item_count": sum(int(i.get("quantity") or 0) for i in items),
-                    "total": float(cart.value or 0),
-                    "currency": cart.currency or "USD",
-                    "updated_at": cart.updated_at.astimezone(zone),
-                }
-                links["cart"] = cart_link
-            if store is not None:
-                # A store's details are the same for every customer at ``now``: built once, copied for each
-                # (a template may not change what another customer's message says).
-                # Its "today" is the store's, or the customer's when the store has no valid timezone.
-                key = store.id if zone_of(store.timezone) else f"{store.id}@{zone.key}"
-                if key not in store_dicts:
-                    store_dicts[key] = _store_dict(store, local_now)
-                context["store"] = _copy_store(store_dicts[key])
-            if order is not None:
-                order_context = {
-                    "order_id": order.order_id,
-                    "status": order.status,
-                    "ready": order.status == "ready_for_pickup",
-                    "total": float(order.total or 0),
-                    "currency": order.currency or "USD",
-                    "items": _items(order.items),
-                    "placed_at": order.placed_at.astimezone(zone) if order.placed_at else None,
-                    "ready_at": order.ready_at.astimezone(zone) if order.ready_at else None,
-                }
-                if store is not None and order.store_id == store.id:
-                    order_context["store"] = context["store"]
-                context["order"] = {k: v for k, v in order_context.items() if v is not None}
-                links["order"] = add_utm(
-                    f"{settings.site_url.rstrip('/')}/orders/{order.order_id}",
-                    medium=channel,
+            try:
+                context = _customer_context(
+                    row,
+                    store=their_stores.get(customer_id),
+                    order=orders.get(customer_id),
+                    order_store=order_stores.get(orders[customer_id].store_id)
+                    if customer_id in orders and orders[customer_id].store_id
+                    else None,
+                    cart=carts.get(customer_id),
+                    zone_of=zone_of,
+                    default_zone=default_zone,
+                    local_nows=local_nows,
+                    now=now,
+                    store_context=store_context,
+                    settings=settings,
+                    channel=channel,
                     campaign=campaign,
+                    shop_link=shop_link,
+                    cart_link=cart_link,
+                    unsubscribe=unsubscribe_url(
+                        settings.unsubscribe_base_url, make_token(secret, row.id, channel)
+                    ),
                 )
+            except Exception as exc:  # noqa: BLE001 - odd data of one customer fails that customer only
+                errors[customer_id] = RenderError(
+                    template, customer_id, f"cannot build the message context: {_describe(exc)}", kind="data"
+                )
+                continue
             if channel == "push":
                 context["_device_tokens"] = tokens.get(customer_id, [])
             contexts[customer_id] = context
     return contexts
+
+
+def _customer_context(
+    row: Any,
+    *,
+    store: Mapping[str, Any] | None,
+    order: Any,
+    order_store: Mapping[str, Any] | None,
+    cart: Any,
+    zone_of: Any,
+    default_zone: ZoneInfo,
+    local_nows: dict[ZoneInfo, datetime],
+    now: datetime,
+    store_context: Any,
+    settings: Any,
+    channel: str,
+    campaign: str,
+    shop_link: str,
+    cart_link: str,
+    unsubscribe: str,
+) -> dict[str, Any]:
+    # The customer's timezone: the rule of sequences.policy.customer_timezones (traits, then the latest
+    # context timezone, then the home store's, then the default).
+    home = store if store is not None and store.get("source") == "home" else None
+    zone = (
+        zone_of(row.timezone)
+        or zone_of(row.context_timezone)
+        or (zone_of(home.get("timezone")) if home is not None else None)
+        or default_zone
+    )
+    local_now = local_nows.get(zone)
+    if local_now is None:
+        local_now = local_nows[zone] = now.astimezone(zone)
+    name = " ".join(p for p in (row.first_name, row.last_name) if p) or None
+    customer = {
+        "id": row.id,
+        "first_name": row.first_name,
+        "last_name": row.last_name,
+        "name": name,
+        "email": row.email,
+        "phone": row.phone,
+        "locale": row.locale,
+        "timezone": zone.key,
+    }
+    links = {"shop": shop_link}
+    context: dict[str, Any] = {
+        "customer": {k: v for k, v in customer.items() if v is not None},
+        "brand": settings.brand_name,
+        "now": local_now,
+        "channel": channel,
+        "campaign": campaign,
+        "links": links,
+        "unsubscribe_url": unsubscribe,
+        # Always defined, possibly None: templates say {% if store %} ... {% else %} ... {% endif %}.
+        "store": store_context(store, zone, local_now) if store is not None else None,
+    }
+    if cart is not None and cart.items:
+        items = _items(cart.items)
+        context["cart"] = {
+            "items": items,
+            "item_count": sum(int(i.get("quantity") or 0) for i in items),
+            "total": float(cart.value or 0),
+            "currency": cart.currency or "USD",
+            "updated_at": cart.updated_at.astimezone(zone),
+        }
+        links["cart"] = cart_link
+    if order is not None:
+        order_context = {
+            "order_id": order.order_id,
+            "status": order.status,
+            "ready": order.status == "ready_for_pickup",
+            "total": float(order.total or 0),
+            "currency": order.currency or "USD",
+            "items": _items(order.items),
+            "placed_at": order.placed_at.astimezone(zone) if order.placed_at else None,
+            "ready_at": order.ready_at.astimezone(zone) if order.ready_at else None,
+        }
+        if order_store is not None:
+            same = context["store"] is not None and context["store"].get("id") == order_store["id"]
+            order_context["store"] = context["store"] if same else store_context(order_store, zone, local_now)
+        context["order"] = {k: v for k, v in order_context.items() if v is not None}
+        links["order"] = add_utm(
+            f"{settings.site_url.rstrip('/')}/orders/{order.order_id}",
+            medium=channel,
+            campaign=campaign,
+        )
+    return context
