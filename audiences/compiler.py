@@ -64,7 +64,6 @@ from audiences.definitions import (
 )
 from profiles.db import UTCDateTime
 from profiles.models import (
-    MESSAGE_SENT_EVENTS,
     AudienceMembership,
     Cart,
     Consent,
@@ -72,6 +71,7 @@ from profiles.models import (
     Event,
     Identity,
     Order,
+    is_touchpoint,
 )
 
 customers = Customer.__table__
@@ -448,7 +448,7 @@ class _Compiler:
     def _channels_used(self, condition: ChannelsUsedCondition) -> ColumnElement:
         filters = _window(events.c.occurred_at, self.now, condition.within, None)
         # The customer's touchpoints only: the messages Omni sent them are not channels they used.
-        filters.append(or_(events.c.name.is_(None), events.c.name.not_in(list(MESSAGE_SENT_EVENTS.values()))))
+        filters.append(is_touchpoint(events.c.name))
         if condition.channels:
             filters.append(events.c.channel.in_(condition.channels))
         rows = select(events.c.customer_id).where(*filters)

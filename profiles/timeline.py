@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from profiles.consent import consents_of
-from profiles.models import Cart, Customer, Event, Identity, Order, Store
+from profiles.models import Cart, Customer, Event, Identity, Order, Store, is_touchpoint
 
 PROFILE_FIELDS = (
     "id",
@@ -96,7 +96,9 @@ def customer_view(session: Session, customer_id: int, *, limit: int = 50) -> dic
     channels = sorted(
         set(
             session.execute(
-                select(events.c.channel).where(events.c.customer_id == customer_id).distinct()
+                select(events.c.channel)
+                .where(events.c.customer_id == customer_id, is_touchpoint(events.c.name))
+                .distinct()
             ).scalars()
         )
     )

@@ -37,7 +37,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from audiences.definitions import DefinitionError, parse_condition, parse_duration
 
-SEND_CHANNELS = ("email", "sms", "push", "ads", "webhook")
+# The webhook connector sends Omni's messages to another system (connectors/webhook.py, the outbox and
+# `omni templates test-send`), but a journey step on it has no template kind, no recipient and no
+# sent-event yet: a sequence or campaign naming it is refused at load rather than accepted and never sent.
+SEND_CHANNELS = ("email", "sms", "push", "ads")
+NOT_A_STEP_CHANNEL = {
+    "webhook": "the webhook channel cannot be a sequence step yet (it would never send); "
+    "use email, sms, push or ads"
+}
 MESSAGE_CHANNELS = ("email", "sms", "push")
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,199}$")
 STEP_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
@@ -162,6 +169,8 @@ def _unknown_keys(raw: Mapping[str, Any], allowed: set[str], file: str, path: st
 
 
 def _channel(value: Any, file: str, path: str, allowed: tuple[str, ...] = SEND_CHANNELS) -> str:
+    if value in NOT_A_STEP_CHANNEL:
+        raise DefinitionError(file, path, NOT_A_STEP_CHANNEL[value])
     if value not in allowed:
         raise DefinitionError(file, path, f"unknown channel {value!r} (expected one of {', '.join(allowed)})")
     return value

@@ -30,7 +30,7 @@ from sqlalchemy import Engine, and_, func, select
 
 from profiles.db import session_scope
 from profiles.ingest import ingest_payloads
-from profiles.models import Customer, Enrollment, Event, OutboxMessage, Store
+from profiles.models import Customer, Delivery, Enrollment, Event, OutboxMessage, Store
 from profiles.stores import parse_store, upsert_stores
 
 # A Tuesday, 15:00 UTC: 11:00 in New York, 10:00 in Chicago, 16:00 in Lisbon (outside quiet hours).
@@ -560,6 +560,16 @@ def summarize(engine: Engine, ticks: list[dict[str, Any]]) -> dict[str, Any]:
             )
         ).scalar_one()
         stores = session.execute(select(func.count()).select_from(Store.__table__)).scalar_one()
+        deliveries = Delivery.__table__
+        # Customers a journey reached (a message sent on any of its channels), not customers enrolled.
+        reached = dict(
+            session.execute(
+                select(enrollments.c.sequence, func.count(func.distinct(deliveries.c.customer_id)))
+                .join(enrollments, enrollments.c.id == deliveries.c.enrollment_id)
+                .where(deliveries.c.status == "sent", deliveries.c.channel != "ads")
+                .group_by(enrollments.c.sequence)
+            ).all()
+        )
     channels: Counter = Counter()
     causes: Counter = Counter()
     for t in ticks:
@@ -571,6 +581,7 @@ def summarize(engine: Engine, ticks: list[dict[str, Any]]) -> dict[str, Any]:
             sequence: sum(c for (s, st), c in by_status.items() if s == sequence and st != "holdout")
             for sequence in SEQUENCES
         },
+        "reached": {sequence: reached.get(sequence, 0) for sequence in SEQUENCES},
         "held_out": by_status.get(("abandoned_cart", "holdout"), 0),
         "holdout_messaged": holdout_messaged,
         "active": {s: by_status.get((s, "active"), 0) for s in SEQUENCES},
@@ -591,11 +602,13 @@ def summary_paragraph(document: dict[str, Any], seconds: float | None = None) ->
         f"({world['events']} events from web, app and tills) and walked three simulated days{took}. "
         f"{s['enrolled']['abandoned_cart']} cart abandoners entered the abandoned-cart journey and "
         f"{s['held_out']} were held out as a control group (messaged: {s['holdout_messaged']}); "
-        f"{s['enrolled']['pickup_ready']} customers were told their pickup order was ready. "
+        f"{s['reached']['pickup_ready']} of the {s['enrolled']['pickup_ready']} customers whose pickup order "
+        "was ready were told so. "
         f"The channels received {m['email']} emails, {m['ads']} ad-audience updates, {m['sms']} SMS and "
         f"{m['push']} push notifications. "
-        f"{exits.get('bought_in_store', 0)} customers bought at a store's till and "
-        f"{exits.get('bought_online', 0)} online, and {exits.get('picked_up', 0)} picked up their order: "
-        f"each journey stopped on every channel at once (and they left the retargeting audience). "
+        f"{sum(exits.values())} customers left a journey because they bought at a store's till "
+        f"({exits.get('bought_in_store', 0)}), online ({exits.get('bought_online', 0)}) or picked up their "
+        f"order ({exits.get('picked_up', 0)}): each journey stopped on every channel at once (and they left "
+        "the retargeting audience). "
         f"Nothing was sent twice, to anyone without consent, or during anyone's quiet hours."
     )

@@ -42,6 +42,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
+from connectors.base import at_most_once
 from omni.collector import frozen_heap
 from profiles.bulk import insert_rows
 from profiles.db import session_scope
@@ -71,15 +72,38 @@ REMOVE = "/remove"
 
 @dataclass
 class StepCounts:
-    sent: int = 0
-    postponed: int = 0
-    skipped_consent: int = 0
-    failed: int = 0
-    retrying: int = 0
-    unknown: int = 0
+    """What one step (or campaign) did in a tick. Customers where a marketer reads customers: a customer
+    whose primary channel fell back counts once, under the fallback's outcome. Attempts where attempts:
+    ``postponed`` and ``retrying`` count deliveries put off in this tick. Ad-audience syncs are counted
+    as what they are, adds and removals, never as messages sent."""
+
+    sent: int = 0  # customers sent a message (email, SMS, push, webhook)
+    added: int = 0  # customers added to an ad audience
+    removed: int = 0  # customers removed from an ad audience (on exit)
+    postponed: int = 0  # deliveries put off: quiet hours or the frequency cap
+    fell_back: int = 0  # customers moved to the step's fallback channel
+    skipped_consent: int = 0  # customers not reachable on any channel the step offers
+    failed: int = 0  # customers the step could not reach (permanent failure, nothing left to try)
+    retrying: int = 0  # deliveries to try again on a later tick (provider throttled or down)
+    unknown: int = 0  # customers whose message may or may not have gone out; never resent
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
+
+
+# Column headers a person reads (the Prefect artifact, the CLI), in order, for each StepCounts field.
+STEP_COLUMNS = {
+    "sent": "Sent",
+    "added": "Added to audience",
+    "removed": "Removed from audience",
+    "postponed": "Postponed",
+    "fell_back": "Fell back",
+    "skipped_consent": "Skipped (consent)",
+    "failed": "Failed",
+    "retrying": "Retrying",
+    "unknown": "Unknown",
+}
+ENTRY_COLUMNS = {"enrolled": "Enrolled", "held_out": "Held out", "exited": "Exited", "completed": "Completed"}
 
 
 @dataclass
@@ -89,6 +113,7 @@ class SequenceReport:
     exited: int = 0
     completed: int = 0
     exit_reasons: Counter = field(default_factory=Counter)
+    # Send steps in the definition's order (run_tick lists them before anything is counted).
     steps: dict[str, StepCounts] = field(default_factory=lambda: defaultdict(StepCounts))
 
     def as_dict(self) -> dict[str, Any]:
@@ -101,6 +126,9 @@ class SequenceReport:
             "steps": {step: counts.as_dict() for step, counts in self.steps.items()},
         }
 
+    def total(self, name: str) -> int:
+        return sum(getattr(counts, name) for counts in self.steps.values())
+
 
 @dataclass
 class TickReport:
@@ -110,6 +138,8 @@ class TickReport:
     campaigns: dict[str, StepCounts] = field(default_factory=lambda: defaultdict(StepCounts))
     # (channel, customer_id, template or audience) of each message sent, for people (the demo)
     sent: list[tuple[str, int, str]] = field(default_factory=list)
+    # channel -> why nothing more could be sent on it this tick (a revoked key, a provider down)
+    halted: dict[str, str] = field(default_factory=dict)
 
     def counts_for(self, delivery: Any) -> StepCounts:
         if delivery.campaign:
@@ -118,44 +148,20 @@ class TickReport:
         return self.sequences[sequence].steps[step]
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per sequence and step (and per campaign): what a marketer reads in the Prefect UI."""
+        """One row per sequence (entries and exits) and per send step in the sequence's order, then one per
+        campaign, with human column headers: what a marketer reads in the Prefect UI."""
+        empty_entry = dict.fromkeys(ENTRY_COLUMNS.values(), "")
+        empty_steps = dict.fromkeys(STEP_COLUMNS.values(), "")
         rows: list[dict[str, Any]] = []
         for name, sequence in self.sequences.items():
-            rows.append(
-                {
-                    "sequence": name,
-                    "step": "(entry and exit)",
-                    "enrolled": sequence.enrolled,
-                    "held_out": sequence.held_out,
-                    "exited": sequence.exited,
-                    "completed": sequence.completed,
-                    **StepCounts().as_dict(),
-                }
-            )
+            entry = {label: getattr(sequence, key) for key, label in ENTRY_COLUMNS.items()}
+            rows.append({"Sequence": name, "Step": "(entries and exits)", **entry, **empty_steps})
             for step, counts in sequence.steps.items():
-                rows.append(
-                    {
-                        "sequence": name,
-                        "step": step,
-                        "enrolled": 0,
-                        "held_out": 0,
-                        "exited": 0,
-                        "completed": 0,
-                        **counts.as_dict(),
-                    }
-                )
+                values = {label: getattr(counts, key) for key, label in STEP_COLUMNS.items()}
+                rows.append({"Sequence": name, "Step": step, **empty_entry, **values})
         for name, counts in self.campaigns.items():
-            rows.append(
-                {
-                    "sequence": f"campaign {name}",
-                    "step": "send",
-                    "enrolled": 0,
-                    "held_out": 0,
-                    "exited": 0,
-                    "completed": 0,
-                    **counts.as_dict(),
-                }
-            )
+            values = {label: getattr(counts, key) for key, label in STEP_COLUMNS.items()}
+            rows.append({"Sequence": f"campaign {name}", "Step": "send", **empty_entry, **values})
         return rows
 
     def as_dict(self) -> dict[str, Any]:
@@ -164,7 +170,22 @@ class TickReport:
             "audiences": self.audiences,
             "sequences": {name: report.as_dict() for name, report in self.sequences.items()},
             "campaigns": {name: counts.as_dict() for name, counts in self.campaigns.items()},
+            "halted": dict(self.halted),
         }
+
+
+class DeliveryHalted(RuntimeError):
+    """A channel could not send at all this tick (a revoked key, a provider down after retries): its
+    deliveries were left due, nothing was marked sent, and the tick (the Prefect task and flow, the CLI)
+    ends failed with the reason. ``report`` holds what the rest of the tick did."""
+
+    def __init__(self, report: TickReport) -> None:
+        self.report = report
+        reasons = "; ".join(f"{channel}: {reason}" for channel, reason in sorted(report.halted.items()))
+        super().__init__(
+            f"nothing could be sent on {', '.join(sorted(report.halted))} ({reasons}); "
+            "those deliveries stay due and go out once the cause is fixed"
+        )
 
 
 class UnknownSequence(KeyError):
@@ -248,16 +269,16 @@ def recover_interrupted(
     ).all()
     if not rows:
         return
-    at_most_once = [r.id for r in rows if r.channel != "ads"]
-    at_least_once = [r.id for r in rows if r.channel == "ads"]
-    if at_most_once:
+    once = [r.id for r in rows if at_most_once(r.channel)]
+    at_least_once = [r.id for r in rows if not at_most_once(r.channel)]
+    if once:
         session.execute(
             update(deliveries)
-            .where(deliveries.c.id.in_(at_most_once))
+            .where(deliveries.c.id.in_(once))
             .values(
                 status="unknown",
                 updated_at=now,
-                error="interrupted while sending; not resent (at most once for email, SMS and push)",
+                error="interrupted while sending; not resent (at most once)",
             )
         )
     if at_least_once:
@@ -268,7 +289,7 @@ def recover_interrupted(
         )
     sequences = _sequence_names(session, [r.enrollment_id for r in rows if r.enrollment_id])
     for row in rows:
-        if row.channel != "ads":
+        if at_most_once(row.channel):
             counts = (
                 report.campaigns[row.campaign]
                 if row.campaign
@@ -280,7 +301,7 @@ def recover_interrupted(
         [
             (r.enrollment_id, r.step_id, sequences.get(r.enrollment_id))
             for r in rows
-            if r.enrollment_id and r.channel != "ads"
+            if r.enrollment_id and at_most_once(r.channel)
         ],
         now=now,
     )
@@ -830,7 +851,7 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
     }
     # Connectors first: a misconfigured channel fails here, before anything is claimed.
     for item in due:
-        if item.id not in inactive:
+        if item.id not in inactive and item.channel not in d.report.halted:
             d.connector(item.channel)
 
     to_send: list[tuple[_Due, list[Any]]] = []
@@ -838,15 +859,36 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
     fallbacks: list[dict[str, Any]] = []
     resolved: list[tuple[int | None, str, str | None]] = []
 
-    def finish(item: _Due, status: str, error: str | None = None, **extra: Any) -> None:
+    def finish(
+        item: _Due, status: str, error: str | None = None, *, count: bool = True, **extra: Any
+    ) -> None:
+        """Record a delivery's final outcome; the step's counts learn the customer's outcome once: a
+        delivery that moves to the fallback channel counts as ``fell_back`` and the fallback's own outcome
+        is the customer's."""
         outcomes[item.id] = {"status": status, "error": error, "updated_at": now, **extra}
-        if status in FINAL_STATUSES:
-            fallback = _fallback_for(d, item) if status in ("failed", "skipped") else None
-            if fallback is not None:
-                fallbacks.append(fallback)
+        counts = d.report.counts_for(item)
+        fallback = _fallback_for(d, item) if status in ("failed", "skipped") else None
+        if fallback is not None:
+            fallbacks.append(fallback)
+            counts.fell_back += count
+            return
+        resolved.append((item.enrollment_id, item.step_id, item.sequence))
+        if not count:
+            return
+        if status == "sent":
+            if item.channel == "ads":
+                counts.removed += item.action == "remove"
+                counts.added += item.action != "remove"
             else:
-                resolved.append((item.enrollment_id, item.step_id, item.sequence))
+                counts.sent += 1
+        elif status == "skipped":
+            counts.skipped_consent += 1
+        elif status == "failed":
+            counts.failed += 1
+        elif status == "unknown":
+            counts.unknown += 1
 
+    halted_items = 0
     with session_scope(d.engine) as session:
         contacts = load_contacts(session, [i.customer_id for i in due], policy.default_timezone)
         recent = recent_messages(
@@ -857,13 +899,15 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
         for item in due:
             counts = d.report.counts_for(item)
             if item.id in inactive:
-                finish(item, "skipped", "enrollment no longer active")
+                finish(item, "skipped", "enrollment no longer active", count=False)
+                continue
+            if item.channel in d.report.halted:
+                halted_items += 1  # left due, untouched, until the channel works again
                 continue
             contact = contacts.get(item.customer_id) or Contact(item.customer_id)
             if item.action != "remove":
                 ok, why = contact.reachable(item.channel)
                 if not ok:
-                    counts.skipped_consent += 1
                     finish(item, "skipped", why)
                     continue
             if item.channel in MESSAGE_CHANNELS:
@@ -883,8 +927,10 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
                     continue
                 recent[item.customer_id].append(now)  # counts against the cap for the rest of the batch
                 templated[item.template or ""].append(item)
-            else:
+            elif item.channel == "ads":
                 to_send.append((item, [_ads_message(item, contact, Message, AudienceMember)]))
+            else:
+                templated[item.template or ""].append(item)
         for template, items in templated.items():
             rendered = render_many(
                 session, template, [i.customer_id for i in items], now=now, settings=d.settings
@@ -892,7 +938,6 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
             for item in items:
                 result = rendered.get(item.customer_id)
                 if isinstance(result, RenderError) or result is None:
-                    d.report.counts_for(item).failed += 1
                     finish(item, "failed", str(result or "not rendered"))
                     continue
                 to_send.append((item, result.messages(item.dedupe_key)))
@@ -929,6 +974,8 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
         report = send_batch(
             connector, [m for _, messages in entries for m in messages], policy=d.retry_policy, sleep=d.sleep
         )
+        if report.halted:
+            d.report.halted[channel] = report.halted
         for result in report.results:
             results_by_delivery[owner[result.delivery_id].id].append(result)
         all_results.extend(report.results)
@@ -940,13 +987,28 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
     for item, messages in to_send:
         results = results_by_delivery[item.id]
         counts = d.report.counts_for(item)
+        once = at_most_once(item.channel)
         sent = [r for r in results if r.status is Status.SENT]
-        retry = [r for r in results if r.status is Status.RETRYABLE]
+        # The provider may have processed it: on an at-most-once channel it is never sent again.
+        maybe = [r for r in results if r.status is Status.UNKNOWN or (once and r.ambiguous)]
+        retry = [r for r in results if r.status is Status.RETRYABLE and r not in maybe]
         if sent:
-            counts.sent += 1
             finish(item, "sent", None, provider_message_id=sent[0].provider_id, sent_at=now)
             written_back.append(_sent_event(item, messages[0], sent[0], now))
             d.report.sent.append((item.channel, item.customer_id, item.template or item.ad_audience or ""))
+        elif maybe:
+            finish(item, "unknown", maybe[0].reason or "the provider may have processed it; not resent")
+        elif retry and item.channel in d.report.halted:
+            # Nothing was accepted and the channel cannot send now: due again at once, the attempt not
+            # counted, so the delivery goes out on the first tick after the cause is fixed.
+            counts.retrying += 1
+            outcomes[item.id] = {
+                "status": "pending",
+                "next_attempt_at": now,
+                "attempts": item.attempts,
+                "error": d.report.halted[item.channel],
+                "updated_at": now,
+            }
         elif retry and item.attempts + 1 < policy.max_attempts:
             counts.retrying += 1
             wait = max(
@@ -959,7 +1021,6 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
                 "updated_at": now,
             }
         else:
-            counts.failed += 1
             reason = (retry or results)[0].reason if results else "no result"
             if retry:
                 reason = f"gave up after {item.attempts + 1} attempts: {reason}"
@@ -970,7 +1031,7 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
         insert_rows(session, Event.__table__, written_back)
         _advance(session, resolved, now=now, report=d.report, walked=d.walked)
         apply_effects(session, all_results, now=now)
-    return len(due)
+    return len(due) - halted_items
 
 
 def _write_outcomes(session: Session, outcomes: Mapping[int, dict[str, Any]]) -> None:
@@ -1112,8 +1173,11 @@ def run_tick(
     if missing:
         raise UnknownSequence(missing[0], sorted(all_sequences))
     report = TickReport(now=now)
-    for name in selected:
+    for name, sequence in selected.items():
         report.sequences[name]  # noqa: B018 - every selected sequence appears in the report
+        for step in sequence.steps:  # every selected sequence and send step appears, in the sequence's order
+            if isinstance(step, SendStep):
+                report.sequences[name].steps[step.id]  # noqa: B018
     if build:
         needed = sorted({s.trigger_audience for s in selected.values() if s.trigger_audience})
         if needed:
@@ -1197,6 +1261,13 @@ def _run_stages(
         dispatched = stage("dispatch-deliveries", lambda: dispatch_due(dispatcher))
         if not walked and not dispatched:
             break
+    if report.halted:
+        # Everything else in the tick went on; the stage that could not send ends failed with the reason.
+        stage("dispatch-deliveries", lambda: _raise(DeliveryHalted(report)))
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def sequence_status(engine: Engine, name: str) -> dict[str, Any]:
@@ -1244,6 +1315,7 @@ def sequence_status(engine: Engine, name: str) -> dict[str, Any]:
 
 
 __all__ = [
+    "DeliveryHalted",
     "DeliveryPolicy",
     "Dispatcher",
     "SequenceReport",

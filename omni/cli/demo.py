@@ -179,6 +179,8 @@ def _shorten(text: str, width: int) -> str:
 
 
 def _print_tick(result: dict[str, Any]) -> None:
+    from sequences.engine import STEP_COLUMNS
+
     console.print()
     console.rule(
         f"[bold]Tick {result['label']}[/]  ({result['at'].replace('T', ' ').replace('+00:00', ' UTC')})"
@@ -205,18 +207,22 @@ def _print_tick(result: dict[str, Any]) -> None:
             parts.append(f"{report['completed']} completed")
         steps = []
         for step, counts in report["steps"].items():
-            bits = [f"{counts['sent']} sent"]
-            for key in ("postponed", "skipped_consent", "failed", "unknown"):
-                if counts[key]:
-                    bits.append(f"{counts[key]} {key.replace('_', ' ')}")
-            steps.append(f"{step}: {', '.join(bits)}")
+            # The tick's own words for each count (customers sent, added, removed; deliveries postponed).
+            bits = [
+                f"{counts[key]} {label.lower()}" for key, label in STEP_COLUMNS.items() if counts.get(key)
+            ]
+            if bits:
+                steps.append(f"{step}: {', '.join(bits)}")
         line = f"[bold]{name}[/]: {', '.join(parts)}"
         if steps:
             line += f" — {'; '.join(steps)}"
         console.print(line)
 
     channels = result["channels"]
-    table = Table(title=f"What the channels received ({result['messages']} messages)", title_justify="left")
+    updates = channels.get("ads", 0)
+    messages = result["messages"] - updates
+    title = f"What the channels received ({messages} messages, {updates} ad-audience updates)"
+    table = Table(title=title, title_justify="left")
     table.add_column("channel")
     table.add_column("count", justify="right")
     table.add_column("recipient", overflow="fold")

@@ -52,40 +52,18 @@ def describe_step(step) -> str:
 
 
 def render_tick(report_rows: list[dict], audiences: dict) -> None:
+    """The tick as a table that reads at 80 columns: one line per sequence and per send step, and only the
+    counts something happened in (``--json`` has them all)."""
+    counts = [key for key in report_rows[0] if key not in ("Sequence", "Step")] if report_rows else []
+    shown = [key for key in counts if key == "Sent" or any(row[key] for row in report_rows)]
     table = Table(title="Sequences tick", title_justify="left")
-    for column in (
-        "sequence",
-        "step",
-        "enrolled",
-        "held out",
-        "exited",
-        "sent",
-        "postponed",
-        "skipped (consent)",
-        "failed",
-        "retrying",
-        "unknown",
-    ):
-        table.add_column(column, justify="left" if column in ("sequence", "step") else "right")
+    table.add_column("Sequence / step", overflow="fold")
+    for key in shown:
+        table.add_column(key, justify="right", overflow="fold")
     for row in report_rows:
-        table.add_row(
-            escape(row["sequence"]),
-            escape(row["step"]),
-            *(
-                str(row[k])
-                for k in (
-                    "enrolled",
-                    "held_out",
-                    "exited",
-                    "sent",
-                    "postponed",
-                    "skipped_consent",
-                    "failed",
-                    "retrying",
-                    "unknown",
-                )
-            ),
-        )
+        entry = row["Step"].startswith("(")
+        label = row["Sequence"] if entry else f"  {row['Step']}"
+        table.add_row(escape(label), *(str(row[key]) if row[key] != "" else "" for key in shown))
     console.print(table)
     if audiences:
         built = ", ".join(
@@ -155,21 +133,26 @@ def sequences_run(
 ) -> None:
     """Run one tick now (what the run-sequences deployment does every 5 minutes), without Prefect."""
     from connectors import ConnectorConfigError
-    from sequences.engine import UnknownSequence, run_tick
+    from sequences.engine import DeliveryHalted, UnknownSequence, run_tick
 
     definitions = _definitions()
     at = parse_now(now)
     engine = open_store(database_url)
+    halted = None
     try:
         report = run_tick(engine, now=at, names=names or None, sequences=definitions)
     except UnknownSequence as exc:
         raise BadInput(str(exc)) from None
     except ConnectorConfigError as exc:
         raise Failure(f"connector not configured: {exc}") from None
+    except DeliveryHalted as exc:  # the rest of the tick ran: show it, then fail
+        report, halted = exc.report, exc
     if json:
         print_json(report.as_dict())
-        return
-    render_tick(report.rows(), report.audiences)
+    else:
+        render_tick(report.rows(), report.audiences)
+    if halted is not None:
+        raise Failure(str(halted))
 
 
 @sequences_app.command("status")

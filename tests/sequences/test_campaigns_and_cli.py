@@ -99,6 +99,16 @@ def test_unknown_campaign_and_bad_definitions_name_file_and_path(store, tmp_path
         ({"steps": [{"send": {"channel": "email"}}]}, "steps[0].send.template", "names its template"),
         ({"steps": [{"send": {"channel": "ads"}}]}, "steps[0].send.audience", "names the ad audience"),
         (
+            {"steps": [{"send": {"channel": "webhook", "template": "t"}}]},
+            "steps[0].send.channel",
+            "webhook channel cannot be a sequence step",
+        ),
+        (
+            {"steps": [{"send": {"channel": "email", "template": "t", "fallback": "webhook"}}]},
+            "steps[0].send.fallback",
+            "webhook channel cannot be a sequence step",
+        ),
+        (
             {"steps": [{"send": {"channel": "sms", "template": "t", "fallback": "fax"}}]},
             "steps[0].send.fallback",
             "unknown channel 'fax'",

@@ -135,3 +135,34 @@ def test_same_story_without_prefect_and_refuses_a_store_with_customers(demo_run,
     again = runner.invoke(app, ["demo", "--database-url", url, "--customers", CUSTOMERS])
     assert again.exit_code == 2
     assert "already has" in again.output
+
+
+def test_the_closing_summary_agrees_with_the_ticks(demo_run):
+    """Every number of the summary adds up from the per-tick reports: customers where customers are
+    counted, ad-audience adds and removals apart from messages."""
+    document, _url = demo_run
+    summary = document["summary"]
+    steps = [
+        (name, step, counts)
+        for tick in document["ticks"]
+        for name, sequence in tick["report"]["sequences"].items()
+        for step, counts in sequence["steps"].items()
+    ]
+
+    def total(sequence: str, key: str) -> int:
+        return sum(counts[key] for name, _step, counts in steps if name == sequence)
+
+    for sequence in ("abandoned_cart", "pickup_ready"):
+        enrolled = sum(t["report"]["sequences"][sequence]["enrolled"] for t in document["ticks"])
+        assert summary["enrolled"][sequence] == enrolled
+        assert summary["reached"][sequence] <= enrolled
+    assert summary["reached"]["pickup_ready"] == total("pickup_ready", "sent")
+    ads = sum(t["channels"]["ads"] for t in document["ticks"])
+    assert (
+        summary["messages"]["ads"]
+        == ads
+        == total("abandoned_cart", "added") + total("abandoned_cart", "removed")
+    )
+    messages = sum(summary["messages"][c] for c in ("email", "sms", "push"))
+    assert messages == total("abandoned_cart", "sent") + total("pickup_ready", "sent")
+    assert sum(summary["exits"].values()) == sum(len(t["exits"]) for t in document["ticks"])

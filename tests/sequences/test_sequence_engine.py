@@ -192,7 +192,7 @@ class CrashingConnector(Connector):
 
     provider = "crashing"
     channel = "email"
-    channels = ("email",)
+    channels = ("email", "sms", "push", "ads")
     max_batch_size = 1000
 
     @classmethod
@@ -321,6 +321,10 @@ def test_messages_omni_sent_are_not_channels_the_customer_used(store):
     )
     with session_scope(store) as session:
         assert n not in set(session.execute(select(engaged.subquery().c[0])).scalars())
+        # `omni profile show` reads the customer's channels by the same rule.
+        from profiles.timeline import customer_view
+
+        assert customer_view(session, n)["channels"] == ["web"]
 
 
 def test_a_tick_sets_the_heap_aside_from_the_garbage_collector_and_puts_it_back(store):
