@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session
 from connectors.base import at_most_once
 from omni.collector import frozen_heap
 from profiles.bulk import insert_rows
-from profiles.db import session_scope
+from profiles.db import refresh_statistics, session_scope, stale_statistics
 from profiles.identity import chunked
 from profiles.models import MESSAGE_SENT_EVENTS, AudienceMembership, Customer, Delivery, Enrollment, Event
 from sequences.definitions import BranchStep, CampaignDefinition, SendStep, SequenceDefinition, WaitStep
@@ -140,6 +140,8 @@ class TickReport:
     sent: list[tuple[str, int, str]] = field(default_factory=list)
     # channel -> why nothing more could be sent on it this tick (a revoked key, a provider down)
     halted: dict[str, str] = field(default_factory=dict)
+    # rows written per table (at most), to refresh the planner's statistics when a tick changed a lot
+    written: Counter = field(default_factory=Counter)
 
     def counts_for(self, delivery: Any) -> StepCounts:
         if delivery.campaign:
@@ -394,6 +396,7 @@ def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, rep
             .on_conflict_do_nothing()
             .returning(enrollments.c.id)
         ).all()
+        report.written["enrollments"] += len(created)
         counts = report.sequences[sequence.name]
         if status == "holdout":
             counts.held_out += len(created)
@@ -452,6 +455,7 @@ def exit_enrollments(
                 .values(status="exited", exited_at=now, exit_reason=reason, next_run_at=None, updated_at=now)
             )
         report.sequences[sequence.name].exited += len(ids)
+        report.written["enrollments"] += len(ids)
         if ids:
             report.sequences[sequence.name].exit_reasons[reason] += len(ids)
         exited.extend(ids)
@@ -646,6 +650,8 @@ def _walk_batch(
     sql.update_many(enrollments, ("id",), ("step_index", "next_run_at", "status", "updated_at"), updates)
     deliveries = Delivery.__table__
     inserted = sql.insert_ignore(deliveries, new_deliveries)
+    report.written["enrollments"] += len(updates)
+    report.written["deliveries"] += inserted
     if inserted != len(new_deliveries):
         # A delivery that already existed and is resolved (a re-walk after an interruption) advances at once.
         keys = [d["dedupe_key"] for d in new_deliveries]
@@ -1031,6 +1037,8 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
         insert_rows(session, Event.__table__, written_back)
         _advance(session, resolved, now=now, report=d.report, walked=d.walked)
         apply_effects(session, all_results, now=now)
+    d.report.written["deliveries"] += len(due) + len(fallbacks)
+    d.report.written["events"] += len(written_back)
     return len(due) - halted_items
 
 
@@ -1261,6 +1269,10 @@ def _run_stages(
         dispatched = stage("dispatch-deliveries", lambda: dispatch_due(dispatcher))
         if not walked and not dispatched:
             break
+    stale = stale_statistics(engine, report.written)
+    if stale:
+        # A tick that enrolled or sent to many customers changes the tables the next one plans on.
+        stage("refresh-statistics", lambda: refresh_statistics(engine, stale))
     if report.halted:
         # Everything else in the tick went on; the stage that could not send ends failed with the reason.
         stage("dispatch-deliveries", lambda: _raise(DeliveryHalted(report)))

@@ -108,3 +108,25 @@ def test_refresh_statistics_works_on_empty_tables_and_with_any_bind(fresh_engine
         refresh_statistics(session, ["orders", "carts"])
     refresh_statistics(fresh_engine, [])
     assert stale_statistics(fresh_engine, {"orders": 0}) == []
+
+
+def test_a_tick_that_enrolls_and_sends_to_many_refreshes_the_statistics_of_its_tables(fresh_engine):
+    """The first tick after a campaign of entrants writes enrollments and deliveries from nothing: the next
+    tick must not plan on statistics of empty tables."""
+    from audiences import build_audiences
+    from sequences.engine import run_tick
+
+    shoppers = payloads(300)
+    for payload in shoppers:
+        if payload["type"] == "identify":
+            payload["traits"]["email"] = f"{payload['userId']}@example.org"
+        payload["timestamp"] = NOW.isoformat()
+    ingest_payloads(fresh_engine, shoppers, now=NOW)
+    build_audiences(fresh_engine, ["cart_abandoners"], now=NOW.replace(hour=15))
+    assert not {"enrollments", "deliveries"} & set(analyzed(fresh_engine))
+    report = run_tick(fresh_engine, now=NOW.replace(hour=15), names=["abandoned_cart"], sleep=lambda _s: None)
+    entered = report.sequences["abandoned_cart"]
+    assert entered.enrolled + entered.held_out == 300
+    stats = analyzed(fresh_engine)
+    assert stats["enrollments"] == pytest.approx(300, rel=0.05)
+    assert stats["deliveries"] > 0
