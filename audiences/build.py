@@ -28,6 +28,12 @@ written in order. A build in the caller's transaction (a session or connection) 
 alone: its other writes keep the durability the caller chose.
 
 Building again at the same ``now`` with the same data changes nothing (not even the build log).
+
+Building at a ``now`` earlier than the audience's last build (after a preview with ``--now`` in the
+future) is allowed: the history after ``now`` is undone first (stays that began later are deleted,
+stays that ended later are open again, later builds leave the log), then the build runs as usual. So
+the latest build in time always wins, and memberships are correct as of the build's own ``now``; a
+future preview is superseded by the next real-time build instead of blocking it.
 """
 
 from __future__ import annotations
@@ -120,7 +126,8 @@ class UnknownAudience(KeyError):
 
 
 class BuildOrderError(ValueError):
-    """``now`` is earlier than the audience's last build: its history would run backwards."""
+    """Kept for callers that catch it; no longer raised: a build earlier than the last one rewinds the
+    history after it (see :func:`_rewind`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,8 +157,8 @@ def _prepare_temp(conn: Connection) -> None:
 
 
 def _start(conn: Connection, name: str, now: datetime, *, own_transaction: bool) -> tuple[Any, bool]:
-    """Lock the audience (PostgreSQL); return its last build (or None), refusing a ``now`` before it,
-    and whether it has open rows."""
+    """Lock the audience (PostgreSQL); rewind any history after ``now`` (see :func:`_rewind`); return
+    its last build (or None) and whether it has open rows."""
     if conn.dialect.name == "postgresql":
         # Two builds of the same audience at once would race on the one-open-row index. The lock is a
         # statement of its own: the reads below must take their snapshot after it is granted.
@@ -160,6 +167,16 @@ def _start(conn: Connection, name: str, now: datetime, *, own_transaction: bool)
             # SET LOCAL, in the same round trip (see the module docstring).
             lock.append(func.set_config("synchronous_commit", "off", True))
         conn.execute(select(*lock))
+    row = _last_build(conn, name)
+    if row.built_at is not None and now < row.built_at:
+        _rewind(conn, name, now)
+        row = _last_build(conn, name)
+    return (row if row.built_at is not None else None), bool(row.has_open)
+
+
+def _last_build(conn: Connection, name: str) -> Any:
+    """(built_at, size, has_open) of the audience's last build, in one round trip; built_at is None
+    before the first build."""
     last = (
         select(builds.c.built_at, builds.c.size)
         .where(builds.c.audience == name)
@@ -169,17 +186,31 @@ def _start(conn: Connection, name: str, now: datetime, *, own_transaction: bool)
     )
     one = select(literal(1).label("one")).subquery("omni_one")
     has_open = exists(select(literal(1)).where(_open_rows(name)))
-    row = conn.execute(
+    return conn.execute(
         select(last.c.built_at, last.c.size, has_open.label("has_open")).select_from(
             one.outerjoin(last, true())
         )
     ).one()
-    if row.built_at is not None and now < row.built_at:
-        raise BuildOrderError(
-            f"audience {name!r} was last built at {row.built_at.isoformat()}; cannot build it at the "
-            f"earlier time {now.isoformat()}"
-        )
-    return (row if row.built_at is not None else None), bool(row.has_open)
+
+
+def _rewind(conn: Connection, name: str, now: datetime) -> None:
+    """Undo the audience's history after ``now``: what builds later than ``now`` wrote (a preview with
+    ``--now`` in the future, or a machine whose clock ran ahead).
+
+    Stays that began after ``now`` are deleted, stays that ended after ``now`` are open again, and the
+    later builds leave the build log. The memberships are then exactly what the builds up to ``now``
+    left, so the build at ``now`` diffs against them as usual: every ``entered_at`` and ``exited_at``
+    stays at or before the latest build, and a customer keeps at most one open row (their stays never
+    overlap, so at most one of them spans ``now``). Rare, so no index serves it (the statements read
+    the audience's rows in full)."""
+    at = literal(now, UTCDateTime())
+    conn.execute(memberships.delete().where(memberships.c.audience == name, memberships.c.entered_at > at))
+    conn.execute(
+        update(memberships)
+        .where(memberships.c.audience == name, memberships.c.exited_at > at)
+        .values(exited_at=None)
+    )
+    conn.execute(builds.delete().where(builds.c.audience == name, builds.c.built_at > at))
 
 
 def _write_members(

@@ -2,8 +2,11 @@
 
 One task per audience, run one after another in dependency order (an audience that refers to another
 is built after it, in the same flow run, at the same ``now``). Each task is one transaction of
-set-based SQL inside the database (see ``audiences.build``). A table artifact shows size, entered,
+set-based SQL inside the database (see ``audiences.build``). A table artifact shows members, entered,
 exited and duration per audience.
+
+``now`` in the future is a preview: the next build at the real time replaces its history (see
+``audiences.build``), so a preview never blocks the scheduled builds.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from audiences import build_audience, build_order, load_audiences
-from profiles.db import get_engine, require_schema
+from flows.common import artifact_key, check_omni_home, fmt_time, ready_store
+from profiles.db import get_engine
 
 
 @task(cache_policy=NO_CACHE, task_run_name="build-{name}")
@@ -39,22 +43,35 @@ def build_audiences(
     database_url: str | None = None,
     now: datetime | None = None,
     audiences_dir: str | None = None,
+    artifact_prefix: str | None = None,
 ) -> dict[str, dict[str, int]]:
     """Build ``names`` (default: every audience) and what they refer to, at ``now`` (default: the
-    flow's start, the same instant for every audience). Returns size, entered, exited per audience."""
+    flow's start, the same instant for every audience). Returns size, entered, exited per audience.
+    ``artifact_prefix`` (default ``OMNI_ARTIFACT_PREFIX``) prefixes the artifact's key."""
+    check_omni_home()
     log = get_run_logger()
     at = now or datetime.now(UTC)
     definitions = load_audiences(Path(audiences_dir) if audiences_dir else None)  # fail fast on bad YAML
-    require_schema(get_engine(database_url))
+    key = artifact_key("audience-builds", artifact_prefix)
+    ready_store(database_url)
     rows = []
     for name in build_order(definitions, names):
         row = build_one(name, database_url, at, audiences_dir)
         rows.append(row)
         log.info("%s: %s members, %s entered, %s exited", name, row["size"], row["entered"], row["exited"])
     create_table_artifact(
-        key="audience-builds",
-        table=rows,
-        description=f"Audiences built at {at.isoformat()}: members, who entered and who exited since "
-        "the previous build, and how long each build took (ms).",
+        key=key,
+        table=[
+            {
+                "Audience": row["audience"],
+                "Members": row["size"],
+                "Entered": row["entered"],
+                "Exited": row["exited"],
+                "Build time (ms)": row["duration_ms"],
+            }
+            for row in rows
+        ],
+        description=f"Audiences built at {fmt_time(at)}: members, who entered and who exited since the "
+        "previous build, and how long each build took.",
     )
     return {row["audience"]: {k: row[k] for k in ("size", "entered", "exited")} for row in rows}

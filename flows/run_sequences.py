@@ -5,8 +5,8 @@ sequence, advancing due enrollments and dispatching due deliveries. A task works
 customers in batches (``OMNI_SEQUENCE_BATCH_SIZE``) with set-based SQL and whole-batch provider calls;
 there is never a task per customer. Send tasks are ``NO_CACHE`` (a cached send would silently never go
 out) and retry only for transient database errors: the delivery claim makes a retried dispatch safe.
-A table artifact shows per sequence and step: enrolled, exited, sent, postponed, skipped for consent,
-failed.
+A table artifact (key ``sequences-tick``, or ``<artifact_prefix>-sequences-tick``) shows per sequence
+and step: enrolled, exited, sent, postponed, skipped for consent, failed; a markdown one sums it up.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from profiles.db import get_engine, require_schema, utcnow
-from sequences.engine import TickReport, run_tick
+from flows.common import artifact_key, check_omni_home, fmt_time, ready_store, table_cell
+from profiles.db import utcnow
+from sequences.engine import DeliveryHalted, TickReport, run_tick
 
 
 def transient_database_error(_task: Any, _run: Any, state: Any) -> bool:
@@ -54,15 +55,17 @@ def prefect_stage(name: str, fn: Callable[[], Any]) -> Any:
 
 
 def publish_report(report: TickReport, *, key: str, title: str) -> None:
-    rows = report.rows()
+    """A table (one row per sequence and step, and per campaign: the columns ``TickReport.rows()`` gives)
+    and a markdown summary (``<key>-summary``)."""
+    rows = [{column: table_cell(value) for column, value in row.items()} for row in report.rows()]
+    at = fmt_time(report.now)
     create_table_artifact(
         key=key,
-        table=rows or [{"sequence": "(none)", "step": "", "sent": 0}],
-        description=f"{title} at {report.now.isoformat()}: per sequence and step, customers enrolled, "
-        "held out and exited, and messages sent, postponed (quiet hours, frequency cap), skipped for "
-        "consent and failed.",
+        table=rows or [{"Sequence": "(none)", "Step": ""}],
+        description=f"{title} at {at}: per sequence, customers enrolled, held out and exited; per step, "
+        "messages sent, postponed (quiet hours, frequency cap), skipped for consent and failed.",
     )
-    lines = [f"## {title} at {report.now:%Y-%m-%d %H:%M} UTC", ""]
+    lines = [f"## {title} at {at}", ""]
     for name, sequence in report.sequences.items():
         sent = sum(c.sent for c in sequence.steps.values())
         reasons = ", ".join(f"{count} {reason}" for reason, count in sequence.exit_reasons.items()) or "none"
@@ -75,20 +78,34 @@ def publish_report(report: TickReport, *, key: str, title: str) -> None:
             f"- **campaign {name}**: {counts.sent} sent, {counts.postponed} postponed, "
             f"{counts.skipped_consent} skipped for consent, {counts.failed} failed"
         )
+    for channel, reason in sorted(getattr(report, "halted", {}).items()):
+        lines.append(f"- **{channel} halted**: {reason}")
+    if len(lines) == 2:
+        lines.append("Nothing to do.")
     create_markdown_artifact(key=f"{key}-summary", markdown="\n".join(lines))
 
 
 @flow(name="run-sequences", task_runner=ThreadPoolTaskRunner(max_workers=4), timeout_seconds=3600)
 def run_sequences(
-    now: datetime | None = None, names: list[str] | None = None, database_url: str | None = None
+    now: datetime | None = None,
+    names: list[str] | None = None,
+    database_url: str | None = None,
+    artifact_prefix: str | None = None,
 ) -> dict[str, Any]:
-    """One tick of every sequence (or ``names``) at ``now`` (default: the current time)."""
+    """One tick of every sequence (or ``names``) at ``now`` (default: the current time).
+    ``artifact_prefix`` (default ``OMNI_ARTIFACT_PREFIX``; the demo passes ``demo``) prefixes the
+    artifacts' keys."""
+    check_omni_home()
     log = get_run_logger()
-    engine = get_engine(database_url)
-    require_schema(engine)
-    report = run_tick(engine, now=now or utcnow(), names=names, stage=prefect_stage)
+    key = artifact_key("sequences-tick", artifact_prefix)
+    engine = ready_store(database_url)
+    try:
+        report = run_tick(engine, now=now or utcnow(), names=names, stage=prefect_stage)
+    except DeliveryHalted as halted:  # the rest of the tick ran: show it, then fail the run
+        publish_report(halted.report, key=key, title="Sequences tick")
+        raise
     for name, sequence in report.sequences.items():
         sent = sum(c.sent for c in sequence.steps.values())
         log.info("%s: %d enrolled, %d exited, %d sent", name, sequence.enrolled, sequence.exited, sent)
-    publish_report(report, key="sequences-tick", title="Sequences tick")
+    publish_report(report, key=key, title="Sequences tick")
     return report.as_dict()

@@ -25,6 +25,17 @@ def normalize_database_url(url: str) -> str:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OMNI_", extra="ignore")
 
+    home: Path | None = Field(
+        default=None,
+        description="Where deployment runs work (a worker's flow runs change to it): the folder with the "
+        "SQLite store and campaigns/. Required on a worker; the CLI uses the working directory.",
+    )
+    artifact_prefix: str = Field(
+        default="",
+        pattern=r"^([a-z0-9]+(-[a-z0-9]+)*)?$",
+        description="Prefix of the flows' Prefect artifact keys (e.g. demo: demo-sequences-tick), so a "
+        "trial run never adds versions to the production keys. Lowercase letters, digits, dashes.",
+    )
     database_url: str = Field(
         default="sqlite:///omni.db",
         description="SQLAlchemy URL of the profile store. SQLite (relative to the working directory) "

@@ -147,8 +147,11 @@ def build(
     json: JsonOption = False,
     now: NowOption = None,
 ) -> None:
-    """Rebuild audiences at --now: members, and who entered and exited since the last build."""
-    from audiences import BuildOrderError, build_audience, build_order
+    """Rebuild audiences at --now: members, and who entered and exited since the last build.
+
+    A build at a --now earlier than the last build (say, after a preview with --now in the future)
+    replaces the history after that time: the latest build in time always wins."""
+    from audiences import build_audience, build_order
 
     definitions = _definitions()
     for name in names or []:
@@ -157,16 +160,14 @@ def build(
     engine = open_store(database_url)
     results = {}
     for name in build_order(definitions, names or None):
-        try:
-            result = build_audience(engine, name, now=at, definitions=definitions)
-        except BuildOrderError as exc:
-            raise BadInput(str(exc)) from None
+        result = build_audience(engine, name, now=at, definitions=definitions)
         results[name] = result
-        if not json:
-            err_console.print(
+        if not json:  # the results, on stdout as each audience is built
+            console.print(
                 f"{name}: {result.size} members, {result.entered} entered, {result.exited} exited "
                 f"({result.duration_ms} ms)",
                 highlight=False,
+                markup=False,
             )
     if json:
         print_json({name: result.as_dict() for name, result in results.items()})

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import tomllib
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -28,6 +32,58 @@ DEPLOYMENT = "send-campaign/send-campaign"
 
 def register(app: typer.Typer) -> None:
     app.add_typer(campaigns_app, name="campaigns")
+
+
+HOW_TO_SET_THE_API = (
+    "start a server (`prefect server start`) and `export PREFECT_API_URL=http://127.0.0.1:4200/api` "
+    "(or `prefect config set PREFECT_API_URL=...`); see the README, Deploying with Prefect"
+)
+
+
+def configured_prefect_api() -> str | None:
+    """PREFECT_API_URL from the environment, else from the active Prefect profile, read without importing
+    Prefect (which takes a second or more and creates ~/.prefect)."""
+    url = os.environ.get("PREFECT_API_URL", "").strip()
+    if url:
+        return url
+    if "prefect.settings" in sys.modules:  # already imported (a test harness, the demo): ask it
+        from prefect.settings import get_current_settings
+
+        return get_current_settings().api.url or None
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    path = Path(os.environ.get("PREFECT_PROFILES_PATH") or home / "profiles.toml").expanduser()
+    try:
+        profiles = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    active = os.environ.get("PREFECT_PROFILE") or profiles.get("active") or "ephemeral"
+    value = (profiles.get("profiles", {}).get(active) or {}).get("PREFECT_API_URL")
+    return str(value).strip() if value else None
+
+
+def reachable_prefect_api(timeout: float = 2.0) -> str:
+    """The configured Prefect API's URL once its /health answers; Failure (exit 1) within ``timeout``
+    otherwise."""
+    import httpx
+
+    url = configured_prefect_api()
+    if not url:
+        raise Failure(
+            "no Prefect API is configured (PREFECT_API_URL is not set), and a scheduled run needs a server "
+            f"that keeps it until its time: {HOW_TO_SET_THE_API}"
+        )
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise Failure(
+            f"no Prefect API answers at {url} ({type(exc).__name__}): start it, or correct PREFECT_API_URL; "
+            f"{HOW_TO_SET_THE_API}"
+        ) from None
+    if response.status_code != 200:
+        raise Failure(
+            f"the Prefect API at {url} answered {response.status_code} to /health: is it Prefect's?"
+        )
+    return url
 
 
 def _definitions():
@@ -104,25 +160,27 @@ def campaigns_schedule(
     ] = None,
     json: JsonOption = False,
 ) -> None:
-    """Create a scheduled Prefect flow run of the send-campaign deployment (needs PREFECT_API_URL and
-    `prefect deploy --all`)."""
+    """Create a scheduled Prefect flow run of the send-campaign deployment (needs a Prefect server:
+    PREFECT_API_URL, and `prefect --no-prompt deploy --all`)."""
     definitions = _definitions()
     if name not in definitions:
         raise BadInput(f"unknown campaign {name!r} (known: {', '.join(sorted(definitions)) or 'none'})")
     when = parse_now(at) if at else definitions[name].send_at
     if when is None:
         raise BadInput(f"campaign {name!r} has no send_at: give --at TIME")
+    # Before Prefect is even imported: without a reachable server, Prefect would start a temporary one
+    # (seconds, and state under ~/.prefect) that forgets the scheduled run when the command ends.
+    api_url = reachable_prefect_api()
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL
 
     try:
         flow_run = run_deployment(name=DEPLOYMENT, parameters={"name": name}, scheduled_time=when, timeout=0)
     except ObjectNotFound:
         raise Failure(
-            f"deployment {DEPLOYMENT!r} not found on the Prefect API "
-            f"({PREFECT_API_URL.value() or 'ephemeral'}): "
-            "start a server (`prefect server start`), set PREFECT_API_URL, and run `prefect deploy --all`"
+            f"deployment {DEPLOYMENT!r} not found on the Prefect API at {api_url}: deploy the flows from the "
+            "Omni checkout (`prefect work-pool create omni-process --type process`, then "
+            "`prefect --no-prompt deploy --all`)"
         ) from None
     if json:
         print_json(

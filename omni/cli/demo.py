@@ -160,8 +160,13 @@ def _flow_tick(database_url: str) -> Iterator[Any]:
             # The flow's own log lines and Prefect's console output would interleave with ours.
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                 warnings.simplefilter("ignore")
+                # Its own artifact keys: a demo against a configured Prefect API never overwrites the
+                # production run-sequences artifacts.
                 return run_sequences(
-                    now=at, names=["abandoned_cart", "pickup_ready"], database_url=database_url
+                    now=at,
+                    names=["abandoned_cart", "pickup_ready"],
+                    database_url=database_url,
+                    artifact_prefix="demo",
                 )
 
         logging.getLogger("prefect").setLevel(logging.ERROR)

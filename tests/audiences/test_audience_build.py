@@ -7,7 +7,6 @@ from audience_testkit import NOW, SECOND, History, days, hours, user_ids
 from sqlalchemy import event, select, text
 
 from audiences import (
-    BuildOrderError,
     UnknownAudience,
     build_audience,
     build_audiences,
@@ -17,6 +16,7 @@ from audiences import (
 )
 from audiences.definitions import builtin_directory, check_references, parse_definition
 from profiles.db import session_scope
+from profiles.ingest import ingest_payloads
 from profiles.models import AudienceBuild, AudienceMembership
 
 
@@ -97,8 +97,52 @@ def test_rebuild_at_the_same_now_changes_nothing(engine):
         "gold_viewers": {"size": 0, "entered": 0, "exited": 0},
     }
     assert _rows(engine) == rows and _build_log(engine) == log
-    with pytest.raises(BuildOrderError):
-        build_audience(engine, "viewers", now=NOW - SECOND, definitions=VIEWERS)
+    # An earlier now supersedes the later build (its history is undone), rather than being refused.
+    earlier = build_audience(engine, "viewers", now=NOW - SECOND, definitions=VIEWERS)
+    assert earlier.as_dict() == {"size": 2, "entered": 2, "exited": 0}
+    assert [r[1:] for r in _rows(engine) if r[0] == "viewers"] == [
+        ("ann", NOW - SECOND, None),
+        ("bob", NOW - SECOND, None),
+    ]
+    assert [tuple(r[:2]) for r in _build_log(engine)] == [
+        ("gold_viewers", NOW),
+        ("viewers", NOW - SECOND),
+    ]
+
+
+def test_a_future_preview_does_not_block_builds_at_the_real_time(engine):
+    """`--now` six hours ahead, then the real time: the real build succeeds, its memberships are those at
+    the real time, and the next build carries on from it."""
+    (
+        History()
+        .track("ann", "Page Viewed", hours(2))  # a member at every build below
+        .track("cid", "Page Viewed", hours(20))  # a member now; gone 6 hours later (26 hours ago)
+        .track("dan", "Page Viewed", -hours(3))  # views 3 hours from now: a member only then
+        .ingest(engine)
+    )
+    past, future = NOW - hours(1), NOW + hours(6)
+    build_audience(engine, "viewers", now=past, definitions=VIEWERS)
+    preview = build_audience(engine, "viewers", now=future, definitions=VIEWERS)
+    assert preview.as_dict() == {"size": 2, "entered": 1, "exited": 1}  # dan in, cid out
+
+    real = build_audience(engine, "viewers", now=NOW, definitions=VIEWERS)
+    assert real.as_dict() == {"size": 2, "entered": 0, "exited": 0}  # as if the preview never was
+    assert _rows(engine) == [("viewers", "ann", past, None), ("viewers", "cid", past, None)]
+    assert [tuple(r[1:]) for r in _build_log(engine)] == [(past, 2, 2, 0), (NOW, 2, 0, 0)]
+    total, page = members(engine, "viewers")
+    assert total == 2 and {r["entered_at"] for r in page} == {past}
+
+    later = NOW + hours(7)
+    assert build_audience(engine, "viewers", now=later, definitions=VIEWERS).as_dict() == {
+        "size": 2,
+        "entered": 1,
+        "exited": 1,
+    }
+    assert _rows(engine) == [
+        ("viewers", "ann", past, None),
+        ("viewers", "cid", past, later),
+        ("viewers", "dan", later, None),
+    ]
 
 
 def test_dependencies_first_and_merged_customers_exit(engine):
@@ -146,13 +190,7 @@ def test_an_audience_that_empties_and_fills_again_keeps_its_history(engine):
     # Builds with no open row take a shorter path (every id enters: inserted straight from the query on
     # SQLite, from the temporary table on PostgreSQL): the history rows before it must stay as they are.
     t1, t2, t3, t4 = NOW, NOW + days(1) + SECOND, NOW + days(3), NOW + days(3) + SECOND
-    (
-        History()
-        .track("ann", "Page Viewed", days(0.5))
-        .track("bob", "Page Viewed", days(0.5))
-        .track("ann", "Page Viewed", -days(2.5))  # back within a day of t3
-        .ingest(engine)
-    )
+    (History().track("ann", "Page Viewed", days(0.5)).track("bob", "Page Viewed", days(0.5)).ingest(engine))
     assert build_audience(engine, "viewers", now=t1, definitions=VIEWERS).as_dict() == {
         "size": 2,
         "entered": 2,
@@ -163,6 +201,9 @@ def test_an_audience_that_empties_and_fills_again_keeps_its_history(engine):
         "entered": 0,
         "exited": 2,
     }
+    # ann is back within a day of t3 (received when it happened: events far ahead of receipt are refused)
+    back = History().track("ann", "Page Viewed", -days(2.5)).payloads
+    assert ingest_payloads(engine, back, now=t3).rejected == 0
     assert build_audience(engine, "viewers", now=t3, definitions=VIEWERS).as_dict() == {
         "size": 1,
         "entered": 1,

@@ -83,9 +83,11 @@ def test_cli_list_show_build_members(engine, database_url):
     ):
         result = _omni(database_url, "audiences", *args)
         assert result.exit_code == 2, (args, result.output)
-    # a build earlier than the last one would rewrite history backwards: refused
-    result = _omni(database_url, "audiences", "build", "--now", (NOW - days(1)).isoformat())
-    assert result.exit_code == 2 and "earlier" in result.output
+    # a build earlier than the last one replaces the history after it (the latest build in time wins)
+    result = _omni(database_url, "audiences", "build", "--now", (NOW - days(1)).isoformat(), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["cart_abandoners"] == {"size": 0, "entered": 0, "exited": 0}
+    assert json.loads(_omni(database_url, "audiences", "members", "cart_abandoners", "--json").stdout) == []
 
 
 def test_cli_reports_invalid_definitions(database_url, tmp_path, monkeypatch):
@@ -118,8 +120,9 @@ def test_build_audiences_flow(prefect_harness, engine, database_url):
     }
     artifact = Artifact.get("audience-builds")
     rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    assert [row["audience"] for row in rows] == list(state.result())
-    assert {"size", "entered", "exited", "duration_ms"} <= set(rows[0])
+    assert [row["Audience"] for row in rows] == list(state.result())
+    assert set(rows[0]) == {"Audience", "Members", "Entered", "Exited", "Build time (ms)"}
+    assert "built at 2026-06-01 12:00 UTC:" in artifact.description  # no microseconds, no +00:00
 
 
 def test_cli_show_prints_definition_and_sql_unbroken(database_url):

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 
 from flows.ingest_events import ingest_events
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def _artifact(key: str, flow_run_id):
@@ -41,4 +45,37 @@ def test_ingest_events_flow_counts_and_publishes_a_table(prefect_harness, databa
     artifact = asyncio.run(_artifact("ingest-summary", state.state_details.flow_run_id))
     assert artifact is not None and artifact.type == "table"
     table = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-    assert table == [{"file": str(path), "accepted": 1, "duplicates": 1, "rejected": 1}]
+    assert table == [{"File": str(path), "Accepted": 1, "Duplicates": 1, "Rejected": 1}]
+
+
+def test_ingest_events_fails_clearly_on_a_missing_path_and_takes_folders(
+    prefect_harness, database_url, tmp_path
+):
+    missing = tmp_path / "nope.jsonl"
+    state = ingest_events(paths=[str(missing)], database_url=database_url, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(FileNotFoundError, match="no such file or folder: .*nope.jsonl"):
+        state.result()
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    assert ingest_events(paths=[str(folder)], database_url=database_url) == {}  # empty: nothing to do
+    (folder / "a.jsonl").write_text(
+        json.dumps({"type": "track", "userId": "u1", "event": "Signed Up", "messageId": "a1"}) + "\n"
+    )
+    (folder / "notes.txt").write_text("not an export")
+    result = ingest_events(
+        paths=[str(folder)], database_url=database_url, now=datetime(2026, 6, 2, tzinfo=UTC)
+    )
+    assert result == {str(folder / "a.jsonl"): {"accepted": 1, "duplicates": 0, "rejected": 0}}
+
+
+def test_ingest_events_has_no_default_paths():
+    """The deployment asks for paths at each run: no default that may not exist on the worker."""
+    import inspect
+
+    import yaml
+
+    assert inspect.signature(ingest_events.fn).parameters["paths"].default is inspect.Parameter.empty
+    deployments = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    assert "paths" not in deployments["ingest-events"]["parameters"]

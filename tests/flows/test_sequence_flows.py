@@ -53,8 +53,10 @@ def test_run_sequences_flow_ticks_and_publishes_what_a_marketer_reads(prefect_ha
     artifacts = {a.key: a for a in asyncio.run(_artifacts(flow_run_id))}
     table = artifacts["sequences-tick"]
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    email_row = next(r for r in rows if r["step"] == "cart_email")
-    assert email_row["sent"] == 1 and set(email_row) >= {"exited", "postponed", "skipped_consent", "failed"}
+    email_row = next(r for r in rows if r["Step"] == "cart_email")
+    assert email_row["Sent"] == 1
+    assert set(email_row) >= {"Exited", "Postponed", "Skipped (consent)", "Fell back", "Failed", "Unknown"}
+    assert [r["Step"] for r in rows] == ["(entries and exits)", "cart_email", "retarget", "pickup_reminder"]
     assert "abandoned_cart" in artifacts["sequences-tick-summary"].data
     # A task per stage (each works through batches of customers), never a task per customer.
     names = asyncio.run(_task_run_names(flow_run_id))

@@ -166,3 +166,31 @@ def test_the_closing_summary_agrees_with_the_ticks(demo_run):
     messages = sum(summary["messages"][c] for c in ("email", "sms", "push"))
     assert messages == total("abandoned_cart", "sent") + total("pickup_ready", "sent")
     assert sum(summary["exits"].values()) == sum(len(t["exits"]) for t in document["ticks"])
+
+
+def test_the_demo_never_writes_the_production_artifact_keys(demo_run):
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowFilter,
+        FlowFilterName,
+    )
+
+    async def demo_artifact_keys() -> tuple[int, set[str]]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["run-sequences"]))
+            )
+            ids = [run.id for run in runs if run.parameters.get("artifact_prefix") == "demo"]
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=ids))
+            )
+            return len(ids), {artifact.key for artifact in found if artifact.key}
+
+    runs, keys = asyncio.run(demo_artifact_keys())
+    assert runs == 3  # the demo's three ticks
+    assert "demo-sequences-tick" in keys
+    assert all(key.startswith("demo-") for key in keys), keys
