@@ -63,20 +63,25 @@ def publish_report(report: TickReport, *, key: str, title: str) -> None:
         key=key,
         table=rows or [{"Sequence": "(none)", "Step": ""}],
         description=f"{title} at {at}: per sequence, customers enrolled, held out and exited; per step, "
-        "messages sent, postponed (quiet hours, frequency cap), skipped for consent and failed.",
+        "customers sent a message, added to or removed from an ad audience, moved to the fallback, "
+        "skipped for consent, failed or unknown, and deliveries postponed (quiet hours, frequency cap).",
     )
     lines = [f"## {title} at {at}", ""]
     for name, sequence in report.sequences.items():
-        sent = sum(c.sent for c in sequence.steps.values())
         reasons = ", ".join(f"{count} {reason}" for reason, count in sequence.exit_reasons.items()) or "none"
         lines.append(
             f"- **{name}**: {sequence.enrolled} enrolled ({sequence.held_out} held out), "
-            f"{sent} messages sent, {sequence.exited} exited ({reasons}), {sequence.completed} completed"
+            f"{sequence.total('sent')} messages sent, {sequence.total('added')} added to and "
+            f"{sequence.total('removed')} removed from ad audiences, "
+            f"{sequence.total('postponed')} postponed, "
+            f"{sequence.total('skipped_consent')} skipped for consent, {sequence.total('failed')} failed, "
+            f"{sequence.total('unknown')} unknown, {sequence.exited} exited ({reasons}), "
+            f"{sequence.completed} completed"
         )
     for name, counts in report.campaigns.items():
         lines.append(
             f"- **campaign {name}**: {counts.sent} sent, {counts.postponed} postponed, "
-            f"{counts.skipped_consent} skipped for consent, {counts.failed} failed"
+            f"{counts.skipped_consent} skipped for consent, {counts.failed} failed, {counts.unknown} unknown"
         )
     for channel, reason in sorted(getattr(report, "halted", {}).items()):
         lines.append(f"- **{channel} halted**: {reason}")

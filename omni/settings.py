@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     templates_dir: Path | None = Field(
         default=None, description="Folder of message templates by channel; default: the built-in templates/."
     )
+    ingest_max_future_hours: float = Field(
+        default=24,
+        description="A payload dated more than this many hours after its receipt is rejected; 0: no limit.",
+    )
     ingest_batch_size: int = Field(
         default=5000, ge=1, le=100_000, description="Payloads validated, resolved and stored per batch."
     )

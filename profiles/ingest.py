@@ -28,7 +28,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import multiprocessing
-import os
 import sys
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -158,15 +157,7 @@ class PreparedBatch(NamedTuple):
 def max_future() -> timedelta | None:
     """How far ahead of its time of receipt a payload's event time may be: ``OMNI_INGEST_MAX_FUTURE_HOURS``
     (default 24; 0 or less: no limit)."""
-    hours = getattr(get_settings(), "ingest_max_future_hours", None)
-    if hours is None:
-        raw = os.environ.get("OMNI_INGEST_MAX_FUTURE_HOURS", "").strip()
-        try:
-            hours = float(raw) if raw else None
-        except ValueError:
-            raise ValueError(f"OMNI_INGEST_MAX_FUTURE_HOURS={raw!r} is not a number of hours") from None
-    if hours is None:
-        return DEFAULT_MAX_FUTURE
+    hours = get_settings().ingest_max_future_hours
     return timedelta(hours=hours) if hours > 0 else None
 
 

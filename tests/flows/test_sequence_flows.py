@@ -57,7 +57,9 @@ def test_run_sequences_flow_ticks_and_publishes_what_a_marketer_reads(prefect_ha
     assert email_row["Sent"] == 1
     assert set(email_row) >= {"Exited", "Postponed", "Skipped (consent)", "Fell back", "Failed", "Unknown"}
     assert [r["Step"] for r in rows] == ["(entries and exits)", "cart_email", "retarget", "pickup_reminder"]
-    assert "abandoned_cart" in artifacts["sequences-tick-summary"].data
+    summary = artifacts["sequences-tick-summary"].data
+    assert "abandoned_cart" in summary and "1 messages sent" in summary
+    assert "0 postponed" in summary and "0 skipped for consent" in summary
     # A task per stage (each works through batches of customers), never a task per customer.
     names = asyncio.run(_task_run_names(flow_run_id))
     assert any(n.startswith("dispatch-deliveries") for n in names)
