@@ -153,3 +153,68 @@ def test_the_run_sequences_flow_and_its_dispatch_task_end_failed_with_the_reason
 
     assert ("dispatch-deliveries", "FAILED") in asyncio.run(task_states())
     assert _emails(sendgrid) == [(1, "pending", 0), (2, "pending", 0)]
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "{% for i in range(10**9) %}x{% endfor %}",
+        "{{ 2**100000 }}",
+        "{{ 'x' * 10**9 }}",
+        "{% for i in range(9999) %}{% for j in range(9999) %}{{ i }}{% endfor %}{% endfor %}",
+    ],
+)
+def test_a_template_broken_for_everyone_fails_its_deliveries_once_and_the_tick_goes_on(
+    engine, monkeypatch, tmp_path, hostile
+):
+    """The tick ends normally: the cart emails fail visibly with the reason, the other journey still
+    sends, and a later tick does not try them again."""
+    import shutil
+
+    from journey_kit import outbox
+
+    from omni.settings import get_settings
+    from profiles.ingest import ingest_payloads
+    from sequences.rendering import templates_dir
+
+    folder = tmp_path / "templates"
+    shutil.copytree(templates_dir(), folder)
+    (folder / "email" / "abandoned_cart.html.j2").write_text(hostile)
+    monkeypatch.setenv("OMNI_TEMPLATES_DIR", str(folder))
+    get_settings.cache_clear()
+    seed_stores(engine)
+    for n in (1, 2):
+        customer(engine, n)
+    ingest_payloads(  # customer 2's pickup order is ready: the other journey
+        engine,
+        [
+            {
+                "type": "track",
+                "userId": "user-2",
+                "event": "Order Completed",
+                "messageId": "pickup-order",
+                "timestamp": (T0 - timedelta(hours=3)).isoformat(),
+                "properties": {"order_id": "P1", "total": 20, "fulfillment": "pickup", "store_id": "nyc"},
+            },
+            {
+                "type": "track",
+                "userId": "user-2",
+                "event": "Order Updated",
+                "messageId": "pickup-ready",
+                "timestamp": (T0 - timedelta(hours=1)).isoformat(),
+                "properties": {"order_id": "P1", "status": "ready_for_pickup"},
+            },
+        ],
+        now=T0,
+    )
+    try:
+        report = run_tick(engine, now=T0, names=["abandoned_cart", "pickup_ready"], sleep=lambda _s: None)
+        assert report.sequences["abandoned_cart"].steps["cart_email"].failed == 2
+        assert report.sequences["pickup_ready"].steps["ready_email"].sent == 1
+        failed = [d for d in deliveries(engine) if d.template == "email/abandoned_cart"]
+        assert [d.status for d in failed] == ["failed", "failed"] and all(d.error for d in failed)
+        assert [m.template for m in outbox(engine, "email")] == ["email/pickup_ready"]
+        again = run_tick(engine, now=T0 + timedelta(hours=1), names=["abandoned_cart"], sleep=lambda _s: None)
+        assert again.sequences["abandoned_cart"].steps["cart_email"].failed == 0
+    finally:
+        get_settings.cache_clear()
