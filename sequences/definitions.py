@@ -37,14 +37,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from audiences.definitions import DefinitionError, parse_condition, parse_duration
 
-# The webhook connector sends Omni's messages to another system (connectors/webhook.py, the outbox and
-# `omni templates test-send`), but a journey step on it has no template kind, no recipient and no
-# sent-event yet: a sequence or campaign naming it is refused at load rather than accepted and never sent.
-SEND_CHANNELS = ("email", "sms", "push", "ads")
-NOT_A_STEP_CHANNEL = {
-    "webhook": "the webhook channel cannot be a sequence step yet (it would never send); "
-    "use email, sms, push or ads"
-}
+SEND_CHANNELS = ("email", "sms", "push", "ads", "webhook")
 MESSAGE_CHANNELS = ("email", "sms", "push")
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,199}$")
 STEP_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
@@ -168,9 +161,27 @@ def _unknown_keys(raw: Mapping[str, Any], allowed: set[str], file: str, path: st
         raise DefinitionError(file, path, f"unknown key {extra[0]!r} (allowed: {', '.join(sorted(allowed))})")
 
 
+def _template_for(channel: str, template: Any, file: str, path: str) -> str:
+    """A template name of ``channel``'s folder (``email/abandoned_cart`` for email): a template of another
+    channel would be rendered for the wrong connector."""
+    if not isinstance(template, str) or "/" not in template:
+        raise DefinitionError(file, path, f"expected {channel}/NAME, got {template!r}")
+    if template.split("/", 1)[0] != channel:
+        raise DefinitionError(
+            file, path, f"a {channel} message needs a {channel}/ template, got {template!r}"
+        )
+    return template
+
+
+def fallback_template(fallback: str, template: str | None, given: str | None) -> str | None:
+    """The fallback's template: the one given, else the primary's of the same name in the fallback
+    channel's folder (``sms/pickup_reminder`` falls back to ``push/pickup_reminder``)."""
+    if given or not template:
+        return given
+    return f"{fallback}/{template.split('/', 1)[-1]}"
+
+
 def _channel(value: Any, file: str, path: str, allowed: tuple[str, ...] = SEND_CHANNELS) -> str:
-    if value in NOT_A_STEP_CHANNEL:
-        raise DefinitionError(file, path, NOT_A_STEP_CHANNEL[value])
     if value not in allowed:
         raise DefinitionError(file, path, f"unknown channel {value!r} (expected one of {', '.join(allowed)})")
     return value
@@ -199,18 +210,27 @@ def _parse_step(raw: Any, index: int, file: str) -> Step:
                 raise DefinitionError(file, f"{path}.send.audience", "an ads step names the ad audience")
         elif not body.get("template"):
             raise DefinitionError(file, f"{path}.send.template", f"a {channel} step names its template")
+        else:
+            _template_for(channel, body["template"], file, f"{path}.send.template")
         fallback = body.get("fallback")
+        other = body.get("fallback_template")
         if fallback is not None:
             _channel(fallback, file, f"{path}.send.fallback", MESSAGE_CHANNELS)
             if fallback == channel:
                 raise DefinitionError(file, f"{path}.send.fallback", "the fallback is the same channel")
+            other = fallback_template(fallback, body.get("template"), other)
+            _template_for(fallback, other, file, f"{path}.send.fallback_template")
+        elif other is not None:
+            raise DefinitionError(
+                file, f"{path}.send.fallback_template", "a fallback_template needs a fallback"
+            )
         return SendStep(
             id=step_id,
             channel=channel,
             template=body.get("template"),
             audience=body.get("audience"),
             fallback=fallback,
-            fallback_template=body.get("fallback_template"),
+            fallback_template=other,
         )
     if kind == "wait":
         if isinstance(body, Mapping):
@@ -295,6 +315,11 @@ def parse_campaign(raw: Any, *, file: str = "<campaign>") -> CampaignDefinition:
         if not raw.get(key):
             raise DefinitionError(file, key, f"a campaign needs {key}")
     _channel(raw["channel"], file, "channel", MESSAGE_CHANNELS)
+    _template_for(raw["channel"], raw["template"], file, "template")
+    if raw.get("fallback") is not None:
+        _channel(raw["fallback"], file, "fallback", MESSAGE_CHANNELS)
+        if raw["fallback"] == raw["channel"]:
+            raise DefinitionError(file, "fallback", "the fallback is the same channel")
     send_at = raw.get("send_at")
     if send_at is not None:
         try:

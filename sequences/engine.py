@@ -48,7 +48,14 @@ from profiles.bulk import insert_rows
 from profiles.db import refresh_statistics, session_scope, stale_statistics
 from profiles.identity import chunked
 from profiles.models import MESSAGE_SENT_EVENTS, AudienceMembership, Customer, Delivery, Enrollment, Event
-from sequences.definitions import BranchStep, CampaignDefinition, SendStep, SequenceDefinition, WaitStep
+from sequences.definitions import (
+    BranchStep,
+    CampaignDefinition,
+    SendStep,
+    SequenceDefinition,
+    WaitStep,
+    fallback_template,
+)
 from sequences.policy import (
     MESSAGE_CHANNELS,
     Contact,
@@ -702,7 +709,8 @@ def _delivery_row(
         "action": "add" if channel == "ads" else None,
         "status": "pending",
         "attempts": 0,
-        "marketing": True,
+        # A webhook tells another system (a store's) about the customer: not marketing to them.
+        "marketing": channel != "webhook",
         "next_attempt_at": next_attempt_at or now,
         "created_at": now,
         "updated_at": now,
@@ -946,6 +954,9 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
                 if isinstance(result, RenderError) or result is None:
                     finish(item, "failed", str(result or "not rendered"))
                     continue
+                if result.channel != item.channel:  # definitions refuse this; a changed folder must not crash
+                    finish(item, "failed", f"{template} is a {result.channel} template, not {item.channel}")
+                    continue
                 to_send.append((item, result.messages(item.dedupe_key)))
         _write_outcomes(session, outcomes)
         _insert_ignore(session, deliveries, fallbacks)
@@ -1059,7 +1070,11 @@ def _fallback_for(d: Dispatcher, item: _Due) -> dict[str, Any] | None:
         return None
     if item.campaign:
         campaign = d.campaigns.get(item.campaign)
-        channel, template = (campaign.fallback, campaign.template) if campaign else (None, None)
+        channel, template = (
+            (campaign.fallback, fallback_template(campaign.fallback, campaign.template, None))
+            if campaign and campaign.fallback
+            else (None, None)
+        )
     else:
         sequence = d.sequences.get(item.sequence or "")
         step = None
@@ -1070,7 +1085,7 @@ def _fallback_for(d: Dispatcher, item: _Due) -> dict[str, Any] | None:
                 step = None
         if not isinstance(step, SendStep) or not step.fallback:
             return None
-        channel, template = step.fallback, step.fallback_template or step.template
+        channel, template = step.fallback, step.fallback_template
     if not channel:
         return None
     return _delivery_row(

@@ -152,6 +152,10 @@ class Contact:
 
     def reachable(self, channel: str) -> tuple[bool, str]:
         """(reachable, reason when not)."""
+        if channel == "webhook":
+            # A message to another system about the customer (a store's system: "prepare this pickup
+            # order"), not marketing to them: no address, consent, quiet hours or cap applies.
+            return True, ""
         status = (self.consents or {}).get(channel)
         if channel == "email" and not self.email:
             return False, "no email address"

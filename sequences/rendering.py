@@ -8,6 +8,7 @@ part, named ``<name>.<part>.j2``:
 | email | ``subject`` (required), ``html`` and/or ``txt`` | HTML autoescaped |
 | sms | ``txt`` | checked against segment length: a warning past one segment, an error past 1,600 chars |
 | push | ``title``, ``body`` | |
+| webhook | ``json`` | a JSON object (build values with ``tojson``): the payload another system receives |
 
 Files starting with ``_`` are layouts and partials (``{% extends "email/_layout.html.j2" %}``).
 The environment is a Jinja2 ``SandboxedEnvironment`` with ``StrictUndefined``: a template that uses data
@@ -40,6 +41,7 @@ Interface for the sequence engine:
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import string
@@ -78,8 +80,13 @@ from sqlalchemy.orm import Session
 from connectors.base import Message
 
 BUILTIN_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
-CHANNEL_PARTS = {"email": ("subject", "html", "txt"), "sms": ("txt",), "push": ("title", "body")}
-REQUIRED_PARTS = {"email": ("subject",), "sms": ("txt",), "push": ("title", "body")}
+CHANNEL_PARTS = {
+    "email": ("subject", "html", "txt"),
+    "sms": ("txt",),
+    "push": ("title", "body"),
+    "webhook": ("json",),
+}
+REQUIRED_PARTS = {"email": ("subject",), "sms": ("txt",), "push": ("title", "body"), "webhook": ("json",)}
 SMS_MAX_CHARS = 1600
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
@@ -124,6 +131,8 @@ class Rendered:
     title: str | None = None
     unsubscribe_url: str | None = None
     sms_segments: int | None = None
+    # webhook: the JSON object the receiving system gets (the connector's ``data``)
+    data: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
 
     def messages(self, delivery_id: str, *, to: str | None = None) -> list[Message]:
@@ -142,7 +151,7 @@ class Rendered:
                 title=self.title,
                 unsubscribe_url=self.unsubscribe_url,
                 categories=(self.template.replace("/", "_"),),
-                data={"template": self.template},
+                data=self.data if self.data is not None else {"template": self.template},
             )
             for index, recipient in enumerate(recipients)
         ]
@@ -973,6 +982,14 @@ def assemble(
             rendered.warnings.append(
                 f"the SMS takes {rendered.sms_segments} segments ({len(text)} chars): it is billed as many"
             )
+    elif info.channel == "webhook":
+        try:
+            document = json.loads(parts["json"])
+        except ValueError as exc:
+            raise RenderError(info.name, customer_id, f"the webhook body is not JSON: {exc}") from None
+        if not isinstance(document, dict):
+            raise RenderError(info.name, customer_id, "the webhook body is not a JSON object")
+        rendered.data = document
     else:
         rendered.title = _collapse(parts["title"])
         rendered.text = _collapse(parts["body"])
@@ -1078,6 +1095,10 @@ def _recipients(info: TemplateInfo, context: dict) -> list[str]:
         if not customer.get("phone"):
             raise RenderError(info.name, customer["id"], "the customer has no phone number", kind="data")
         return [customer["phone"]]
+    if info.channel == "webhook":
+        # The system the message is for: the store of the order it is about, else the customer's store.
+        store = (context.get("order") or {}).get("store") or context.get("store")
+        return [f"store:{store['id']}" if store else f"customer:{customer['id']}"]
     tokens = context.pop("_device_tokens", None) or []
     if not tokens:
         raise RenderError(info.name, customer["id"], "the customer has no device token", kind="data")

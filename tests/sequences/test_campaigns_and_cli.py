@@ -99,17 +99,12 @@ def test_unknown_campaign_and_bad_definitions_name_file_and_path(store, tmp_path
         ({"steps": [{"send": {"channel": "email"}}]}, "steps[0].send.template", "names its template"),
         ({"steps": [{"send": {"channel": "ads"}}]}, "steps[0].send.audience", "names the ad audience"),
         (
-            {"steps": [{"send": {"channel": "webhook", "template": "t"}}]},
-            "steps[0].send.channel",
-            "webhook channel cannot be a sequence step",
-        ),
-        (
-            {"steps": [{"send": {"channel": "email", "template": "t", "fallback": "webhook"}}]},
+            {"steps": [{"send": {"channel": "email", "template": "email/t", "fallback": "webhook"}}]},
             "steps[0].send.fallback",
-            "webhook channel cannot be a sequence step",
+            "unknown channel 'webhook' (expected one of email, sms, push)",
         ),
         (
-            {"steps": [{"send": {"channel": "sms", "template": "t", "fallback": "fax"}}]},
+            {"steps": [{"send": {"channel": "sms", "template": "sms/t", "fallback": "fax"}}]},
             "steps[0].send.fallback",
             "unknown channel 'fax'",
         ),
@@ -124,6 +119,34 @@ def test_unknown_campaign_and_bad_definitions_name_file_and_path(store, tmp_path
             "unknown condition",
         ),
         ({"steps": [{"wait": {"until": "25:00"}}]}, "steps[0].wait.until", "HH:MM"),
+        # A template of another channel would be rendered for the wrong connector.
+        (
+            {"steps": [{"send": {"channel": "sms", "template": "email/abandoned_cart"}}]},
+            "steps[0].send.template",
+            "a sms message needs a sms/ template",
+        ),
+        ({"steps": [{"send": {"channel": "push", "template": "t"}}]}, "steps[0].send.template", "push/NAME"),
+        (
+            {
+                "steps": [
+                    {
+                        "send": {
+                            "channel": "sms",
+                            "template": "sms/x",
+                            "fallback": "push",
+                            "fallback_template": "email/x",
+                        }
+                    }
+                ]
+            },
+            "steps[0].send.fallback_template",
+            "a push message needs a push/ template",
+        ),
+        (
+            {"steps": [{"send": {"channel": "sms", "template": "sms/x", "fallback_template": "push/x"}}]},
+            "steps[0].send.fallback_template",
+            "needs a fallback",
+        ),
     ],
 )
 def test_invalid_sequence_definitions_name_the_path_and_reason(raw, path, reason):
@@ -253,3 +276,35 @@ def test_cli_campaigns_send_and_list(store, database_url, tmp_path, monkeypatch)
     missing = runner.invoke(app, ["campaigns", "send", "nope", "--database-url", database_url])
     assert missing.exit_code == 2 and "unknown campaign 'nope'" in missing.stderr
     get_settings.cache_clear()
+
+
+def test_a_fallback_without_its_template_takes_the_same_name_in_its_channel():
+    step = parse_sequence(
+        {
+            "name": "s",
+            "trigger": {"event": "Signed Up"},
+            "steps": [
+                {"id": "r", "send": {"channel": "sms", "template": "sms/pickup_reminder", "fallback": "push"}}
+            ],
+        }
+    ).steps[0]
+    assert (step.fallback, step.fallback_template) == ("push", "push/pickup_reminder")
+
+
+@pytest.mark.parametrize(
+    ("raw", "path", "reason"),
+    [
+        (
+            {"channel": "sms", "template": "email/store_event"},
+            "template",
+            "a sms message needs a sms/ template",
+        ),
+        ({"fallback": "email"}, "fallback", "the fallback is the same channel"),
+        ({"fallback": "fax"}, "fallback", "unknown channel 'fax'"),
+    ],
+)
+def test_invalid_campaigns_name_the_path_and_reason(raw, path, reason):
+    base = {"name": "c", "audience": "cart_abandoners", "channel": "email", "template": "email/store_event"}
+    with pytest.raises(DefinitionError) as excinfo:
+        parse_campaign({**base, **raw}, file="c.yaml")
+    assert (excinfo.value.path, reason in excinfo.value.reason) == (path, True)
