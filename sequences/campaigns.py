@@ -21,6 +21,7 @@ from profiles.db import session_scope
 from profiles.models import AudienceMembership, Customer, Delivery
 from sequences.definitions import CampaignDefinition, load_campaigns
 from sequences.engine import (
+    DeliveryHalted,
     Dispatcher,
     TickReport,
     dispatch_due,
@@ -142,4 +143,8 @@ def send_campaign(
                 pass
     finally:
         dispatcher.close()
+    if report.halted:  # nothing lost: those deliveries stay due for the first send after the fix
+        halted = DeliveryHalted(report)
+        halted.created = created
+        raise halted
     return created, report

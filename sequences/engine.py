@@ -190,6 +190,7 @@ class DeliveryHalted(RuntimeError):
 
     def __init__(self, report: TickReport) -> None:
         self.report = report
+        self.created = 0  # a campaign's new deliveries (send_campaign sets it)
         reasons = "; ".join(f"{channel}: {reason}" for channel, reason in sorted(report.halted.items()))
         super().__init__(
             f"nothing could be sent on {', '.join(sorted(report.halted))} ({reasons}); "

@@ -129,26 +129,32 @@ def campaigns_send(
     nothing new."""
     from connectors import ConnectorConfigError
     from sequences.campaigns import UnknownCampaign, send_campaign
+    from sequences.engine import DeliveryHalted
 
     definitions = _definitions()
     engine = open_store(database_url)
+    halted = None
     try:
         created, report = send_campaign(engine, name, now=parse_now(now), campaigns=definitions)
     except UnknownCampaign as exc:
         raise BadInput(str(exc)) from None
     except ConnectorConfigError as exc:
         raise Failure(f"connector not configured: {exc}") from None
+    except DeliveryHalted as exc:  # what went out is shown, then the command fails with the reason
+        created, report, halted = exc.created, exc.report, exc
     counts = report.campaigns[name].as_dict()
     if json:
-        print_json({"campaign": name, "created": created, **counts})
-        return
-    console.print(
-        f"campaign {name}: {created} new deliveries; sent {counts['sent']}, postponed {counts['postponed']} "
-        f"(quiet hours or frequency cap), skipped for consent {counts['skipped_consent']}, "
-        f"failed {counts['failed']}",
-        highlight=False,
-        markup=False,
-    )
+        print_json({"campaign": name, "created": created, **counts, "halted": report.halted})
+    else:
+        console.print(
+            f"campaign {name}: {created} new deliveries; sent {counts['sent']}, postponed "
+            f"{counts['postponed']} (quiet hours or frequency cap), skipped for consent "
+            f"{counts['skipped_consent']}, failed {counts['failed']}, unknown {counts['unknown']}",
+            highlight=False,
+            markup=False,
+        )
+    if halted is not None:
+        raise Failure(str(halted))
 
 
 @campaigns_app.command("schedule")

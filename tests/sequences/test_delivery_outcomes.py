@@ -218,3 +218,32 @@ def test_a_template_broken_for_everyone_fails_its_deliveries_once_and_the_tick_g
         assert again.sequences["abandoned_cart"].steps["cart_email"].failed == 0
     finally:
         get_settings.cache_clear()
+
+
+def test_a_campaign_on_a_revoked_key_fails_the_command_and_keeps_its_deliveries_due(
+    sendgrid, httpserver, database_url, tmp_path, monkeypatch
+):
+    import json
+
+    from typer.testing import CliRunner
+
+    from omni.cli import app
+    from omni.settings import get_settings
+
+    folder = tmp_path / "campaigns"
+    folder.mkdir()
+    (folder / "cart_nudge.yaml").write_text(
+        "name: cart_nudge\naudience: cart_abandoners\nchannel: email\ntemplate: email/abandoned_cart\n"
+    )
+    monkeypatch.setenv("OMNI_CAMPAIGNS_DIR", str(folder))
+    get_settings.cache_clear()
+    httpserver.expect_request("/v3/mail/send", method="POST").respond_with_response(
+        Response('{"errors":[{"message":"The provided authorization grant is invalid"}]}', status=401)
+    )
+    args = ["campaigns", "send", "cart_nudge", "--database-url", database_url, "--now", T0.isoformat()]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 1, result.output
+    body = json.loads(result.stdout)
+    assert (body["created"], body["sent"], list(body["halted"])) == (2, 0, ["email"])
+    assert "401" in result.stderr and "Traceback" not in result.output
+    assert _emails(sendgrid) == [(1, "pending", 0), (2, "pending", 0)]

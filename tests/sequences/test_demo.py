@@ -191,6 +191,6 @@ def test_the_demo_never_writes_the_production_artifact_keys(demo_run):
             return len(ids), {artifact.key for artifact in found if artifact.key}
 
     runs, keys = asyncio.run(demo_artifact_keys())
-    assert runs == 3  # the demo's three ticks
+    assert runs >= 3  # the demo's three ticks (and any other run asking for the prefix)
     assert "demo-sequences-tick" in keys
     assert all(key.startswith("demo-") for key in keys), keys
