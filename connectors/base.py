@@ -334,7 +334,7 @@ class SecretRedactingFilter(logging.Filter):
 
 
 SECRETS = SecretRedactingFilter()
-for _name in ("python_http_client.client", "urllib3.connectionpool", "requests", "connectors", __name__):
+for _name in ("urllib3.connectionpool", "requests", "connectors", __name__):
     logging.getLogger(_name).addFilter(SECRETS)
 
 

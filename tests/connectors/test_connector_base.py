@@ -124,6 +124,6 @@ def test_revealed_secrets_are_redacted_from_library_logs(caplog):
     secret = SecretStr("sk-live-abcdef123456")
     value = reveal(secret)
     caplog.set_level(logging.DEBUG)
-    logging.getLogger("python_http_client.client").debug("HEADERS: {'Authorization': 'Bearer %s'}", value)
+    logging.getLogger("urllib3.connectionpool").debug("HEADERS: {'Authorization': 'Bearer %s'}", value)
     assert value not in caplog.text
     assert "**********" in caplog.text
