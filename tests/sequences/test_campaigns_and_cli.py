@@ -231,6 +231,14 @@ def test_cli_sequences_run_status_and_list(store, database_url):
         ["sequences", "run", "--database-url", database_url, "--now", (T0 + timedelta(days=1)).isoformat()],
     )
     assert human.exit_code == 0 and "Sequences tick" in human.stdout
+    # Readable at 80 columns: one line per sequence and step, only the counts something happened in.
+    lines = human.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, human.stdout
+    assert any("retarget" in line and "1" in line for line in lines)
+    # Names and headers are never folded (eleven columns at 80 broke "abandoned_cart" over two lines).
+    assert any("abandoned_cart" in line for line in lines) and any("cart_email" in line for line in lines)
+    assert any("Sequence / step" in line for line in lines)
+    assert "Added" in human.stdout and "Retrying" not in human.stdout
 
 
 def test_cli_campaigns_send_and_list(store, database_url, tmp_path, monkeypatch):
