@@ -21,8 +21,8 @@ timezone; keys without a value are absent), ``cart`` (the open cart: items with 
 quantity, line_total; total, currency, item_count), ``order`` (the latest pickup order not yet picked
 up, with its ``store``), ``store`` (always defined, None when no store is the customer's: the store of
 :func:`profiles.stores.customer_stores` — home store, else last in-store purchase or pickup, else nearest
-— with name, address, full_address, phone, hours, hours_today and open_today (the store's own day, in
-its timezone), opening_hours, source), ``unsubscribe_url`` (signed, see ``sequences.unsubscribe``),
+— with name, address, full_address, phone, hours, hours_today and open_today (on the customer's local
+day), opening_hours, source), ``unsubscribe_url`` (signed, see ``sequences.unsubscribe``),
 ``links`` (shop, cart, order: UTM-tagged), ``brand``, ``now`` (in the customer's timezone). Filters:
 ``money(currency)``, ``utm(content=None)``, ``datetime(fmt)``.
 
@@ -1109,14 +1109,12 @@ def _recipients(info: TemplateInfo, context: dict) -> list[str]:
 
 
 def _store_dict(store: Mapping[str, Any], local_now: datetime) -> dict[str, Any]:
-    """A store as templates see it. Its "today" is the store's own day (in the store's timezone): the
-    hours a customer going to the store needs; the customer's local time when the store has none."""
+    """A store as templates see it. Its "today" is the customer's local day (``local_now``, in the
+    customer's timezone): the day the customer reads the message on."""
     from profiles.stores import stored_hours
 
-    zone = _zone(store.get("timezone"))
-    store_now = local_now.astimezone(zone) if zone else local_now
     hours = stored_hours(store.get("hours"))
-    today = DAYS[store_now.weekday()]
+    today = DAYS[local_now.weekday()]
     address_parts = [
         store.get("address"),
         " ".join(p for p in (store.get("postal_code"), store.get("city")) if p),

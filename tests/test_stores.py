@@ -331,7 +331,7 @@ def test_every_customer_gets_the_pickup_reminder(engine, people):
             name = next(s["name"] for s in STORES if s["id"] == expected[0])
             assert f"can wait for you at {name}" in outcome.text
         assert not isinstance(push_title[user], RenderError)
-    # Tuesday: Chicago's store is open (its own day, in its own timezone)
+    # Tuesday for the customer (Chicago's store's timezone: theirs too): the store is open
     assert "Omni Loop (open today 10:00-20:00)" in sms[people["home"]].text
 
 
@@ -345,8 +345,8 @@ def test_day_ranges_show_todays_hours_not_closed(engine, people):
     assert "Closed today" in sunday.html  # Lisbon's store does not open on Sundays
 
 
-def test_the_stores_day_is_the_stores_own(engine, people):
-    # Tuesday 02:00 UTC: still Monday in New York, already Tuesday in Lisbon.
+def test_today_is_the_customers_local_day(engine, people):
+    # Tuesday 02:00 UTC: still Monday for a customer in New York, already Tuesday for one in Lisbon.
     with session_scope(engine) as session:
         upsert_stores(
             session,
@@ -354,9 +354,15 @@ def test_the_stores_day_is_the_stores_own(engine, people):
             now=NOW,
         )
     at = datetime(2026, 6, 2, 2, 0, tzinfo=UTC)
-    with session_scope(engine) as session:
-        email = render(session, "email/abandoned_cart", people["postal"], now=at)
-    assert "Open today: 10:00-18:00" in email.html
+    for zone, hours in (("America/New_York", "10:00-18:00"), ("Europe/Lisbon", "12:00-20:00")):
+        ingest_payloads(
+            engine,
+            [{**_identify("postal", {"timezone": zone}), "messageId": f"postal-{zone}"}],
+            now=NOW,
+        )
+        with session_scope(engine) as session:
+            email = render(session, "email/abandoned_cart", people["postal"], now=at)
+        assert f"Open today: {hours}" in email.html, zone
 
 
 def test_hours_stored_before_normalisation_still_show(engine, people):
