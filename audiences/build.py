@@ -75,7 +75,7 @@ from sqlalchemy.sql.visitors import InternalTraversal
 
 from audiences.compiler import compile_audience
 from audiences.definitions import AudienceDefinition, dependency_order, load_audiences
-from profiles.db import UTCDateTime
+from profiles.db import UTCDateTime, refresh_stale_statistics
 from profiles.models import AudienceBuild, AudienceMembership, Customer
 
 memberships = AudienceMembership.__table__
@@ -445,10 +445,28 @@ def build_audiences(
     With an engine, each audience is its own transaction.
     """
     definitions = load_audiences() if definitions is None else definitions
+    # Plan on real numbers: a store loaded without Omni's ingest (a restore, plain SQL), or on a server
+    # whose autovacuum is off, may have no statistics, and every estimate is then 1 row.
+    refresh_stale_statistics(target, AUDIENCE_SOURCES)
     results: dict[str, BuildResult] = {}
     for name in build_order(definitions, names):
         results[name] = build_audience(target, name, now=now, definitions=definitions)
+    # What the builds wrote is read next (enrollment joins the memberships).
+    refresh_stale_statistics(target, ("audience_memberships", "audience_builds"))
     return results
+
+
+# The tables an audience's statement reads.
+AUDIENCE_SOURCES = (
+    "customers",
+    "identities",
+    "events",
+    "carts",
+    "orders",
+    "consents",
+    "stores",
+    "audience_memberships",
+)
 
 
 def last_builds(target: Engine | Connection | Session) -> dict[str, dict[str, Any]]:

@@ -5,10 +5,11 @@
     OMNI_BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1/postgres .venv/bin/python benchmarks/audiences.py
 
 The store is written straight into the tables with SQL (recursive CTE on SQLite, generate_series on
-PostgreSQL), the events' secondary indexes built after the load, then the product's own statistics
-refresh (``profiles.db.refresh_statistics``, what an ingest runs at its end: the benchmark runs no
-ANALYZE of its own) and, on PostgreSQL, a plain VACUUM (the visibility map and hint bits autovacuum
-would set after such a load). SQLite runs in a temporary file;
+PostgreSQL), the events' secondary indexes built after the load and, on PostgreSQL, a plain VACUUM
+(the visibility map and hint bits autovacuum would set after such a load). The benchmark runs no
+ANALYZE: one untimed build of every audience (a store in service) is where the product finds the
+loaded tables without statistics and refreshes them itself (``profiles.db.refresh_stale_statistics``,
+which every build runs first). SQLite runs in a temporary file;
 PostgreSQL, when ``OMNI_BENCH_DATABASE_URL`` is set, in a database this script creates on that
 server and drops at the end.
 
@@ -47,12 +48,11 @@ from sqlalchemy import Engine, bindparam, select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from audiences import build_audience, load_audiences  # noqa: E402
+from audiences import build_audience, build_audiences, load_audiences  # noqa: E402
 from audiences.definitions import builtin_directory  # noqa: E402
 from profiles.db import (  # noqa: E402
     UTCDateTime,
     create_store_engine,
-    refresh_statistics,
     scratch_database,
     upgrade_schema,
 )
@@ -129,7 +129,6 @@ def _case_by_bucket(expr: str, weighted: list[tuple[str, int]]) -> str:
 
 
 # The tables generate() writes, whose statistics are refreshed after the load.
-LOADED_TABLES = ("customers", "events", "consents", "orders", "carts")
 
 
 def generate(engine: Engine, customers: int, events: int) -> None:
@@ -224,11 +223,9 @@ def generate(engine: Engine, customers: int, events: int) -> None:
             )
         )
         print(f"  orders, carts           {time.perf_counter() - t:7.1f} s", flush=True)
-    t = time.perf_counter()
-    # Statistics are the product's job: the rows above are written with SQL, not by an ingest, so the
-    # benchmark calls what an ingest calls at its end (profiles.db.refresh_statistics), nothing more.
-    refresh_statistics(engine, LOADED_TABLES)
-    print(f"  {'refresh_statistics':<24}{time.perf_counter() - t:7.1f} s", flush=True)
+    # Statistics are the product's job, not the benchmark's: the rows above are written with plain SQL,
+    # and the first audience build finds the tables without statistics and refreshes them itself
+    # (profiles.db.refresh_stale_statistics), before any query is timed (see measure()).
     if not sqlite:
         # Benchmark hygiene, not statistics: a plain VACUUM, as autovacuum does after a load this size
         # (it is off on some servers, and runs when it likes on others). The planner then sees the
@@ -345,6 +342,12 @@ def measure(engine: Engine, label: str) -> bool:
     )
     ok = True
     floors = []
+    # A store in service: its audiences were built before (the product refreshes stale statistics then).
+    t = time.perf_counter()
+    build_audiences(engine, now=NOW - timedelta(days=1), definitions=definitions)
+    for name in definitions:  # each audience is then measured from an empty table, as before
+        remove_audience(engine, name)
+    print(f"  earlier builds (untimed) {time.perf_counter() - t:6.1f} s", flush=True)
     for name in definitions:
         hand_time, hand_ids = hand_written(engine, name, NOW)
         floor_time, floor_rows = hand_written_insert(engine, name, NOW)

@@ -294,6 +294,59 @@ def refresh_statistics(bind: Engine | Connection | Session, tables: Iterable[str
             conn.exec_driver_sql(f"ANALYZE {', '.join(quote(name) for name in names)}")
 
 
+def refresh_stale_statistics(bind: Engine | Connection | Session, tables: Iterable[str]) -> list[str]:
+    """Refresh the statistics of those of ``tables`` that are stale however the rows arrived (an ingest,
+    a restore, a load with plain SQL): never analyzed with rows in them, or changed since the last
+    ANALYZE by more than ``50 + 10 %`` of the rows it counted (autovacuum's rule, for servers where
+    autovacuum is off or has not run yet). Returns the tables refreshed.
+
+    Cheap when nothing is stale: PostgreSQL reads ``pg_stat_user_tables`` (its counter of rows changed
+    since the last ANALYZE); SQLite compares ``sqlite_stat1`` with ``max(rowid)`` of each table (an
+    index lookup, not a count).
+    """
+    names = sorted(set(tables))
+    if not names:
+        return []
+    with _connection(bind) as conn:
+        if conn.dialect.name == "sqlite":
+            counted: dict[str, float] = {}
+            if conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'").first():
+                for table, stat in conn.exec_driver_sql("SELECT tbl, stat FROM sqlite_stat1"):
+                    if table in names and stat:
+                        counted[table] = max(counted.get(table, 0.0), float(str(stat).split()[0]))
+            quote = conn.dialect.identifier_preparer.quote
+            stale = []
+            for name in names:
+                rows = conn.exec_driver_sql(f"SELECT max(rowid) FROM {quote(name)}").scalar() or 0
+                if rows and abs(rows - counted.get(name, 0.0)) > ANALYZE_THRESHOLD + ANALYZE_SCALE_FACTOR * (
+                    counted.get(name, 0.0)
+                ):
+                    stale.append(name)
+        else:
+            quote = conn.dialect.identifier_preparer.quote
+            stale = []
+            for name, analyzed, changed, reltuples in conn.execute(
+                text(
+                    # pg_stats, not pg_stat_user_tables.last_analyze: written by ANALYZE in its own
+                    # transaction, while the statistics counters reach other sessions up to a second late.
+                    "SELECT c.relname, EXISTS (SELECT 1 FROM pg_stats AS p WHERE p.schemaname = "
+                    "current_schema() AND p.tablename = c.relname), coalesce(s.n_mod_since_analyze, 0), "
+                    "c.reltuples FROM pg_class AS c LEFT JOIN pg_stat_user_tables AS s ON s.relid = c.oid "
+                    "WHERE c.relnamespace = to_regnamespace(current_schema()) AND c.relkind IN ('r', 'p') "
+                    "AND c.relname = ANY(:names)"
+                ),
+                {"names": names},
+            ):
+                if not analyzed:
+                    if conn.exec_driver_sql(f"SELECT EXISTS (SELECT 1 FROM {quote(name)})").scalar():
+                        stale.append(name)
+                elif changed > ANALYZE_THRESHOLD + ANALYZE_SCALE_FACTOR * max(reltuples, 0):
+                    stale.append(name)
+        if stale:
+            refresh_statistics(conn, stale)
+    return sorted(stale)
+
+
 def stale_statistics(bind: Engine | Connection | Session, changed: Mapping[str, int]) -> list[str]:
     """The tables of ``changed`` (table -> rows written, at most) whose statistics a write of that many
     rows makes stale: never analyzed, or more rows changed than ``50 + 10 %`` of the rows their

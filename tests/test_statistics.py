@@ -130,3 +130,25 @@ def test_a_tick_that_enrolls_and_sends_to_many_refreshes_the_statistics_of_its_t
     stats = analyzed(fresh_engine)
     assert stats["enrollments"] == pytest.approx(300, rel=0.05)
     assert stats["deliveries"] > 0
+
+
+def test_a_build_refreshes_tables_loaded_without_omni(fresh_engine):
+    """Rows that arrived with plain SQL (a restore, a bulk load) have no statistics: the next audience
+    build finds that and refreshes them before it plans; a second build finds nothing stale."""
+    from audiences import build_audiences
+    from profiles.db import refresh_stale_statistics
+
+    with fresh_engine.begin() as conn:
+        for i in range(1, 301):
+            conn.execute(
+                text(
+                    "INSERT INTO customers (id, email, traits, created_at, updated_at) "
+                    "VALUES (:i, :email, '{}', :at, :at)"
+                ),
+                {"i": i, "email": f"c{i}@example.org", "at": NOW},
+            )
+    assert "customers" not in analyzed(fresh_engine)
+    build_audiences(fresh_engine, ["lapsed_buyers"], now=NOW)
+    assert analyzed(fresh_engine)["customers"] == pytest.approx(300, rel=0.05)
+    with session_scope(fresh_engine) as session:
+        assert refresh_stale_statistics(session, ["customers", "events"]) == []
