@@ -226,8 +226,9 @@ def run(engine: Engine, label: str, customers: int, use_prefect: bool) -> None:
             seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
             walked, dispatched = counter.take()
             steps = report["sequences"]["abandoned_cart"]["steps"]
-            sent = sum(s["sent"] for s in steps.values())
-            channel = next((step for step, s in steps.items() if s["sent"]), "-")
+            # Messages and ad-audience updates alike: what went out to a provider in this tick.
+            sent = sum(s["sent"] + s["added"] + s["removed"] for s in steps.values())
+            channel = next((step for step, s in steps.items() if s["sent"] + s["added"] + s["removed"]), "-")
             total_tasks += tasks or 0
             print(
                 f"  {name:<12}{seconds:>7.1f}s{cpu:>7.1f}s{sent:>9,}{sent / seconds:>9,.0f}{channel[:8]:>9}"

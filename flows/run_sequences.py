@@ -5,8 +5,10 @@ sequence, advancing due enrollments and dispatching due deliveries. A task works
 customers in batches (``OMNI_SEQUENCE_BATCH_SIZE``) with set-based SQL and whole-batch provider calls;
 there is never a task per customer. Send tasks are ``NO_CACHE`` (a cached send would silently never go
 out) and retry only for transient database errors: the delivery claim makes a retried dispatch safe.
-A table artifact (key ``sequences-tick``, or ``<artifact_prefix>-sequences-tick``) shows per sequence
-and step: enrolled, exited, sent, postponed, skipped for consent, failed; a markdown one sums it up.
+Table artifacts (key ``sequences-tick``, or ``<artifact_prefix>-sequences-tick``) show per send step what
+happened (sent, ad adds and removals, fallbacks, skipped for consent, failed, unknown, postponed,
+retrying: the columns with something in them), and per sequence (``…-journeys``) who entered and left;
+a markdown one sums it up.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.common import artifact_key, check_omni_home, fmt_time, ready_store, table_cell
 from profiles.db import utcnow
-from sequences.engine import DeliveryHalted, TickReport, run_tick
+from sequences.engine import DeliveryHalted, TickReport, run_tick, without_empty_columns
 
 
 def transient_database_error(_task: Any, _run: Any, state: Any) -> bool:
@@ -55,16 +57,26 @@ def prefect_stage(name: str, fn: Callable[[], Any]) -> Any:
 
 
 def publish_report(report: TickReport, *, key: str, title: str) -> None:
-    """A table (one row per sequence and step, and per campaign: the columns ``TickReport.rows()`` gives)
-    and a markdown summary (``<key>-summary``)."""
-    rows = [{column: table_cell(value) for column, value in row.items()} for row in report.rows()]
+    """Two tables, each narrow enough for a 1,400-pixel screen: per send step (``TickReport.rows()``,
+    without the count columns nothing happened in) and per sequence (``<key>-journeys``); and a markdown
+    summary (``<key>-summary``)."""
+    steps = without_empty_columns(report.rows(), keep=("Sequence", "Step", "Sent"))
     at = fmt_time(report.now)
     create_table_artifact(
         key=key,
-        table=rows or [{"Sequence": "(none)", "Step": ""}],
-        description=f"{title} at {at}: per sequence, customers enrolled, held out and exited; per step, "
-        "customers sent a message, added to or removed from an ad audience, moved to the fallback, "
-        "skipped for consent, failed or unknown, and deliveries postponed (quiet hours, frequency cap).",
+        table=[{column: table_cell(value) for column, value in row.items()} for row in steps]
+        or [{"Sequence": "(none)", "Step": "", "Sent": 0}],
+        description=f"{title} at {at}, per send step in each sequence's order: customers sent a message, "
+        "added to or removed from an ad audience, moved to the fallback channel, skipped for consent, "
+        "failed or unknown, and deliveries postponed (quiet hours, frequency cap) or retrying. Columns "
+        "with nothing in this tick are left out. Who entered and left: "
+        f"{key}-journeys.",
+    )
+    create_table_artifact(
+        key=f"{key}-journeys",
+        table=report.journey_rows() or [{"Sequence": "(none)"}],
+        description=f"{title} at {at}, per sequence: customers enrolled, held out (the control group), "
+        "exited (with the reasons) and completed.",
     )
     lines = [f"## {title} at {at}", ""]
     for name, sequence in report.sequences.items():

@@ -17,7 +17,7 @@ from flows.run_sequences import transient_database_error
 from profiles.db import utcnow
 from sequences.campaigns import send_campaign as send_campaign_now
 from sequences.definitions import load_campaigns
-from sequences.engine import STEP_COLUMNS
+from sequences.engine import STEP_COLUMNS, without_empty_columns
 
 
 @task(
@@ -51,7 +51,11 @@ def publish_campaign(name: str, created: int, report: Any, *, key: str, campaign
     audience = getattr(campaign, "audience", None)
     create_table_artifact(
         key=key,
-        table=[campaign_row(name, created, counts, campaign)],
+        # Only the counts something happened in, so the row fits a 1,400-pixel screen.
+        table=without_empty_columns(
+            [campaign_row(name, created, counts, campaign)],
+            keep=("Campaign", "Audience", "Channel", "Template", "New deliveries", "Sent"),
+        ),
         description=f"Campaign {name} at {at}: new deliveries for the audience's current members, and "
         "messages sent, postponed (quiet hours, frequency cap: they go out with a later tick), skipped "
         "for consent and failed.",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -51,23 +51,30 @@ def describe_step(step) -> str:
     return f"wait until {step.until:%H:%M} local time"
 
 
-def render_tick(report_rows: list[dict], audiences: dict) -> None:
-    """The tick as a table that reads at 80 columns: one line per sequence and per send step, and only the
-    counts something happened in (``--json`` has them all)."""
-    counts = [key for key in report_rows[0] if key not in ("Sequence", "Step")] if report_rows else []
-    shown = [key for key in counts if key == "Sent" or any(row[key] for row in report_rows)]
+def render_tick(report: Any) -> None:
+    """The tick as a table that reads at 80 columns: per sequence, who entered and left; per send step
+    below it, only the counts something happened in (``--json`` has them all)."""
+    from sequences.engine import ENTRY_COLUMNS, without_empty_columns
+
+    steps = without_empty_columns(report.rows(), keep=("Sequence", "Step", "Sent"))
+    counts = [key for key in (steps[0] if steps else {}) if key not in ("Sequence", "Step")]
     table = Table(title="Sequences tick", title_justify="left")
     table.add_column("Sequence / step", overflow="fold")
-    for key in shown:
+    for key in counts:
         table.add_column(key, justify="right", overflow="fold")
-    for row in report_rows:
-        entry = row["Step"].startswith("(")
-        label = row["Sequence"] if entry else f"  {row['Step']}"
-        table.add_row(escape(label), *(str(row[key]) if row[key] != "" else "" for key in shown))
+    for journey in report.journey_rows():
+        entered = ", ".join(f"{journey[label]} {label.lower()}" for label in ENTRY_COLUMNS.values())
+        table.add_row(f"[bold]{escape(journey['Sequence'])}[/]: {entered}", *("" for _ in counts))
+        for row in steps:
+            if row["Sequence"] == journey["Sequence"]:
+                table.add_row(f"  {escape(row['Step'])}", *(str(row[key]) for key in counts))
+    for row in steps:
+        if row["Sequence"].startswith("campaign "):
+            table.add_row(escape(row["Sequence"]), *(str(row[key]) for key in counts))
     console.print(table)
-    if audiences:
+    if report.audiences:
         built = ", ".join(
-            f"{name} {r['size']} (+{r['entered']} / -{r['exited']})" for name, r in audiences.items()
+            f"{name} {r['size']} (+{r['entered']} / -{r['exited']})" for name, r in report.audiences.items()
         )
         console.print(f"audiences rebuilt: {built}", highlight=False, markup=False)
 
@@ -150,7 +157,7 @@ def sequences_run(
     if json:
         print_json(report.as_dict())
     else:
-        render_tick(report.rows(), report.audiences)
+        render_tick(report)
     if halted is not None:
         raise Failure(str(halted))
 

@@ -238,7 +238,7 @@ def test_cli_sequences_run_status_and_list(store, database_url):
     # Names and headers are never folded (eleven columns at 80 broke "abandoned_cart" over two lines).
     assert any("abandoned_cart" in line for line in lines) and any("cart_email" in line for line in lines)
     assert any("Sequence / step" in line for line in lines)
-    assert "Added" in human.stdout and "Retrying" not in human.stdout
+    assert "Ad adds" in human.stdout and "Retrying" not in human.stdout
 
 
 def test_cli_campaigns_send_and_list(store, database_url, tmp_path, monkeypatch):
