@@ -14,7 +14,7 @@ import pytest
 from prefect.client.orchestration import get_client
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "sequences"))
-from journey_kit import T0, customer, seed_stores  # noqa: E402
+from journey_kit import T0, cart_campaign, customer, seed_stores  # noqa: E402
 
 from flows.common import artifact_key, fmt_time  # noqa: E402
 from flows.run_sequences import run_sequences  # noqa: E402
@@ -52,13 +52,7 @@ def test_campaign_artifacts_have_campaign_columns(
 ):
     from omni.settings import get_settings
 
-    folder = tmp_path / "campaigns"
-    folder.mkdir()
-    (folder / "cart_push.yaml").write_text(
-        "name: cart_push\naudience: cart_abandoners\nchannel: email\ntemplate: email/abandoned_cart\n"
-    )
-    monkeypatch.setenv("OMNI_CAMPAIGNS_DIR", str(folder))
-    get_settings.cache_clear()
+    cart_campaign(tmp_path, monkeypatch, "cart_push")
     seed_stores(engine)
     customer(engine, 1)
     now = T0.replace(microsecond=250000)

@@ -13,7 +13,7 @@ from prefect.client.orchestration import get_client
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "sequences"))
-from journey_kit import T0, customer, outbox, seed_stores  # noqa: E402
+from journey_kit import T0, cart_campaign, customer, outbox, seed_stores  # noqa: E402
 
 from flows.run_sequences import run_sequences  # noqa: E402
 from flows.send_campaign import send_campaign  # noqa: E402
@@ -84,13 +84,7 @@ def test_run_sequences_flow_ticks_and_publishes_what_a_marketer_reads(prefect_ha
 def test_send_campaign_flow(prefect_harness, engine, database_url, tmp_path, monkeypatch):
     from omni.settings import get_settings
 
-    folder = tmp_path / "campaigns"
-    folder.mkdir()
-    (folder / "cart_push.yaml").write_text(
-        "name: cart_push\naudience: cart_abandoners\nchannel: email\ntemplate: email/abandoned_cart\n"
-    )
-    monkeypatch.setenv("OMNI_CAMPAIGNS_DIR", str(folder))
-    get_settings.cache_clear()
+    cart_campaign(tmp_path, monkeypatch, "cart_push")
     seed_stores(engine)
     customer(engine, 1)
     result = send_campaign(name="cart_push", now=T0, database_url=database_url)

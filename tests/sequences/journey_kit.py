@@ -136,3 +136,17 @@ def timeline(engine, names: tuple[str, ...]) -> list[Any]:
     table = Event.__table__
     with session_scope(engine) as session:
         return session.execute(select(table).where(table.c.name.in_(names)).order_by(table.c.id)).all()
+
+
+def cart_campaign(tmp_path, monkeypatch, name: str = "cart_push") -> None:
+    """A campaign ``name`` emailing the cart abandoners, in a folder of its own that OMNI_CAMPAIGNS_DIR
+    names for the rest of the test."""
+    from omni.settings import get_settings
+
+    folder = tmp_path / "campaigns"
+    folder.mkdir()
+    (folder / f"{name}.yaml").write_text(
+        f"name: {name}\naudience: cart_abandoners\nchannel: email\ntemplate: email/abandoned_cart\n"
+    )
+    monkeypatch.setenv("OMNI_CAMPAIGNS_DIR", str(folder))
+    get_settings.cache_clear()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from journey_kit import T0, customer, deliveries, seed_stores
+from journey_kit import T0, cart_campaign, customer, deliveries, seed_stores
 from werkzeug import Response
 
 from sequences.engine import DeliveryHalted, run_tick
@@ -228,15 +228,8 @@ def test_a_campaign_on_a_revoked_key_fails_the_command_and_keeps_its_deliveries_
     from typer.testing import CliRunner
 
     from omni.cli import app
-    from omni.settings import get_settings
 
-    folder = tmp_path / "campaigns"
-    folder.mkdir()
-    (folder / "cart_nudge.yaml").write_text(
-        "name: cart_nudge\naudience: cart_abandoners\nchannel: email\ntemplate: email/abandoned_cart\n"
-    )
-    monkeypatch.setenv("OMNI_CAMPAIGNS_DIR", str(folder))
-    get_settings.cache_clear()
+    cart_campaign(tmp_path, monkeypatch, "cart_nudge")
     httpserver.expect_request("/v3/mail/send", method="POST").respond_with_response(
         Response('{"errors":[{"message":"The provided authorization grant is invalid"}]}', status=401)
     )
