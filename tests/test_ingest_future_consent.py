@@ -80,8 +80,9 @@ def test_the_future_limit_is_a_setting(engine, monkeypatch):
     get_settings.cache_clear()
 
 
-def test_a_consent_pinned_in_the_future_by_an_earlier_version_does_not_block_an_opt_out(engine):
-    ingest_payloads(engine, [identify("i", "2026-06-01T00:00:00Z")], now=NOW)
+def pin_sms_opt_in(engine) -> None:
+    """Customer 1's SMS opt-in stored as dated 9999-12-31: what the version before this fix let a
+    future-dated payload write."""
     with session_scope(engine) as s:
         s.execute(
             insert(Consent).values(
@@ -92,6 +93,11 @@ def test_a_consent_pinned_in_the_future_by_an_earlier_version_does_not_block_an_
                 updated_at=datetime(9999, 12, 31, tzinfo=UTC),
             )
         )
+
+
+def test_a_consent_pinned_in_the_future_by_an_earlier_version_does_not_block_an_opt_out(engine):
+    ingest_payloads(engine, [identify("i", "2026-06-01T00:00:00Z")], now=NOW)
+    pin_sms_opt_in(engine)
     ingest_payloads(engine, [unsubscribed("u", "2026-06-02T11:00:00Z")], now=NOW)
     assert sms(engine) == ("opted_out", datetime(2026, 6, 2, 11, 0, tzinfo=UTC))
 
@@ -116,16 +122,7 @@ def test_at_the_same_time_an_opt_out_beats_an_opt_in_whatever_the_order(engine, 
 
 def test_an_operator_consent_set_always_takes_effect_at_the_time_of_the_command(engine, database_url):
     ingest_payloads(engine, [identify("i", "2026-06-01T00:00:00Z", email="ana@example.org")], now=NOW)
-    with session_scope(engine) as s:  # pinned by an earlier version, or any later-stamped decision
-        s.execute(
-            insert(Consent).values(
-                customer_id=1,
-                channel="sms",
-                status="opted_in",
-                source="identify:traits.sms_opt_in",
-                updated_at=datetime(9999, 12, 31, tzinfo=UTC),
-            )
-        )
+    pin_sms_opt_in(engine)  # by an earlier version, or any later-stamped decision
     result = CliRunner().invoke(
         app,
         ["consent", "set", "ana@example.org", "sms", "opted_out", "--database-url", database_url]
