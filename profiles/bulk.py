@@ -184,6 +184,14 @@ def dialect_of(session: Session) -> str:
     return session.connection().dialect.name
 
 
+def dialect_insert(session: Session, table: Table) -> Any:
+    """An INSERT of the session's dialect, which has ``on_conflict_do_nothing`` / ``_do_update`` (SQLite's
+    and PostgreSQL's ON CONFLICT)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return (postgresql if dialect_of(session) == "postgresql" else sqlite).insert(table)
+
+
 def read_json(value: Any) -> Any:
     """A JSON column as read below SQLAlchemy: text on SQLite, already decoded on PostgreSQL."""
     if value is None or isinstance(value, dict | list):

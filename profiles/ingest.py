@@ -40,13 +40,12 @@ from typing import IO, Any, NamedTuple
 
 import orjson
 from sqlalchemy import Engine, text
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from omni.collector import collect_now, collector_paused
 from omni.settings import get_settings
 from profiles.bulk import (
+    dialect_insert,
     dialect_of,
     execute_sql,
     in_list,
@@ -555,8 +554,7 @@ def store_rejections(session: Session, rejected: Sequence[tuple[str, str, str]],
             },
         )
     table = RejectedEvent.__table__
-    insert = postgresql_insert if dialect_of(session) == "postgresql" else sqlite_insert
-    statement = insert(table).on_conflict_do_nothing(index_elements=[table.c.raw_hash])
+    statement = dialect_insert(session, table).on_conflict_do_nothing(index_elements=[table.c.raw_hash])
     session.execute(statement, list(rows.values()))
     return len(rows)
 

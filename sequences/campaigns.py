@@ -14,9 +14,9 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, String, and_, cast, literal, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from omni.collector import frozen_heap
+from profiles.bulk import dialect_insert
 from profiles.db import session_scope
 from profiles.models import AudienceMembership, Customer, Delivery
 from sequences.definitions import CampaignDefinition, load_campaigns
@@ -63,9 +63,8 @@ def create_campaign_deliveries(
         .join(customers, and_(customers.c.id == members.c.customer_id, customers.c.merged_into.is_(None)))
         .where(members.c.audience == campaign.audience, members.c.exited_at.is_(None))
     )
-    module = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     statement = (
-        module.insert(deliveries)
+        dialect_insert(session, deliveries)
         .from_select(
             [
                 "dedupe_key",

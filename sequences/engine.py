@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from connectors.base import at_most_once
 from omni.collector import frozen_heap
-from profiles.bulk import insert_rows
+from profiles.bulk import dialect_insert, insert_rows
 from profiles.db import refresh_statistics, session_scope, stale_statistics
 from profiles.identity import chunked
 from profiles.models import MESSAGE_SENT_EVENTS, AudienceMembership, Customer, Delivery, Enrollment, Event
@@ -264,15 +264,6 @@ def _insert_ignore(session: Session, table: Any, rows: list[dict[str, Any]]) -> 
     return Driver(session).insert_ignore(table, rows) if rows else 0
 
 
-def _dialect_insert(session: Session, table: Any) -> Any:
-    """An INSERT with the dialect's ``on_conflict_do_nothing`` (SQLite and PostgreSQL both have one)."""
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table)
-
-
 def provider_of(channel: str, settings: Any) -> str:
     from connectors import provider_for
 
@@ -410,7 +401,7 @@ def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, rep
         # a concurrent tick that enrolled the same customer first wins (uq_enrollments_open), and this
         # one enrolls nobody twice, whatever the isolation level.
         created = session.execute(
-            _dialect_insert(session, enrollments)
+            dialect_insert(session, enrollments)
             .from_select(
                 [
                     "sequence",
