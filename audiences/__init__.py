@@ -9,7 +9,6 @@ and memberships with their entered / exited history.
 """
 
 from audiences.build import (
-    BuildOrderError,
     BuildResult,
     UnknownAudience,
     build_audience,
@@ -30,7 +29,6 @@ from audiences.definitions import (
 
 __all__ = [
     "AudienceDefinition",
-    "BuildOrderError",
     "BuildResult",
     "Condition",
     "DefinitionError",

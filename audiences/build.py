@@ -125,11 +125,6 @@ class UnknownAudience(KeyError):
         return f"unknown audience {self.args[0]!r}"
 
 
-class BuildOrderError(ValueError):
-    """Kept for callers that catch it; no longer raised: a build earlier than the last one rewinds the
-    history after it (see :func:`_rewind`)."""
-
-
 @dataclass(frozen=True, slots=True)
 class BuildResult:
     audience: str
