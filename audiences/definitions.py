@@ -626,7 +626,7 @@ def builtin_directory() -> Path:
 def audiences_directory(directory: Path | None = None) -> Path:
     if directory is not None:
         return Path(directory)
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     return get_settings().audiences_dir or builtin_directory()
 

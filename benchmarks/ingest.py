@@ -185,7 +185,7 @@ def run_events_table(path: Path, db: Path) -> dict:
         "INSERT INTO events (message_id, customer_id, type, name, channel, properties, context, user_id,"
         " anonymous_id, occurred_at, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     )
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     per_transaction = get_settings().ingest_transaction_size
     count, elapsed = 0, 0.0

@@ -10,7 +10,7 @@ For the sequence engine (see ``connectors/base.py`` for the details):
   (may have been processed: never resend), and ``report.halted`` (the connector cannot send at all).
 - ``at_most_once(channel)`` / ``AT_LEAST_ONCE_CHANNELS``: the one statement of each channel's delivery
   semantics (email, SMS, push at most once; ads, webhook at least once).
-- ``connectors.effects.apply_effects(session, results, now=...)`` for provider side effects.
+- ``sequences.effects.apply_effects(session, results, now=...)`` for provider side effects.
 - ``MetaCustomAudience.add / remove(audience, members)`` for ad audiences (or ``send`` with ``ads``
   messages carrying ``action`` and ``member``).
 """
@@ -63,7 +63,7 @@ CHANNEL_SETTINGS = {
 def provider_for(channel: str, settings: Any = None) -> str:
     """The provider configured for ``channel``."""
     if settings is None:
-        from omni.settings import get_settings
+        from omni.core.settings import get_settings
 
         settings = get_settings()
     if channel not in CHANNEL_SETTINGS:
@@ -77,7 +77,7 @@ def get_connector(channel: str, settings: Any = None, **kwargs: Any) -> Connecto
     """Build the connector configured for ``channel``.
 
     Args:
-        settings: an ``omni.settings.Settings`` (default: ``get_settings()``).
+        settings: an ``omni.core.settings.Settings`` (default: ``get_settings()``).
         kwargs: passed to ``from_settings``: ``engine`` (the outbox's store), ``clock`` (the outbox's
             ``sent_at``: the engine's ``now``).
 
@@ -86,7 +86,7 @@ def get_connector(channel: str, settings: Any = None, **kwargs: Any) -> Connecto
             setting (the message names the ``OMNI_...`` variable).
     """
     if settings is None:
-        from omni.settings import get_settings
+        from omni.core.settings import get_settings
 
         settings = get_settings()
     provider = provider_for(channel, settings)

@@ -36,7 +36,7 @@ Interface for the sequence engine:
   in-call retries): sending stops at once and every message not accepted comes back ``retryable`` with
   ``reason == halted``. The caller fails its task with that reason and leaves those messages due.
 - Provider side effects (Twilio 21610 → SMS opt-out; FCM ``UNREGISTERED`` → device token removed) are
-  :class:`Effect` values on the results; ``connectors.effects.apply_effects(session, results, now=...)``
+  :class:`Effect` values on the results; ``sequences.effects.apply_effects(session, results, now=...)``
   writes them to the store. Connectors themselves never touch the database (the outbox, whose job is
   to write, is handed an engine).
 

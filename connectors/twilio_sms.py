@@ -9,7 +9,7 @@ Limits: one recipient per request (no bulk endpoint). Success: ``201`` with the 
 
 Errors ``{"code", "message", "more_info", "status"}``:
 - 21610 (the customer replied STOP): permanent, with an ``sms_opted_out`` effect so the profile store
-  records an SMS opt-out (``connectors.effects.apply_effects``);
+  records an SMS opt-out (``sequences.effects.apply_effects``);
 - 21211 invalid ``To``, 21408 region not enabled, 21612 unroutable, 21614 not a mobile number:
   permanent for that message;
 - 20003 / 20005 / HTTP 401 / 403 (authentication failed, account not active): permanent and ``halt``

@@ -105,7 +105,7 @@ def artifact_key(key: str, prefix: str | None = None) -> str:
     production keys). The demo passes ``demo`` so it never writes a new version of the keys the
     deployments publish. Prefect allows lowercase letters, digits and dashes only."""
     if prefix is None:
-        from omni.settings import get_settings
+        from omni.core.settings import get_settings
 
         prefix = get_settings().artifact_prefix
     prefix = (prefix or "").strip().lower().strip("-")

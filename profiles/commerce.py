@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import orjson
 from sqlalchemy.orm import Session
 
+from omni.core.batching import chunked
 from profiles.bulk import (
     delete_in,
     dialect_of,
@@ -43,7 +44,6 @@ from profiles.bulk import (
     sql_string,
     update_rows,
 )
-from profiles.identity import chunked
 from profiles.models import Cart, CartStatus, Order, OrderStatus
 from profiles.segment import COMMERCE_EVENTS, ORDER_COMPLETED, ORDER_UPDATED, PRODUCT_EVENTS
 

@@ -22,7 +22,7 @@ from datetime import datetime
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from profiles.identity import chunked
+from omni.core.batching import chunked
 from profiles.models import Consent, ConsentChannel, ConsentStatus
 
 # Channels allowed when the customer never said anything.

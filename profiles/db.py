@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from omni.settings import get_settings, normalize_database_url
+from omni.core.settings import get_settings, normalize_database_url
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
+from omni.core.batching import chunked
 from profiles.bulk import (
     delete_in,
     dialect_of,
@@ -43,14 +44,7 @@ from profiles.models import (
 )
 from profiles.segment import Payload
 
-CHUNK = 1000
-
 PROFILE_COLUMNS = ("email", "phone", "first_name", "last_name", "locale", "timezone", "home_store_id")
-
-
-def chunked(values: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(values), size):
-        yield values[start : start + size]
 
 
 class _UnionFind:

@@ -42,8 +42,9 @@ import orjson
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
-from omni.collector import collect_now, collector_paused
-from omni.settings import get_settings
+from omni.core.batching import chunked
+from omni.core.collector import collect_now, collector_paused
+from omni.core.settings import get_settings
 from profiles.bulk import (
     dialect_insert,
     dialect_of,
@@ -60,7 +61,7 @@ from profiles.bulk import (
 from profiles.commerce import CARRIED_EVENTS, CommerceEvent, apply_commerce, plan_commerce
 from profiles.consent import ConsentDecision, apply_consents
 from profiles.db import refresh_statistics, session_scope, stale_statistics, utcnow
-from profiles.identity import PROFILE_COLUMNS, chunked, resolve_customers
+from profiles.identity import PROFILE_COLUMNS, resolve_customers
 from profiles.models import Customer, Event, RejectedEvent
 from profiles.reader import LineChunk, RawItem, iter_input, parse_chunk
 from profiles.segment import (

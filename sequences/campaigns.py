@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Engine, String, and_, cast, literal, select
 
-from omni.collector import frozen_heap
+from omni.core.collector import frozen_heap
 from profiles.bulk import dialect_insert
 from profiles.db import session_scope
 from profiles.models import AudienceMembership, Customer, Delivery
@@ -105,7 +105,7 @@ def send_campaign(
     from audiences import build_audiences, load_audiences
 
     if settings is None:
-        from omni.settings import get_settings
+        from omni.core.settings import get_settings
 
         settings = get_settings()
     definitions = campaigns if campaigns is not None else load_campaigns()

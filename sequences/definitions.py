@@ -358,13 +358,13 @@ def _load_dir(directory: Path, parse: Any, **kwargs: Any) -> dict[str, Any]:
 
 
 def sequences_dir() -> Path:
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     return get_settings().sequences_dir or Path(__file__).parent
 
 
 def campaigns_dir() -> Path:
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     return get_settings().campaigns_dir or Path.cwd() / "campaigns"
 

@@ -43,10 +43,10 @@ from sqlalchemy import Engine, and_, exists, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from connectors.base import at_most_once
-from omni.collector import frozen_heap
+from omni.core.batching import chunked
+from omni.core.collector import frozen_heap
 from profiles.bulk import dialect_insert, insert_rows
 from profiles.db import refresh_statistics, session_scope, stale_statistics
-from profiles.identity import chunked
 from profiles.models import MESSAGE_SENT_EVENTS, AudienceMembership, Customer, Delivery, Enrollment, Event
 from sequences.definitions import (
     BranchStep,
@@ -867,8 +867,8 @@ def dispatch_due(dispatcher: Dispatcher, *, campaign: str | None = None) -> int:
 
 def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
     from connectors import AudienceMember, Message, Status, send_batch
-    from connectors.effects import apply_effects
-    from sequences.rendering import RenderError, render_many
+    from sequences.effects import apply_effects
+    from templates.rendering import RenderError, render_many
 
     now, policy = d.now, d.policy
     deliveries = Delivery.__table__
@@ -1197,7 +1197,7 @@ def run_tick(
     from sequences.definitions import load_campaigns, load_sequences
 
     if settings is None:
-        from omni.settings import get_settings
+        from omni.core.settings import get_settings
 
         settings = get_settings()
     policy = policy or DeliveryPolicy.from_settings(settings)

@@ -25,8 +25,8 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import ColumnElement, func, literal, select
 from sqlalchemy.orm import Session
 
+from omni.core.batching import chunked
 from profiles.consent import is_allowed
-from profiles.identity import chunked
 from profiles.models import Customer, Store
 
 MESSAGE_CHANNELS = ("email", "sms", "push")
@@ -54,7 +54,7 @@ class DeliveryPolicy:
     @classmethod
     def from_settings(cls, settings: Any = None, **overrides: Any) -> DeliveryPolicy:
         if settings is None:
-            from omni.settings import get_settings
+            from omni.core.settings import get_settings
 
             settings = get_settings()
         values: dict[str, Any] = {

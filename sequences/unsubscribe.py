@@ -74,7 +74,7 @@ def unsubscribe_secret(session: Session, settings: Any = None) -> SecretStr:
     from profiles.models import StoreMetadata
 
     if settings is None:
-        from omni.settings import get_settings
+        from omni.core.settings import get_settings
 
         settings = get_settings()
     configured = settings.unsubscribe_secret

@@ -25,7 +25,7 @@ for _name in [n for n in os.environ if n.startswith("OMNI_") and n != "OMNI_TEST
 import pytest  # noqa: E402
 from sqlalchemy import Engine, text  # noqa: E402
 
-from omni.settings import get_settings  # noqa: E402
+from omni.core.settings import get_settings  # noqa: E402
 from profiles.db import create_store_engine, dispose_engines, scratch_database, upgrade_schema  # noqa: E402
 from profiles.models import metadata  # noqa: E402
 

@@ -309,7 +309,7 @@ def test_same_batch_is_committed_together_and_rejections_do_not_stop_it(engine):
 
 
 def test_batches_share_a_transaction_and_an_interrupted_ingest_resumes_without_loss(engine, monkeypatch):
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     monkeypatch.setenv("OMNI_INGEST_TRANSACTION_SIZE", "4")
     get_settings.cache_clear()

@@ -64,7 +64,7 @@ def test_a_tolerated_future_time_counts_from_receipt_for_consent(engine):
 
 
 def test_the_future_limit_is_a_setting(engine, monkeypatch):
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     monkeypatch.setenv("OMNI_INGEST_MAX_FUTURE_HOURS", "1")
     get_settings.cache_clear()

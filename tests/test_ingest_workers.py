@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import delete, select
 from sqlmodel import SQLModel
 
-from omni.settings import get_settings
+from omni.core.settings import get_settings
 from profiles.db import session_scope
 from profiles.ingest import ingest_files
 from profiles.models import Cart, Consent, Customer, Event, Identity, Order, RejectedEvent

@@ -22,7 +22,7 @@ from profiles.stores import (
     parse_stores,
     upsert_stores,
 )
-from sequences.rendering import RenderError, render, render_many
+from templates.rendering import RenderError, render, render_many
 
 NOW = datetime(2026, 6, 2, 10, 0, tzinfo=UTC)  # Tuesday; 06:00 in New York, 11:00 in Lisbon
 

@@ -1,6 +1,6 @@
 """``omni demo``: seed a retailer in an empty store and walk the flagship journeys through simulated days.
 
-The seeding and the simulation live in :mod:`sequences.demo`; this module runs them and prints each
+The seeding and the simulation live in :mod:`omni.cli.demo_data`; this module runs them and prints each
 tick (rich) or, with ``--json``, one JSON document. Each tick runs the ``run_sequences`` Prefect flow
 when it is available (a temporary Prefect server is started unless ``PREFECT_API_URL`` points at one),
 else the sequence engine directly; ``--no-prefect`` forces the latter.
@@ -77,9 +77,9 @@ def demo(
     """
     from sqlalchemy import func, select
 
+    from omni.cli.demo_data import engine_tick, run_demo, summary_paragraph
     from profiles.db import create_store_engine, session_scope, upgrade_schema
     from profiles.models import Customer
-    from sequences.demo import engine_tick, run_demo, summary_paragraph
     from sequences.unsubscribe import ensure_unsubscribe_secret
 
     started = time.perf_counter()

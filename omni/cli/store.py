@@ -147,7 +147,7 @@ def profile_show(
     limit: Annotated[int, typer.Option("--limit", min=1, help="Most recent events to show.")] = 50,
 ) -> None:
     """The unified profile and timeline of one customer across every channel."""
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
     from profiles.db import session_scope
     from profiles.identity import resolve_customer_key
     from profiles.timeline import customer_view
@@ -240,7 +240,7 @@ def consent_set(
 ) -> None:
     """Record a consent decision by hand: an operator's decision takes effect at once (at --now,
     default the current time), whatever the time of the decision recorded before it."""
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
     from profiles.consent import ConsentDecision, apply_consents, consents_of
     from profiles.db import session_scope
     from profiles.identity import resolve_customer_key

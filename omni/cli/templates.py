@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
 @handle_errors
 def templates_list(json: JsonOption = False) -> None:
     """Every template, by channel, with its parts."""
-    from sequences.rendering import list_templates, templates_dir
+    from templates.rendering import list_templates, templates_dir
 
     templates = list_templates()
     if json:
@@ -55,10 +55,10 @@ def templates_list(json: JsonOption = False) -> None:
 
 
 def _render(database_url: str | None, name: str, customer: str, now: str | None):
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
     from profiles.db import session_scope
     from profiles.identity import resolve_customer_key
-    from sequences.rendering import RenderError, find_template, render
+    from templates.rendering import RenderError, find_template, render
 
     at = parse_now(now)
     try:
@@ -131,10 +131,10 @@ def templates_test_send(
 ) -> None:
     """Render for a customer and send one message to --to through the channel's configured connector."""
     from connectors import ConnectorConfigError, Status, get_connector, send_batch
-    from connectors.effects import apply_effects
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
     from profiles.db import session_scope
     from profiles.segment import normalize_email, normalize_phone
+    from sequences.effects import apply_effects
 
     settings = get_settings()
     at = parse_now(now)

@@ -91,7 +91,7 @@ def test_cli_list_show_build_members(engine, database_url):
 
 
 def test_cli_reports_invalid_definitions(database_url, tmp_path, monkeypatch):
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     (tmp_path / "vip.yaml").write_text("name: vip\nwhere: {trait: tier, eq: gold, within: 7d}\n")
     monkeypatch.setenv("OMNI_AUDIENCES_DIR", str(tmp_path))

@@ -23,7 +23,7 @@ from connector_fakes import RawServer, refused_url, silent_server
 
 from connectors import REGISTRY, ConnectorConfigError, Message, RetryPolicy, Status, get_connector, send_batch
 from connectors.base import at_most_once
-from omni.settings import Settings
+from omni.core.settings import Settings
 
 
 class Sleeps(list):

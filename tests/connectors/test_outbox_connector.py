@@ -16,13 +16,13 @@ from connectors import (
     get_connector,
     send_batch,
 )
-from connectors.effects import apply_effects
 from connectors.outbox import OutboxConnector, list_outbox
-from omni.settings import Settings
+from omni.core.settings import Settings
 from profiles.consent import consents_of
 from profiles.db import session_scope
 from profiles.ingest import ingest_payloads
 from profiles.models import Identity
+from sequences.effects import apply_effects
 
 NOW = datetime(2026, 6, 2, 10, 0, tzinfo=UTC)
 

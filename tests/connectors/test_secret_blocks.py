@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from connectors import ConnectorConfigError, get_connector
-from omni.settings import Settings
+from omni.core.settings import Settings
 
 
 @pytest.fixture

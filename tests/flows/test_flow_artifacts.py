@@ -50,7 +50,7 @@ def test_times_and_keys():
 def test_campaign_artifacts_have_campaign_columns(
     prefect_harness, engine, database_url, tmp_path, monkeypatch
 ):
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     cart_campaign(tmp_path, monkeypatch, "cart_push")
     seed_stores(engine)
@@ -103,7 +103,7 @@ def test_a_prefix_keeps_a_trial_run_off_the_production_keys(prefect_harness, eng
 
 
 def test_the_setting_is_the_default_prefix(monkeypatch):
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     monkeypatch.setenv("OMNI_ARTIFACT_PREFIX", "staging")
     get_settings.cache_clear()

@@ -82,7 +82,7 @@ def test_run_sequences_flow_ticks_and_publishes_what_a_marketer_reads(prefect_ha
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_send_campaign_flow(prefect_harness, engine, database_url, tmp_path, monkeypatch):
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     cart_campaign(tmp_path, monkeypatch, "cart_push")
     seed_stores(engine)

@@ -141,7 +141,7 @@ def timeline(engine, names: tuple[str, ...]) -> list[Any]:
 def cart_campaign(tmp_path, monkeypatch, name: str = "cart_push") -> None:
     """A campaign ``name`` emailing the cart abandoners, in a folder of its own that OMNI_CAMPAIGNS_DIR
     names for the rest of the test."""
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     folder = tmp_path / "campaigns"
     folder.mkdir()

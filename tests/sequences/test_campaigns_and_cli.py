@@ -242,7 +242,7 @@ def test_cli_sequences_run_status_and_list(store, database_url):
 
 
 def test_cli_campaigns_send_and_list(store, database_url, tmp_path, monkeypatch):
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     folder = tmp_path / "campaigns"
     folder.mkdir()

@@ -20,7 +20,7 @@ FLAGSHIP = ["abandoned_cart"]
 @pytest.fixture
 def sendgrid(engine, httpserver, monkeypatch):
     """The store with two cart abandoners, and email going to a fake SendGrid whose answers a test sets."""
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     seed_stores(engine)
     for n in (1, 2):
@@ -36,7 +36,7 @@ def sendgrid(engine, httpserver, monkeypatch):
 
 
 def _tick(engine, at):
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     return run_tick(engine, now=at, names=FLAGSHIP, sleep=lambda _s: None, settings=get_settings())
 
@@ -107,7 +107,7 @@ def test_a_revoked_key_fails_the_tick_and_leaves_the_emails_due(sendgrid, httpse
 def test_a_provider_down_fails_the_tick_and_leaves_the_emails_due(sendgrid, monkeypatch):
     import socket
 
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     with socket.socket() as closed:  # a port nobody listens on: connection refused, nothing was sent
         closed.bind(("127.0.0.1", 0))
@@ -173,9 +173,9 @@ def test_a_template_broken_for_everyone_fails_its_deliveries_once_and_the_tick_g
 
     from journey_kit import outbox
 
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
     from profiles.ingest import ingest_payloads
-    from sequences.rendering import templates_dir
+    from templates.rendering import templates_dir
 
     folder = tmp_path / "templates"
     shutil.copytree(templates_dir(), folder)

@@ -264,7 +264,7 @@ def test_two_ticks_at_once_never_double_send(store):
 
 
 def test_provider_429_then_success_sends_once(store, httpserver, monkeypatch):
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     [n] = first_messaged_ids(1)
     make_customers(store, [n])

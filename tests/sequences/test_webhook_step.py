@@ -28,7 +28,7 @@ PREPARE = parse_sequence(
 
 @pytest.fixture
 def store_system(engine, httpserver, monkeypatch):
-    from omni.settings import get_settings
+    from omni.core.settings import get_settings
 
     seed_stores(engine)
     # No email consent, no SMS opt-in, no device: nothing marketing could reach them; the store still must.
@@ -111,8 +111,8 @@ def test_a_webhook_is_delivered_at_least_once(store_system, httpserver):
 def test_a_webhook_template_must_render_a_json_object(store_system, httpserver, tmp_path, monkeypatch):
     import shutil
 
-    from omni.settings import get_settings
-    from sequences.rendering import templates_dir
+    from omni.core.settings import get_settings
+    from templates.rendering import templates_dir
 
     folder = tmp_path / "templates"
     shutil.copytree(templates_dir(), folder)

@@ -9,9 +9,9 @@ import time
 import pytest
 from conftest import NOW, seed
 
-from omni.settings import Settings
+from omni.core.settings import Settings
 from profiles.db import session_scope
-from sequences.rendering import RenderError, render_context, render_many
+from templates.rendering import RenderError, render_context, render_many
 
 HOSTILE = {
     "huge range loop": "{% for i in range(10**9) %}x{% endfor %}",
@@ -124,7 +124,7 @@ def test_good_templates_render_as_jinja_renders_them(tmp_path, source):
     from jinja2 import StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
-    from sequences.rendering import environment
+    from templates.rendering import environment
 
     stock = SandboxedEnvironment(undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     ours = environment(tmp_path).from_string(source).render({})

@@ -6,22 +6,22 @@ import pytest
 from conftest import NOW, seed
 from pydantic import SecretStr
 
-from omni.settings import Settings
+from omni.core.settings import Settings
 from profiles.db import session_scope
-from sequences.rendering import (
-    RenderError,
-    list_templates,
-    render,
-    render_context,
-    render_many,
-    sms_segments,
-)
 from sequences.unsubscribe import (
     InvalidToken,
     ensure_unsubscribe_secret,
     make_token,
     unsubscribe_secret,
     verify_token,
+)
+from templates.rendering import (
+    RenderError,
+    list_templates,
+    render,
+    render_context,
+    render_many,
+    sms_segments,
 )
 
 FLAGSHIP = ["email/abandoned_cart", "email/pickup_ready", "push/pickup_reminder", "sms/pickup_reminder"]
@@ -212,7 +212,7 @@ def test_attribute_lookups_render_as_in_jinjas_own_sandbox(tmp_path, source):
     from jinja2 import FileSystemLoader, StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
-    from sequences.rendering import environment, money
+    from templates.rendering import environment, money
 
     stock = SandboxedEnvironment(loader=FileSystemLoader(str(tmp_path)), undefined=StrictUndefined)
     stock.filters["money"] = money
@@ -229,7 +229,7 @@ def test_a_missing_key_fails_as_in_jinjas_own_sandbox(tmp_path):
     from jinja2 import StrictUndefined, UndefinedError
     from jinja2.sandbox import SandboxedEnvironment
 
-    from sequences.rendering import environment
+    from templates.rendering import environment
 
     source = "{{ customer.nickname }}"
     with pytest.raises(UndefinedError) as ours:

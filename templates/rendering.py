@@ -79,7 +79,7 @@ from sqlalchemy.orm import Session
 
 from connectors.base import Message
 
-BUILTIN_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+BUILTIN_TEMPLATES_DIR = Path(__file__).resolve().parent
 CHANNEL_PARTS = {
     "email": ("subject", "html", "txt"),
     "sms": ("txt",),
@@ -213,7 +213,7 @@ def _zone(name: str | None) -> ZoneInfo | None:
 
 def templates_dir(settings: Any = None) -> Path:
     if settings is None:
-        from omni.settings import get_settings
+        from omni.core.settings import get_settings
 
         settings = get_settings()
     return Path(settings.templates_dir) if settings.templates_dir else BUILTIN_TEMPLATES_DIR
@@ -1029,7 +1029,7 @@ def render_many(
     batch at once. Nothing raises but the database (a failing query is not the customers' failure)."""
     ids = list(dict.fromkeys(customer_ids))
     if settings is None:
-        from omni.settings import get_settings
+        from omni.core.settings import get_settings
 
         settings = get_settings()
     directory = templates_dir(settings)
