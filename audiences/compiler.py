@@ -37,9 +37,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.visitors import InternalTraversal
 
 from audiences.definitions import (
     AllOf,
@@ -73,6 +71,7 @@ from profiles.models import (
     Order,
     is_touchpoint,
 )
+from profiles.sqlexpr import DialectSwitch, in_set
 
 customers = Customer.__table__
 events = Event.__table__
@@ -83,36 +82,6 @@ identities = Identity.__table__
 memberships = AudienceMembership.__table__
 
 ORDER_COMPLETED = "Order Completed"
-
-
-class DialectSwitch(ColumnElement):
-    """One expression per dialect; ``default`` (the SQLite form) for any dialect not named."""
-
-    # Cacheable: its cache key is its class, both forms and its type, so a build compiles its statement
-    # once per process and shape rather than at every run.
-    inherit_cache = True
-    _traverse_internals = [
-        ("default", InternalTraversal.dp_clauseelement),
-        ("by_dialect", InternalTraversal.dp_string_clauseelement_dict),
-        ("type", InternalTraversal.dp_type),
-    ]
-
-    def __init__(self, default: ColumnElement, type_: Any = None, **by_dialect: ColumnElement) -> None:
-        self.default = default
-        self.by_dialect = by_dialect
-        self.type = type_ if type_ is not None else default.type
-        # A predicate renders as itself, not as ``(...) = 1`` on SQLite (which would hide an IN from
-        # SQLite's planner).
-        self._is_implicitly_boolean = isinstance(self.type, Boolean)
-
-    def get_children(self, **kw: Any):
-        return [self.default, *self.by_dialect.values()]
-
-
-@compiles(DialectSwitch)
-def _compile_switch(element: DialectSwitch, compiler: Any, **kw: Any) -> str:
-    chosen = element.by_dialect.get(compiler.dialect.name, element.default)
-    return compiler.process(chosen, **kw)
 
 
 # --- JSON values, typed -----------------------------------------------------------------------------
@@ -270,21 +239,6 @@ def _column_ops(expr: Any, ops: ValueOps, *, text: bool) -> ColumnElement:
 
 
 # --- sets of customers ------------------------------------------------------------------------------
-
-
-def in_set(customer_id: Any, ids: Select, *, pg_exists: bool = True) -> ColumnElement:
-    """``customer_id`` is among the ids ``ids`` returns (its first column).
-
-    SQLite: ``IN (subquery)``, which it evaluates once into a temporary index. PostgreSQL:
-    ``EXISTS`` against the subquery, which it plans as a semi-join (anti-join under NOT) or, inside
-    OR, as an indexed lookup, rather than a NOT IN that degrades badly past ``work_mem``.
-    """
-    sqlite = customer_id.in_(ids)
-    if not pg_exists:
-        return sqlite
-    sub = ids.subquery()
-    pg = exists(select(literal(1)).select_from(sub).where(list(sub.c)[0] == customer_id))
-    return DialectSwitch(sqlite, Boolean(), postgresql=pg)
 
 
 def _count_predicate(expr: Any, ops: CountOps) -> ColumnElement:

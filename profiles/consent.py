@@ -15,18 +15,19 @@ with three safeguards so that an opt-out always takes effect:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, insert, not_, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from omni.core.batching import chunked
-from profiles.models import Consent, ConsentChannel, ConsentStatus
-
-# Channels allowed when the customer never said anything.
-ALLOWED_BY_DEFAULT = frozenset({ConsentChannel.EMAIL.value, ConsentChannel.ADS.value})
+from omni.core.channels import CONSENT_CHANNELS, spec
+from omni.core.statuses import ConsentStatus
+from profiles.models import Consent, Customer, Identity, IdentityKind
+from profiles.sqlexpr import has_text, in_set
 
 
 @dataclass(slots=True)
@@ -38,11 +39,73 @@ class ConsentDecision:
     at: datetime
 
 
+# --- the rule: who may be messaged on a channel ---------------------------------------------------------
+# Consent: a channel that needs an opt-in (SMS, push) is allowed only after one; the others (email, ads)
+# until the customer opts out; a channel without consent (webhook: operational, to another system) always.
+# Reachable: consent and the address the channel sends to (``omni.core.channels``: email address, phone
+# number, a device token, email or phone for ad matching). The audience compiler (``reachable`` and
+# ``consent`` conditions), the dispatcher and the renderer all read it from here.
+
+
 def is_allowed(channel: str, status: str | None) -> bool:
     """Whether marketing on ``channel`` is allowed given the recorded ``status`` (None: never asked)."""
+    facts = spec(channel)
+    if not facts.consent:
+        return True
     if status is None:
-        return channel in ALLOWED_BY_DEFAULT
+        return not facts.opt_in_required
     return status == ConsentStatus.OPTED_IN.value
+
+
+def consent_allowed_sql(channel: str, customer_id: Any) -> ColumnElement:
+    """SQL: :func:`is_allowed` for the customer ``customer_id`` (a column) on ``channel``."""
+    facts = spec(channel)
+    if not facts.consent:
+        return true()
+    consents = Consent.__table__
+    if facts.opt_in_required:
+        opted_in = select(consents.c.customer_id).where(
+            consents.c.channel == facts.name.value, consents.c.status == ConsentStatus.OPTED_IN.value
+        )
+        return in_set(customer_id, opted_in)
+    opted_out = select(consents.c.customer_id).where(
+        consents.c.channel == facts.name.value, consents.c.status == ConsentStatus.OPTED_OUT.value
+    )
+    return not_(in_set(customer_id, opted_out))
+
+
+def has_address_sql(channel: str, customers: Any = None) -> ColumnElement:
+    """SQL: the customer (a row of ``customers``) has the address ``channel`` sends to."""
+    customers = Customer.__table__ if customers is None else customers
+    address = spec(channel).address
+    if address == "email":
+        return has_text(customers.c.email)
+    if address == "phone":
+        return has_text(customers.c.phone)
+    if address == "email_or_phone":
+        return or_(has_text(customers.c.email), has_text(customers.c.phone))
+    if address == "device_token":
+        identities = Identity.__table__
+        tokens = select(identities.c.customer_id).where(identities.c.kind == IdentityKind.DEVICE_TOKEN.value)
+        return in_set(customers.c.id, tokens)
+    return true()
+
+
+def reachable_sql(channel: str, customers: Any = None) -> ColumnElement:
+    """SQL: the customer (a row of ``customers``) can be messaged on ``channel``: address and consent."""
+    customers = Customer.__table__ if customers is None else customers
+    return and_(has_address_sql(channel, customers), consent_allowed_sql(channel, customers.c.id))
+
+
+def unreachable_reason(channel: str, *, has_address: bool, consent_status: str | None) -> str | None:
+    """Why a customer cannot be messaged on ``channel`` (None: they can), from what
+    :func:`has_address_sql` and the ``consents`` table said about them."""
+    facts = spec(channel)
+    if not has_address:
+        return facts.no_address
+    if not is_allowed(channel, consent_status):
+        return f"no {facts.name.value} consent ({consent_status or 'never opted in'})"
+    return None
 
 
 OPTED_OUT = ConsentStatus.OPTED_OUT.value
@@ -144,17 +207,13 @@ def consents_of(session: Session, customer_id: int) -> dict[str, dict]:
         row.channel: row for row in session.execute(select(table).where(table.c.customer_id == customer_id))
     }
     result: dict[str, dict] = {}
-    for channel in ConsentChannel:
-        row = rows.get(channel.value)
+    for channel in CONSENT_CHANNELS:
+        row = rows.get(channel)
         status = row.status if row else None
-        result[channel.value] = {
+        result[channel] = {
             "status": status or "default",
             "source": row.source if row else None,
             "updated_at": row.updated_at if row else None,
-            "allowed": is_allowed(channel.value, status),
+            "allowed": is_allowed(channel, status),
         }
     return result
-
-
-def channels_requiring_opt_in() -> Sequence[str]:
-    return [c.value for c in ConsentChannel if c.value not in ALLOWED_BY_DEFAULT]

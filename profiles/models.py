@@ -26,35 +26,19 @@ from sqlalchemy import (
 )
 from sqlmodel import Field, SQLModel
 
+from omni.core.channels import CONSENT_CHANNELS, SENT_EVENTS, Touchpoint
+from omni.core.statuses import ConsentStatus as ConsentStatus  # re-exported: the consents table stores it
 from profiles.db import JSONType, UTCDateTime
 
 # 64-bit ids on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 
 
-class Channel(StrEnum):
-    """Touchpoint channels an event can come from or a message can go out on."""
-
-    WEB = "web"
-    APP = "app"
-    STORE = "store"
-    CALL_CENTER = "call_center"
-    CHAT = "chat"
-    EMAIL = "email"
-    SMS = "sms"
-    PUSH = "push"
-    SOCIAL = "social"
-
-
+# The channel vocabularies live in omni.core.channels: re-exported here for the tables that store them.
+Channel = Touchpoint
 # Events Omni writes back to the profile when it sends a message, by sending channel. They show on the
 # timeline, but they are Omni's touchpoints, not the customer's: channel counts leave them out.
-MESSAGE_SENT_EVENTS = {
-    "email": "Email Sent",
-    "sms": "SMS Sent",
-    "push": "Push Sent",
-    "ads": "Audience Synced",
-    "webhook": "Webhook Sent",
-}
+MESSAGE_SENT_EVENTS = SENT_EVENTS
 
 
 def is_touchpoint(event_name: Any) -> Any:
@@ -63,19 +47,8 @@ def is_touchpoint(event_name: Any) -> Any:
     return or_(event_name.is_(None), event_name.not_in(list(MESSAGE_SENT_EVENTS.values())))
 
 
-class ConsentChannel(StrEnum):
-    """Channels that carry marketing consent. Email and ads are allowed unless opted out;
-    SMS and push need an opt-in."""
-
-    EMAIL = "email"
-    SMS = "sms"
-    PUSH = "push"
-    ADS = "ads"
-
-
-class ConsentStatus(StrEnum):
-    OPTED_IN = "opted_in"
-    OPTED_OUT = "opted_out"
+# Channels that carry marketing consent (email, SMS, push, ads): their facts are in omni.core.channels.
+ConsentChannel = StrEnum("ConsentChannel", {name.upper(): name for name in CONSENT_CHANNELS})
 
 
 class IdentityKind(StrEnum):
