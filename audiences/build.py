@@ -400,7 +400,8 @@ def build_audience(
 
     ``target`` is an engine (the build commits on its own; on PostgreSQL without waiting for the disk,
     see the module docstring), or a session or connection (the caller's transaction, whose settings
-    the build leaves alone; nothing is committed here). ``definitions`` default to :func:`load_audiences`.
+    the build leaves alone; nothing is committed here). ``definitions`` default to the built-in
+    audiences (:func:`load_audiences`).
     Audiences this one refers to are read as they are (build them first: :func:`build_audiences`).
     """
     if now.tzinfo is None:

@@ -1,8 +1,11 @@
 """The audience compiler: a condition becomes one SQLAlchemy ``Select`` of customer ids.
 
 The statement means the same on SQLite and PostgreSQL. Where the two dialects need different SQL
-(JSON access, set membership, text ordering), a :class:`DialectSwitch` carries both forms and the
-dialect picks one when the statement is compiled, so the ``Select`` itself is dialect-free.
+(JSON access, set membership, text ordering), a :class:`profiles.sqlexpr.DialectSwitch` carries both
+forms and the dialect picks one when the statement is compiled, so the ``Select`` itself is dialect-free.
+
+``reachable`` and ``consent`` conditions are the store's one rule (:mod:`profiles.consent`), the same
+SQL the dispatcher and the renderer use.
 
 Time windows are computed in Python from the explicit ``now`` and bound as parameters (never SQL date
 functions), which keeps SQLite's text timestamps and PostgreSQL's ``timestamptz`` comparisons identical.
@@ -60,28 +63,17 @@ from audiences.definitions import (
     parse_condition,
     referenced_audiences,
 )
+from profiles.consent import consent_allowed_sql, reachable_sql
 from profiles.db import UTCDateTime
-from profiles.models import (
-    AudienceMembership,
-    Cart,
-    Consent,
-    Customer,
-    Event,
-    Identity,
-    Order,
-    is_touchpoint,
-)
-from profiles.sqlexpr import DialectSwitch, in_set
+from profiles.models import AudienceMembership, Cart, Customer, Event, Order, is_touchpoint
+from profiles.segment import ORDER_COMPLETED
+from profiles.sqlexpr import DialectSwitch, has_text, in_set
 
 customers = Customer.__table__
 events = Event.__table__
 carts = Cart.__table__
 orders = Order.__table__
-consents = Consent.__table__
-identities = Identity.__table__
 memberships = AudienceMembership.__table__
-
-ORDER_COMPLETED = "Order Completed"
 
 
 # --- JSON values, typed -----------------------------------------------------------------------------
@@ -223,7 +215,7 @@ def _column_ops(expr: Any, ops: ValueOps, *, text: bool) -> ColumnElement:
     predicates = []
     for op, value in ops.used().items():
         if op == "exists":
-            present = and_(expr.is_not(None), expr != "") if text else expr.is_not(None)
+            present = has_text(expr) if text else expr.is_not(None)
             predicates.append(present if value else not_(present))
         elif op == "eq":
             predicates.append(func.coalesce(expr == value, false()))
@@ -280,22 +272,6 @@ def _window(column: Any, now: datetime, within: timedelta | None, between: tuple
         nearest, farthest = between
         return [column >= now - farthest, column <= now - nearest]
     return [column <= now]
-
-
-def _consent_allowed(channel: str, customer_id: Any) -> ColumnElement:
-    if channel in ("email", "ads"):
-        opted_out = select(consents.c.customer_id).where(
-            consents.c.channel == channel, consents.c.status == "opted_out"
-        )
-        return not_(in_set(customer_id, opted_out))
-    opted_in = select(consents.c.customer_id).where(
-        consents.c.channel == channel, consents.c.status == "opted_in"
-    )
-    return in_set(customer_id, opted_in)
-
-
-def _has_text(expr: Any) -> ColumnElement:
-    return and_(expr.is_not(None), expr != "")
 
 
 class _Compiler:
@@ -384,20 +360,10 @@ class _Compiler:
         return _thresholded(orders.c.customer_id, rows, None, condition.count, self.customer_id)
 
     def _reachable(self, condition: ReachableCondition) -> ColumnElement:
-        channel = condition.channel
-        allowed = _consent_allowed(channel, self.customer_id)
-        if channel == "email":
-            return and_(_has_text(customers.c.email), allowed)
-        if channel == "sms":
-            return and_(_has_text(customers.c.phone), allowed)
-        if channel == "push":
-            tokens = select(identities.c.customer_id).where(identities.c.kind == "device_token")
-            return and_(in_set(self.customer_id, tokens), allowed)
-        # ads: platforms match on hashed email or phone.
-        return and_(or_(_has_text(customers.c.email), _has_text(customers.c.phone)), allowed)
+        return reachable_sql(condition.channel, customers)
 
     def _consent(self, condition: ConsentCondition) -> ColumnElement:
-        return _consent_allowed(condition.channel, self.customer_id)
+        return consent_allowed_sql(condition.channel, self.customer_id)
 
     def _channels_used(self, condition: ChannelsUsedCondition) -> ColumnElement:
         filters = _window(events.c.occurred_at, self.now, condition.within, None)
@@ -482,11 +448,4 @@ def render_sql(statement: Select, dialect: Any) -> str:
         return f"{compiled}\n-- parameters: {params}"
 
 
-__all__ = [
-    "DialectSwitch",
-    "JsonPath",
-    "compile_audience",
-    "compile_condition",
-    "in_set",
-    "render_sql",
-]
+__all__ = ["JsonPath", "compile_audience", "compile_condition", "render_sql"]

@@ -14,8 +14,9 @@ A condition is a mapping with exactly one *kind* key (``trait``, ``event``, ``ca
 Kinds whose subject is a name take it as the kind's value and their options beside it
 (``{event: Order Completed, within: 7d}``); the others take a mapping (``{cart: {status: open}}``).
 
-Everything is checked at load: an invalid definition raises :class:`DefinitionError` naming the file,
-the path inside it (``where.all[1].event.within``) and the reason.
+Everything is checked at load (by :mod:`omni.core.definitions`, the loader of every kind of definition):
+an invalid definition raises :class:`DefinitionError` naming the file, the path inside it
+(``where.all[1].event.within``) and the reason.
 """
 
 from __future__ import annotations
@@ -26,65 +27,39 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from omni.core.channels import CONSENT_CHANNELS, TOUCHPOINTS
+from omni.core.definitions import (
+    DefinitionError,
+    DefinitionModel,
+    Duration,
+    Text,
+    first_error,
+    format_loc,
+    load_folder,
+    parse_duration,
+    snake_case,
+    validate_definition,
+)
+from profiles.models import CartStatus, Fulfillment, OrderStatus
 
 Scalar = str | int | float | bool
 
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,199}$")
-DURATION_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
-DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 # A key of a dotted path into a JSON document (traits, properties).
 PATH_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_$@\- ]+$")
 
 # Profile columns a ``trait`` condition can name directly; every other name is a key of ``traits``.
 PROFILE_FIELDS = ("email", "phone", "first_name", "last_name", "locale", "timezone", "home_store_id")
-EVENT_CHANNELS = ("web", "app", "store", "call_center", "chat", "email", "sms", "push", "social")
-CONSENT_CHANNELS = ("email", "sms", "push", "ads")
-CART_STATUSES = ("open", "converted")
-ORDER_STATUSES = ("placed", "ready_for_pickup", "picked_up")
-FULFILLMENTS = ("ship", "pickup", "in_store")
-
-
-class DefinitionError(ValueError):
-    """An invalid audience definition: ``file``, ``path`` inside it and ``reason``."""
-
-    def __init__(self, file: str, path: str, reason: str) -> None:
-        self.file = file
-        self.path = path
-        self.reason = reason
-        where = f"{file}: {path}" if path else file
-        super().__init__(f"{where}: {reason}")
-
-
-def parse_duration(value: Any) -> timedelta:
-    """``30s``, ``15m``, ``1h``, ``7d``, ``2w`` (a number and one unit) to a timedelta."""
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, str):
-        match = DURATION_PATTERN.match(value)
-        if match:
-            amount, unit = float(match.group(1)), match.group(2)
-            return timedelta(**{DURATION_UNITS[unit]: amount})
-    raise ValueError(f"bad duration {value!r}: expected a number and a unit s, m, h, d or w (e.g. 7d)")
-
-
-def format_duration(value: timedelta) -> str:
-    seconds = int(value.total_seconds())
-    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+CART_STATUSES = tuple(status.value for status in CartStatus)
+ORDER_STATUSES = tuple(status.value for status in OrderStatus)
+FULFILLMENTS = tuple(fulfillment.value for fulfillment in Fulfillment)
 
 
 # --- operators --------------------------------------------------------------------------------------
 
 
-class ValueOps(_Model):
+class ValueOps(DefinitionModel):
     """Comparisons on a value (a profile field, a trait, an event property). Several are ANDed.
 
     The type of the value written decides the comparison: a number compares with numbers only, a
@@ -129,7 +104,7 @@ class ValueOps(_Model):
         return {("in" if k == "in_" else k): v for k, v in self.__dict__.items() if v is not None}
 
 
-class CountOps(_Model):
+class CountOps(DefinitionModel):
     """A threshold on a count (of events, orders, channels). ``{eq: 0}`` means "none"."""
 
     eq: int | None = Field(default=None, ge=0)
@@ -161,10 +136,6 @@ class CountOps(_Model):
 
 
 AT_LEAST_ONE = CountOps(gte=1)
-
-
-def _duration_field(value: Any) -> Any:
-    return None if value is None else parse_duration(value)
 
 
 def _one_or_many(value: Any) -> Any:
@@ -202,16 +173,11 @@ def _value_ops(value: Any) -> Any:
     return {"eq": value}
 
 
-class Window(_Model):
+class Window(DefinitionModel):
     """A time window relative to ``now``: ``within: 7d`` or ``between: [30d, 7d]`` (both ends inclusive)."""
 
-    within: timedelta | None = None
+    within: Duration | None = None
     between: tuple[timedelta, timedelta] | None = None
-
-    @field_validator("within", mode="before")
-    @classmethod
-    def _within(cls, value: Any) -> Any:
-        return _duration_field(value)
 
     @field_validator("between", mode="before")
     @classmethod
@@ -232,7 +198,7 @@ class Window(_Model):
 # --- condition kinds --------------------------------------------------------------------------------
 
 
-class TraitCondition(_Model):
+class TraitCondition(DefinitionModel):
     kind: Literal["trait"] = "trait"
     name: str
     ops: ValueOps
@@ -260,7 +226,7 @@ class EventCondition(Window):
     kind: Literal["event"] = "event"
     name: list[str]
     where: dict[str, ValueOps] = Field(default_factory=dict)
-    channel: list[Literal[EVENT_CHANNELS]] | None = None  # type: ignore[valid-type]
+    channel: list[Literal[TOUCHPOINTS]] | None = None  # type: ignore[valid-type]
     count: CountOps = AT_LEAST_ONE
 
     _names = field_validator("name", "channel", mode="before")(classmethod(lambda cls, v: _one_or_many(v)))
@@ -275,15 +241,15 @@ class EventCondition(Window):
         return {_check_path(str(k)): _value_ops(v) for k, v in value.items()}
 
 
-class CartCondition(_Model):
+class CartCondition(DefinitionModel):
     """A cart of the customer that meets every filter given."""
 
     kind: Literal["cart"] = "cart"
     status: list[Literal[CART_STATUSES]] | None = None  # type: ignore[valid-type]
     value: ValueOps | None = None
     item_count: ValueOps | None = None
-    idle_for: timedelta | None = None  # last cart activity at least this long before now
-    active_within: timedelta | None = None  # last cart activity at most this long before now
+    idle_for: Duration | None = None  # last cart activity at least this long before now
+    active_within: Duration | None = None  # last cart activity at most this long before now
     no_order_after_activity: bool = False  # no Order Completed (any channel) at or after the last activity
 
     @model_validator(mode="before")
@@ -302,9 +268,6 @@ class CartCondition(_Model):
         return data
 
     _status = field_validator("status", mode="before")(classmethod(lambda cls, v: _one_or_many(v)))
-    _durations = field_validator("idle_for", "active_within", mode="before")(
-        classmethod(lambda cls, v: _duration_field(v))
-    )
 
     @field_validator("value", "item_count", mode="before")
     @classmethod
@@ -318,24 +281,21 @@ class CartCondition(_Model):
         return self
 
 
-class OrderCondition(_Model):
+class OrderCondition(DefinitionModel):
     """Orders of the customer (placed at or before ``now``) that meet every filter, and how many."""
 
     kind: Literal["order"] = "order"
-    channel: list[Literal[EVENT_CHANNELS]] | None = None  # type: ignore[valid-type]
+    channel: list[Literal[TOUCHPOINTS]] | None = None  # type: ignore[valid-type]
     fulfillment: list[Literal[FULFILLMENTS]] | None = None  # type: ignore[valid-type]
     status: list[Literal[ORDER_STATUSES]] | None = None  # type: ignore[valid-type]
     total: ValueOps | None = None
-    within: timedelta | None = None  # placed at most this long before now
-    older_than: timedelta | None = None  # placed at least this long before now
-    ready_for: timedelta | None = None  # ready for pickup at least this long before now
+    within: Duration | None = None  # placed at most this long before now
+    older_than: Duration | None = None  # placed at least this long before now
+    ready_for: Duration | None = None  # ready for pickup at least this long before now
     count: CountOps = AT_LEAST_ONE
 
     _lists = field_validator("channel", "fulfillment", "status", mode="before")(
         classmethod(lambda cls, v: _one_or_many(v))
-    )
-    _durations = field_validator("within", "older_than", "ready_for", mode="before")(
-        classmethod(lambda cls, v: _duration_field(v))
     )
 
     @field_validator("total", mode="before")
@@ -349,22 +309,20 @@ class OrderCondition(_Model):
         return self
 
 
-class ReachableCondition(_Model):
+class ReachableCondition(DefinitionModel):
     kind: Literal["reachable"] = "reachable"
     channel: Literal[CONSENT_CHANNELS]  # type: ignore[valid-type]
 
 
-class ConsentCondition(_Model):
+class ConsentCondition(DefinitionModel):
     kind: Literal["consent"] = "consent"
     channel: Literal[CONSENT_CHANNELS]  # type: ignore[valid-type]
 
 
 class ChannelsUsedCondition(CountOps):
     kind: Literal["channels_used"] = "channels_used"
-    within: timedelta | None = None
-    channels: list[Literal[EVENT_CHANNELS]] | None = None  # type: ignore[valid-type]
-
-    _within = field_validator("within", mode="before")(classmethod(lambda cls, v: _duration_field(v)))
+    within: Duration | None = None
+    channels: list[Literal[TOUCHPOINTS]] | None = None  # type: ignore[valid-type]
 
     def count_ops(self) -> CountOps:
         return CountOps(**self.used())
@@ -377,12 +335,12 @@ class ChannelsUsedCondition(CountOps):
         }
 
 
-class AudienceRef(_Model):
+class AudienceRef(DefinitionModel):
     kind: Literal["audience"] = "audience"
     name: str
 
 
-class SqlCondition(_Model):
+class SqlCondition(DefinitionModel):
     """A reviewed escape hatch: a SELECT returning customer ids (one column). ``:now`` is bound."""
 
     kind: Literal["sql"] = "sql"
@@ -400,17 +358,17 @@ class SqlCondition(_Model):
         return text
 
 
-class AllOf(_Model):
+class AllOf(DefinitionModel):
     kind: Literal["all"] = "all"
     items: tuple[Condition, ...]
 
 
-class AnyOf(_Model):
+class AnyOf(DefinitionModel):
     kind: Literal["any"] = "any"
     items: tuple[Condition, ...]
 
 
-class Not(_Model):
+class Not(DefinitionModel):
     kind: Literal["not"] = "not"
     item: Condition
 
@@ -445,30 +403,6 @@ KINDS: dict[str, tuple[type[BaseModel], str | None]] = {
     "sql": (SqlCondition, "query"),
 }
 COMBINATORS = ("all", "any", "not")
-
-
-def _format_loc(base: str, loc: Iterable[Any]) -> str:
-    path = base
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            part = "in" if part == "in_" else part
-            path += f".{part}"
-    return path
-
-
-def _first_error(exc: ValidationError) -> tuple[tuple, str]:
-    error = exc.errors(include_url=False)[0]
-    loc = tuple(
-        p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal[")))
-    )
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown option"
-    elif error["type"] == "literal_error":
-        message = f"{error.get('input')!r} is not allowed: {message.lower()}"
-    return loc, message
 
 
 def parse_condition(raw: Any, *, file: str = "<condition>", path: str = "where") -> Condition:
@@ -514,12 +448,12 @@ def parse_condition(raw: Any, *, file: str = "<condition>", path: str = "where")
     try:
         return model.model_validate(body)  # type: ignore[return-value]
     except ValidationError as exc:
-        loc, message = _first_error(exc)
+        loc, message = first_error(exc)
         if kind == "trait" and loc[:1] == ("ops",):
             loc = loc[1:]
         if loc[:1] == (primary,) and base == path:
             loc = (kind, *loc[1:])
-        raise DefinitionError(file, _format_loc(base, loc), message) from None
+        raise DefinitionError(file, format_loc(base, loc), message) from None
 
 
 def referenced_audiences(condition: Condition) -> list[tuple[str, str]]:
@@ -539,7 +473,7 @@ def referenced_audiences(condition: Condition) -> list[tuple[str, str]]:
     return found
 
 
-class AudienceDefinition(_Model):
+class AudienceDefinition(DefinitionModel):
     name: str
     description: str = ""
     where: Condition
@@ -551,32 +485,53 @@ class AudienceDefinition(_Model):
         return sorted({name for name, _ in referenced_audiences(self.where)})
 
 
-TOP_LEVEL_KEYS = ("name", "description", "where")
+AudienceName = snake_case("an audience name")
 
 
-def parse_definition(raw: Any, *, file: str, default_name: str | None = None, text: str | None = None):
+class AudienceFile(DefinitionModel):
+    """An audience file as written. The name defaults to the file's (``default_name`` in the context),
+    and must be it; ``where`` is checked by :func:`parse_condition`, which names paths inside it."""
+
+    name: AudienceName
+    description: Text = ""
+    where: Any = Field(default=None, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_name(cls, data: Any, info: ValidationInfo) -> Any:
+        default = (info.context or {}).get("default_name")
+        if isinstance(data, Mapping) and "name" not in data and default is not None:
+            return {**data, "name": default}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _file_name(cls, value: str, info: ValidationInfo) -> str:
+        default = (info.context or {}).get("default_name")
+        if default is not None and value != default:
+            raise ValueError(f"name {value!r} must match the file name ({default}.yaml)")
+        return value
+
+    @field_validator("where")
+    @classmethod
+    def _where(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("missing: the condition that defines the audience")
+        return value
+
+
+def parse_definition(
+    raw: Any, *, file: str, default_name: str | None = None, text: str | None = None
+) -> AudienceDefinition:
     """One audience definition from its parsed YAML."""
-    if not isinstance(raw, Mapping):
-        raise DefinitionError(file, "", "an audience definition must be a mapping with name and where")
-    for key in raw:
-        if key not in TOP_LEVEL_KEYS:
-            raise DefinitionError(file, str(key), f"unknown key (expected {', '.join(TOP_LEVEL_KEYS)})")
-    name = raw.get("name", default_name)
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise DefinitionError(
-            file,
-            "name",
-            f"bad audience name {name!r}: lowercase letters, digits and '_', starting with a letter",
-        )
-    if default_name is not None and name != default_name:
-        raise DefinitionError(file, "name", f"name {name!r} must match the file name ({default_name}.yaml)")
-    description = raw.get("description") or ""
-    if not isinstance(description, str):
-        raise DefinitionError(file, "description", "description must be text")
-    if "where" not in raw:
-        raise DefinitionError(file, "where", "missing: the condition that defines the audience")
-    where = parse_condition(raw["where"], file=file, path="where")
-    return AudienceDefinition(name=name, description=description.strip(), where=where, source=file, text=text)
+    written = validate_definition(AudienceFile, raw, file=file, context={"default_name": default_name})
+    return AudienceDefinition(
+        name=written.name,
+        description=written.description.strip(),
+        where=parse_condition(written.where, file=file, path="where"),
+        source=file,
+        text=text,
+    )
 
 
 def check_references(definitions: Mapping[str, AudienceDefinition]) -> None:
@@ -624,43 +579,17 @@ def builtin_directory() -> Path:
 
 
 def audiences_directory(directory: Path | None = None) -> Path:
-    if directory is not None:
-        return Path(directory)
-    from omni.core.settings import get_settings
-
-    return get_settings().audiences_dir or builtin_directory()
-
-
-def load_definition_file(path: Path) -> AudienceDefinition:
-    file = str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DefinitionError(file, "", f"cannot read: {exc.strerror or exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else ""
-        raise DefinitionError(file, where, f"invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    return parse_definition(raw, file=file, default_name=path.stem, text=text)
+    """``directory``, or the built-in audiences' folder."""
+    return builtin_directory() if directory is None else Path(directory)
 
 
 def load_audiences(directory: Path | None = None) -> dict[str, AudienceDefinition]:
-    """Every ``*.yaml`` / ``*.yml`` in ``directory`` (default: ``OMNI_AUDIENCES_DIR``, else the built-ins),
-    validated, references and cycles checked. Raises DefinitionError."""
-    folder = audiences_directory(directory)
-    if not folder.is_dir():
-        raise DefinitionError(str(folder), "", "no such directory of audience definitions")
-    definitions: dict[str, AudienceDefinition] = {}
-    for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
-        definition = load_definition_file(path)
-        if definition.name in definitions:
-            raise DefinitionError(
-                str(path),
-                "name",
-                f"audience {definition.name!r} is also defined in {definitions[definition.name].source}",
-            )
-        definitions[definition.name] = definition
+    """Every audience in ``directory`` (default: the built-in ones), validated, references and cycles
+    checked. Raises DefinitionError."""
+    definitions = load_folder(
+        audiences_directory(directory),
+        lambda raw, file, text: parse_definition(raw, file=file, default_name=Path(file).stem, text=text),
+        kind="audience",
+    )
     check_references(definitions)
     return definitions

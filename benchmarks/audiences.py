@@ -50,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from audiences import build_audience, build_audiences, load_audiences  # noqa: E402
 from audiences.definitions import builtin_directory  # noqa: E402
+from omni.core.channels import Channel, Touchpoint  # noqa: E402
+from omni.core.statuses import ConsentStatus  # noqa: E402
 from profiles.db import (  # noqa: E402
     UTCDateTime,
     create_store_engine,
@@ -60,20 +62,9 @@ from profiles.models import AudienceMembership  # noqa: E402
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 YEAR = 365 * 86400
-CHANNELS = [
-    "web",
-    "web",
-    "web",
-    "app",
-    "app",
-    "store",
-    "call_center",
-    "chat",
-    "email",
-    "sms",
-    "push",
-    "social",
-]
+# The touchpoints of the generated events, one entry per share: the web three, the app two, the others one.
+SHARES = {Touchpoint.WEB: 3, Touchpoint.APP: 2}
+CHANNELS = [touchpoint.value for touchpoint in Touchpoint for _ in range(SHARES.get(touchpoint, 1))]
 # name, share of events (per mille)
 EVENT_NAMES = [
     ("Page Viewed", 450),
@@ -177,7 +168,8 @@ def generate(engine: Engine, customers: int, events: int) -> None:
         conn.execute(
             text(
                 "INSERT INTO consents (customer_id, channel, status, source, updated_at) "
-                f"SELECT s.i, 'email', 'opted_out', 'bench', {ts('86400')} FROM ({series(customers)}) AS s "
+                f"SELECT s.i, '{Channel.EMAIL}', '{ConsentStatus.OPTED_OUT}', 'bench', {ts('86400')} "
+                f"FROM ({series(customers)}) AS s "
                 "WHERE s.i % 25 = 0"
             )
         )

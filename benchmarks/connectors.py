@@ -91,7 +91,7 @@ def run(count: int, per_message: int) -> dict:
     try:
         batch = messages(count)
         started = time.perf_counter()
-        report = send_batch(connector, batch, policy=RetryPolicy(max_attempts=1))
+        report = send_batch(connector, batch, policy=RetryPolicy(attempts_per_send=1))
         batched_seconds = time.perf_counter() - started
         batched_requests = FakeSendGrid.requests
         assert len(report.sent) == count, report.counts()

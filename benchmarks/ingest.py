@@ -35,8 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from omni.core.channels import Touchpoint  # noqa: E402
+
 PRODUCTS = [(f"sku-{i}", f"Product {i}", round(5 + (i * 7.3) % 95, 2)) for i in range(200)]
-CHANNELS = ["web", "app", "store", "call_center", "chat"]
+# The touchpoints of the generated events: where customers act on their own (no message channels).
+OWN = (Touchpoint.WEB, Touchpoint.APP, Touchpoint.STORE, Touchpoint.CALL_CENTER, Touchpoint.CHAT)
+CHANNELS = [touchpoint.value for touchpoint in OWN]
 PAGES = ["Home", "Category", "Product", "Search", "Cart"]
 
 
@@ -206,13 +210,15 @@ def run_events_table(path: Path, db: Path) -> dict:
 
 
 def run_omni(path: Path, db: Path) -> dict:
+    from omni.core.settings import get_settings
     from profiles.db import create_store_engine, upgrade_schema
-    from profiles.ingest import ingest_files
+    from profiles.ingest import IngestOptions, ingest_files
 
     engine = create_store_engine(f"sqlite:///{db}")
     upgrade_schema(engine)
+    options = IngestOptions.of(get_settings())  # OMNI_INGEST_* as the CLI reads them
     started, cpu_started = time.perf_counter(), time.process_time()
-    result = ingest_files(engine, [str(path)], now=datetime(2026, 12, 1, tzinfo=UTC))
+    result = ingest_files(engine, [str(path)], options=options, now=datetime(2026, 12, 1, tzinfo=UTC))
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return {

@@ -133,13 +133,14 @@ class BatchCounter:
     """Counts the engine's walk and dispatch batches by wrapping its per-batch functions."""
 
     def __init__(self) -> None:
-        import sequences.engine as engine_module
+        import sequences.dispatch
+        import sequences.walking
 
-        self.module = engine_module
+        self.walking, self.dispatch = sequences.walking, sequences.dispatch
         self.walked = 0
         self.dispatched = 0
-        self._walk = engine_module._walk_batch
-        self._dispatch = engine_module._dispatch_batch
+        self._walk = self.walking._walk_batch
+        self._dispatch = self.dispatch._dispatch_batch
 
         def walk(*args: Any, **kwargs: Any) -> Any:
             self.walked += 1
@@ -149,8 +150,8 @@ class BatchCounter:
             self.dispatched += 1
             return self._dispatch(*args, **kwargs)
 
-        engine_module._walk_batch = walk
-        engine_module._dispatch_batch = dispatch
+        self.walking._walk_batch = walk
+        self.dispatch._dispatch_batch = dispatch
 
     def take(self) -> tuple[int, int]:
         counts = (self.walked, self.dispatched)
@@ -158,15 +159,18 @@ class BatchCounter:
         return counts
 
     def close(self) -> None:
-        self.module._walk_batch = self._walk
-        self.module._dispatch_batch = self._dispatch
+        self.walking._walk_batch = self._walk
+        self.dispatch._dispatch_batch = self._dispatch
 
 
 def engine_ticker(engine: Engine) -> Callable[[datetime], tuple[dict[str, Any], int | None]]:
-    from sequences.engine import run_tick
+    from omni.core.settings import Settings
+    from sequences.tick import run_tick
+
+    settings = Settings()
 
     def tick(at: datetime) -> tuple[dict[str, Any], int | None]:
-        return run_tick(engine, now=at, names=["abandoned_cart"]).as_dict(), None
+        return run_tick(engine, now=at, settings=settings, names=["abandoned_cart"]).as_dict(), None
 
     return tick
 

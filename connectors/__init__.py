@@ -2,14 +2,15 @@
 
 For the sequence engine (see ``connectors/base.py`` for the details):
 
-- ``get_connector(channel, settings=None, *, engine=None, clock=None) -> Connector``: the connector
-  configured for ``channel`` (``OMNI_<CHANNEL>_CONNECTOR``, ``outbox`` by default); raises
-  ``ConnectorConfigError`` naming the missing setting when it cannot be built.
-- ``send_batch(connector, messages, policy=..., sleep=...) -> SendReport`` (the one retry loop; the
+- ``get_connector(channel, settings, *, outbox=None) -> Connector``: the connector configured for
+  ``channel`` (``OMNI_<CHANNEL>_CONNECTOR``, ``outbox`` by default); ``outbox`` is the writer the outbox
+  connector records through (``profiles.outbox.OutboxRecorder``). Raises ``ConnectorConfigError`` naming
+  the missing setting when it cannot be built. ``settings`` carry resolved credentials
+  (``flows.secrets.resolve_secrets``; ``configured_secrets(settings)`` names the ones to resolve).
+- ``send_batch(connector, messages, policy=..., sleep=...) -> SendReport`` (the one retry policy; the
   engine uses it, not ``connector.send``): results ``sent`` / ``retryable`` / ``failed`` / ``unknown``
   (may have been processed: never resend), and ``report.halted`` (the connector cannot send at all).
-- ``at_most_once(channel)`` / ``AT_LEAST_ONCE_CHANNELS``: the one statement of each channel's delivery
-  semantics (email, SMS, push at most once; ads, webhook at least once).
+- Delivery semantics are the channel's: ``omni.core.channels.at_most_once(channel)``.
 - ``sequences.effects.apply_effects(session, results, now=...)`` for provider side effects.
 - ``MetaCustomAudience.add / remove(audience, members)`` for ad audiences (or ``send`` with ``ads``
   messages carrying ``action`` and ``member``).
@@ -17,21 +18,17 @@ For the sequence engine (see ``connectors/base.py`` for the details):
 
 from __future__ import annotations
 
-from typing import Any
-
 from connectors.base import (
-    AT_LEAST_ONCE_CHANNELS,
     AudienceMember,
-    Channel,
     Connector,
     ConnectorConfigError,
     Effect,
+    EffectKind,
     Message,
     Result,
     RetryPolicy,
     SendReport,
     Status,
-    at_most_once,
     redact,
     register_basic_auth,
     register_secret,
@@ -39,10 +36,12 @@ from connectors.base import (
 )
 from connectors.fcm_push import FcmPush
 from connectors.meta_audience import MetaCustomAudience
-from connectors.outbox import OutboxConnector
+from connectors.outbox import OutboxConnector, OutboxRow, OutboxWriter
 from connectors.sendgrid_email import SendGridEmail
 from connectors.twilio_sms import TwilioSms
 from connectors.webhook import WebhookConnector
+from omni.core.channels import SEND_CHANNELS
+from omni.core.settings import Settings
 
 # The explicit registry, keyed by provider. Adding a provider adds one line here.
 REGISTRY: dict[str, type[Connector]] = {
@@ -50,47 +49,41 @@ REGISTRY: dict[str, type[Connector]] = {
     for c in (OutboxConnector, SendGridEmail, MetaCustomAudience, TwilioSms, FcmPush, WebhookConnector)
 }
 
-# The setting that picks each channel's provider.
-CHANNEL_SETTINGS = {
-    Channel.EMAIL.value: "email_connector",
-    Channel.SMS.value: "sms_connector",
-    Channel.PUSH.value: "push_connector",
-    Channel.ADS.value: "ads_connector",
-    Channel.WEBHOOK.value: "webhook_connector",
-}
+
+def provider_setting(channel: str) -> str:
+    """The setting that picks ``channel``'s provider (``email`` -> ``email_connector``)."""
+    if channel not in SEND_CHANNELS:
+        known = ", ".join(SEND_CHANNELS)
+        raise ConnectorConfigError(f"unknown channel {channel!r} (expected one of {known})")
+    return f"{channel}_connector"
 
 
-def provider_for(channel: str, settings: Any = None) -> str:
+def provider_for(channel: str, settings: Settings) -> str:
     """The provider configured for ``channel``."""
-    if settings is None:
-        from omni.core.settings import get_settings
-
-        settings = get_settings()
-    if channel not in CHANNEL_SETTINGS:
-        raise ConnectorConfigError(
-            f"unknown channel {channel!r} (expected one of {', '.join(CHANNEL_SETTINGS)})"
-        )
-    return getattr(settings, CHANNEL_SETTINGS[channel]).strip().lower()
+    return getattr(settings, provider_setting(channel)).strip().lower()
 
 
-def get_connector(channel: str, settings: Any = None, **kwargs: Any) -> Connector:
+def configured_secrets(settings: Settings) -> tuple[str, ...]:
+    """The credential settings the providers configured for the channels read (``Settings`` fields):
+    the ones to resolve before building them. An unknown provider reads none (building it fails)."""
+    providers = sorted({provider_for(channel, settings) for channel in SEND_CHANNELS} & REGISTRY.keys())
+    return tuple(dict.fromkeys(name for p in providers for name in REGISTRY[p].secret_settings))
+
+
+def get_connector(channel: str, settings: Settings, *, outbox: OutboxWriter | None = None) -> Connector:
     """Build the connector configured for ``channel``.
 
     Args:
-        settings: an ``omni.core.settings.Settings`` (default: ``get_settings()``).
-        kwargs: passed to ``from_settings``: ``engine`` (the outbox's store), ``clock`` (the outbox's
-            ``sent_at``: the engine's ``now``).
+        settings: the settings, credentials resolved (``flows.secrets.resolve_secrets``).
+        outbox: the writer the outbox connector records through (the store's: the engine's
+            ``profiles.outbox.OutboxRecorder``); required when the outbox is the channel's provider.
 
     Raises:
         ConnectorConfigError: unknown provider, a provider that does not serve ``channel``, or a missing
             setting (the message names the ``OMNI_...`` variable).
     """
-    if settings is None:
-        from omni.core.settings import get_settings
-
-        settings = get_settings()
     provider = provider_for(channel, settings)
-    env = f"OMNI_{CHANNEL_SETTINGS[channel].upper()}"
+    env = f"OMNI_{provider_setting(channel).upper()}"
     cls = REGISTRY.get(provider)
     if cls is None:
         raise ConnectorConfigError(
@@ -98,26 +91,30 @@ def get_connector(channel: str, settings: Any = None, **kwargs: Any) -> Connecto
         )
     if channel not in cls.channels:
         raise ConnectorConfigError(f"{env}={provider!r}: {provider} does not send {channel} messages")
-    return cls.from_settings(settings, **kwargs)
+    if cls is OutboxConnector:
+        # The one connector that records instead of sending: it writes through the writer it is handed.
+        return OutboxConnector.from_writer(outbox)
+    return cls.from_settings(settings)
 
 
 __all__ = [
-    "AT_LEAST_ONCE_CHANNELS",
-    "CHANNEL_SETTINGS",
     "REGISTRY",
     "AudienceMember",
-    "Channel",
     "Connector",
     "ConnectorConfigError",
     "Effect",
+    "EffectKind",
     "Message",
+    "OutboxRow",
+    "OutboxWriter",
     "Result",
     "RetryPolicy",
     "SendReport",
     "Status",
-    "at_most_once",
+    "configured_secrets",
     "get_connector",
     "provider_for",
+    "provider_setting",
     "redact",
     "register_basic_auth",
     "register_secret",

@@ -1,4 +1,4 @@
-"""The connector interface, the one shared HTTP / classification layer and the one retry loop.
+"""The connector interface, the one shared HTTP / classification layer and the one retry policy.
 
 Every message Omni sends leaves through a :class:`Connector`. A connector is one class in one module
 (``connectors/<provider>.py``); what a flow needs to know about it is a class attribute:
@@ -6,46 +6,53 @@ Every message Omni sends leaves through a :class:`Connector`. A connector is one
 - ``provider`` (registry key, equal to the module name), ``channel`` (its main channel) and
   ``channels`` (every channel it can serve: the outbox and webhook connectors serve all of them);
 - ``max_batch_size`` (messages per provider request: 1000 SendGrid personalizations, 10,000 Meta rows,
-  1 for Twilio, FCM and webhooks) and ``rate_per_second`` (``None``: no client-side throttle).
+  1 for Twilio, FCM and webhooks) and ``rate_per_second`` (``None``: no client-side throttle);
+- ``secret_settings``: the credential settings it reads (resolved before it is built, see below).
 
 Interface for the sequence engine:
 
-- ``connectors.get_connector(channel, settings=None, *, engine=None) -> Connector`` builds the
-  configured connector; a misconfigured one raises :class:`ConnectorConfigError` naming the missing
-  setting (``OMNI_SENDGRID_API_KEY`` ...) at construction, never half-way through a batch.
+- ``connectors.get_connector(channel, settings, *, outbox=None) -> Connector`` builds the configured
+  connector; a misconfigured one raises :class:`ConnectorConfigError` naming the missing setting
+  (``OMNI_SENDGRID_API_KEY`` ...) at construction, never half-way through a batch.
 - ``connector.send(batch: Sequence[Message]) -> list[Result]``: one request (or one per message where the
   API has no batch endpoint), one :class:`Result` per message in order: ``sent`` + ``provider_id``,
   ``retryable`` + ``retry_after`` seconds (``ambiguous`` when the provider may have processed it), or
   ``failed`` + ``reason`` (``halt`` when the credential cannot send). A connector never retries and
   never raises for a provider's answer (callers use :func:`send_batch`, which applies the channel
   rule); it raises only for programming errors (a batch bigger than ``max_batch_size``, a message for a
-  channel it does not serve).
-- :func:`send_batch` (``connectors.send_batch``) is the one retry loop: it splits a batch at
-  ``max_batch_size``, throttles to ``rate_per_second``, retries short throttles in the call (a 429 with
-  ``Retry-After: 2``, a passing 503) with exponential backoff, jitter and a cap on attempts, and returns a
-  :class:`SendReport` whose still-``retryable`` results carry the delay to wait before a later tick.
-- Delivery semantics live in ONE place: ``AT_LEAST_ONCE_CHANNELS = {"ads", "webhook"}`` and
-  :func:`at_most_once(channel) <at_most_once>`. For email, SMS and push (at most once) ``send_batch``
-  never resends a request the provider may have processed (5xx, read timeout, connection dropped after
-  sending, an unexpected exception): it returns ``Status.UNKNOWN`` with the reason. Only answers proving
-  nothing was processed are retried (429 / Twilio 20429 / FCM ``QUOTA_EXCEEDED``, 408, connection
-  refused, DNS failure, connect timeout). Ads and webhooks (at least once) retry ambiguous answers too.
-  No ``RetryPolicy`` setting can override this.
+  channel it does not serve). Its ``classify`` method is the one place its provider's answers are
+  judged (:meth:`HttpConnector.classify`, by HTTP status, unless the provider overrides it).
+- :func:`send_batch` (``connectors.send_batch``) is the one retry policy (:class:`RetryPolicy`, run by
+  tenacity): it splits a batch at ``max_batch_size``, throttles to ``rate_per_second``, retries short
+  throttles in the call (a 429 with ``Retry-After: 2``, a passing 503) with exponential backoff, full
+  jitter and at most ``RetryPolicy.attempts_per_send`` tries, and returns a :class:`SendReport` whose
+  still-``retryable`` results carry the delay to wait before a later tick. (Delivery attempts across
+  ticks are the engine's: ``Settings.delivery_attempts``.)
+- Delivery semantics are the channel's (``omni.core.channels``: ``spec(channel).at_least_once``,
+  ``at_most_once(channel)``). For email, SMS and push (at most once) ``send_batch`` never resends a
+  request the provider may have processed (5xx, read timeout, connection dropped after sending, an
+  unexpected exception): it returns ``Status.UNKNOWN`` with the reason. Only answers proving nothing
+  was processed are retried (429 / Twilio 20429 / FCM ``QUOTA_EXCEEDED``, 408, connection refused, DNS
+  failure, connect timeout). Ads and webhooks (at least once) retry ambiguous answers too. No
+  ``RetryPolicy`` setting can override this.
 - ``SendReport.halted`` is set when the connector cannot send at all (401 / 403, Twilio 20003, FCM
   ``UNAUTHENTICATED`` / ``PERMISSION_DENIED``, Meta 190; or the provider unreachable through all the
   in-call retries): sending stops at once and every message not accepted comes back ``retryable`` with
   ``reason == halted``. The caller fails its task with that reason and leaves those messages due.
 - Provider side effects (Twilio 21610 → SMS opt-out; FCM ``UNREGISTERED`` → device token removed) are
   :class:`Effect` values on the results; ``sequences.effects.apply_effects(session, results, now=...)``
-  writes them to the store. Connectors themselves never touch the database (the outbox, whose job is
-  to write, is handed an engine).
+  writes them to the store. Connectors never touch the database: the outbox, whose job is to record,
+  is handed a writer (``connectors.outbox.OutboxWriter``).
 
-Secrets are ``SecretStr`` attributes: ``repr()`` masks them. :func:`reveal` / :func:`register_secret`
-register a secret with its encoded forms (URL-encoded, JSON-escaped, base64) and
-:func:`register_basic_auth` the ``base64(user:secret)`` of every Basic credential a connector builds;
-:func:`redact` masks all of them. Every ``Result`` / ``Verdict`` reason is redacted on construction, and
-every log record is scrubbed (a log-record factory plus :class:`SecretRedactingFilter`). No connector
-follows a redirect (``Http`` forces ``allow_redirects=False``; a 3xx is a permanent failure).
+Settings are an ``omni.core.settings.Settings`` whose credentials were resolved before (the flows and
+the CLI call ``flows.secrets.resolve_secrets``: the environment, else a Prefect Secret block); a
+connector reads only what it is given. Secrets are ``SecretStr`` attributes: ``repr()`` masks them.
+:func:`reveal` / :func:`register_secret` register a secret with its encoded forms (URL-encoded,
+JSON-escaped, base64) and :func:`register_basic_auth` the ``base64(user:secret)`` of every Basic
+credential a connector builds; :func:`redact` masks all of them. Every ``Result`` / ``Verdict`` reason
+is redacted on construction, and every log record is scrubbed (a log-record factory plus
+:class:`SecretRedactingFilter`). No connector follows a redirect (``Http`` forces
+``allow_redirects=False``; a 3xx is a permanent failure).
 """
 
 from __future__ import annotations
@@ -63,23 +70,20 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import quote, quote_plus
 
 import requests
 from pydantic import SecretStr
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, stop_any
+
+from omni.core.batching import chunked
+from omni.core.channels import at_most_once
+from omni.core.settings import Settings, secret_block_name
 
 log = logging.getLogger(__name__)
 
 MASK = "**********"
-
-
-class Channel(StrEnum):
-    EMAIL = "email"
-    SMS = "sms"
-    PUSH = "push"
-    ADS = "ads"
-    WEBHOOK = "webhook"
 
 
 class Status(StrEnum):
@@ -89,21 +93,6 @@ class Status(StrEnum):
     # The provider may have processed it (a 5xx, a read timeout, a dropped connection after the request
     # was sent): never resend. Only at-most-once channels (email, SMS, push) end here.
     UNKNOWN = "unknown"
-
-
-# --- delivery semantics per channel: the ONE place this fact lives -------------------------------------
-
-# Channels whose sends may be repeated safely: an audience add/remove is set membership, and webhook
-# receivers dedupe on ``X-Omni-Delivery-Id``. Every other channel (email, SMS, push, and any channel not
-# listed, by default) is at most once: a request the provider may have processed is never sent again.
-AT_LEAST_ONCE_CHANNELS = frozenset({"ads", "webhook"})
-
-
-def at_most_once(channel: str) -> bool:
-    """Whether ``channel`` is delivered at most once: an ambiguous send (the provider may have processed
-    it) is recorded ``unknown`` and never resent, in the call or on a later tick, and a crash between the
-    claim and the outcome also leaves it ``unknown``. ``ads`` and ``webhook`` are at least once."""
-    return str(getattr(channel, "value", channel)).strip().lower() not in AT_LEAST_ONCE_CHANNELS
 
 
 class ConnectorConfigError(ValueError):
@@ -155,14 +144,17 @@ class Message:
     member: AudienceMember | None = None
 
 
+class EffectKind(StrEnum):
+    SMS_OPTED_OUT = "sms_opted_out"  # the customer replied STOP (value: the phone)
+    DEVICE_TOKEN_INVALID = "device_token_invalid"  # the push token is gone (value: the token)
+
+
 @dataclass(frozen=True, slots=True)
 class Effect:
-    """Something the provider told us about the recipient that the profile store must learn.
+    """Something the provider told us about the recipient that the profile store must learn
+    (``sequences.effects.apply_effects`` writes it)."""
 
-    kinds: ``sms_opted_out`` (value: the phone), ``device_token_invalid`` (value: the token).
-    """
-
-    kind: str
+    kind: EffectKind
     customer_id: int | None
     value: str
     source: str
@@ -551,6 +543,14 @@ class Http:
 
 # --- the connector interface ---------------------------------------------------------------------------
 
+T = TypeVar("T")
+
+
+def _blank(value: object) -> bool:
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    return isinstance(value, str) and not value.strip()
+
 
 class Connector:
     """Base class of every connector; see the module docstring."""
@@ -560,8 +560,9 @@ class Connector:
     channels: ClassVar[frozenset[str]] = frozenset()
     max_batch_size: ClassVar[int] = 1
     rate_per_second: ClassVar[float | None] = None
-    # Settings a connector reads, for docs and error messages.
-    settings_used: ClassVar[tuple[str, ...]] = ()
+    # The credentials it reads (``Settings`` fields), which ``flows.secrets.resolve_secrets`` fills from a
+    # Prefect Secret block when the environment does not set them.
+    secret_settings: ClassVar[tuple[str, ...]] = ()
 
     requests_made: int = 0
 
@@ -571,8 +572,21 @@ class Connector:
             cls.channels = frozenset({cls.channel})
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> Connector:  # pragma: no cover - abstract
+    def from_settings(cls, settings: Settings) -> Connector:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def require(cls, value: T | None, setting: str) -> T:
+        """``value``, or a :class:`ConnectorConfigError` naming the variable ``setting`` to set (for a
+        credential, also the Prefect Secret block that may hold it)."""
+        if value is not None and not _blank(value):
+            return value
+        name = setting.removeprefix("OMNI_").lower()
+        block = f" (or a Prefect Secret block named {secret_block_name(name)!r})"
+        raise ConnectorConfigError(
+            f"the {cls.provider} connector needs {setting} to be set"
+            + (block if name in cls.secret_settings else "")
+        )
 
     def send(self, batch: Sequence[Message]) -> list[Result]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -607,85 +621,47 @@ class HttpConnector(Connector):
     """A connector speaking HTTP through the shared :class:`Http` session (``self.http``)."""
 
     http: Http
+    # The provider as reasons name it ("SendGrid HTTP 400: ...").
+    label: ClassVar[str]
 
     @property
     def requests_made(self) -> int:  # type: ignore[override]
         return self.http.requests_made
 
+    def classify(self, response: requests.Response, messages: Sequence[Message]) -> Verdict:
+        """The one place this provider's answers are judged; a provider overrides it to read its error
+        codes. ``messages``: what the request carried, for what an answer says about their recipients
+        (an :class:`Effect`). Default: the HTTP status (:func:`classify_status`), ``Retry-After``
+        honoured."""
+        verdict = classify_status(response.status_code, response.headers)
+        return verdict.replace(reason=f"{self.label} {verdict.reason}")
+
     def close(self) -> None:
         self.http.close()
 
 
-# Credentials that may also come from a Prefect Secret block named after the variable
-# (OMNI_SENDGRID_API_KEY -> "omni-sendgrid-api-key") when the environment does not set them.
-SECRET_SETTINGS = frozenset(
-    {"OMNI_SENDGRID_API_KEY", "OMNI_META_ACCESS_TOKEN", "OMNI_TWILIO_AUTH_TOKEN", "OMNI_WEBHOOK_SECRET"}
-)
-
-
-def secret_block_name(setting: str) -> str:
-    return setting.lower().replace("_", "-")
-
-
-def load_secret_block(setting: str) -> SecretStr | None:
-    """The value of the Prefect Secret block for ``setting``, or None.
-
-    Looked up only where a Prefect API is at hand (``PREFECT_API_URL`` set, or inside a flow run), so a
-    CLI command never starts a temporary Prefect server just to find a credential.
-    """
-    from prefect.context import FlowRunContext
-    from prefect.settings import PREFECT_API_URL
-
-    if not PREFECT_API_URL.value() and FlowRunContext.get() is None:
-        return None
-    from prefect.blocks.system import Secret
-
-    try:
-        block = Secret.load(secret_block_name(setting))
-    except ValueError:  # no block of that name
-        return None
-    value = block.get()
-    return SecretStr(value) if isinstance(value, str) and value.strip() else None
-
-
-def require(value: Any, setting: str, provider: str) -> Any:
-    """``value`` (or, for a credential, its Prefect Secret block), or a :class:`ConnectorConfigError`
-    naming the environment variable to set."""
-    missing = value is None or (isinstance(value, str) and not value.strip())
-    missing = missing or (isinstance(value, SecretStr) and not value.get_secret_value().strip())
-    if not missing:
-        return value
-    if setting in SECRET_SETTINGS:
-        found = load_secret_block(setting)
-        if found is not None:
-            register_secret(found)
-            return found
-        raise ConnectorConfigError(
-            f"the {provider} connector needs {setting} to be set "
-            f"(or a Prefect Secret block named {secret_block_name(setting)!r})"
-        )
-    raise ConnectorConfigError(f"the {provider} connector needs {setting} to be set")
-
-
-# --- the one retry loop --------------------------------------------------------------------------------
+# --- the one retry policy ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Bounded in-call retries: ``max_attempts`` tries in all; waits of ``base_delay * 2^(n-1)`` with full
-    jitter, capped at ``max_delay``, or the provider's Retry-After when longer. A wait longer than
-    ``max_inline_delay`` is not slept: the message is returned ``retryable`` with that delay instead.
+    """The retries within one :func:`send_batch` call: at most ``attempts_per_send`` tries of a message;
+    waits of ``base_delay * 2^(n-1)`` with full jitter, capped at ``max_delay``, or the provider's
+    Retry-After when longer. A wait longer than ``max_inline_delay`` is not slept: the message is returned
+    ``retryable`` with that delay instead. (Delivery attempts across ticks are a different count: the
+    engine's ``Settings.delivery_attempts``.)
 
-    Which answers may be retried is not a policy setting: it is the channel's rule (:func:`at_most_once`).
+    Which answers may be retried is not a policy setting: it is the channel's rule (``at_most_once``).
     An ambiguous answer (the provider may have processed the request) is never retried for email, SMS or
     push, whatever the policy; it is retried only for the at-least-once channels (ads, webhook)."""
 
-    max_attempts: int = 3
+    attempts_per_send: int = 3
     base_delay: float = 0.5
     max_delay: float = 60.0
     max_inline_delay: float = 5.0
 
     def backoff(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        """The wait after try ``attempt``; ``rng`` draws the jitter (``lambda: 1.0``: the ceiling)."""
         ceiling = min(self.max_delay, self.base_delay * (2 ** max(0, attempt - 1)))
         return ceiling * rng()
 
@@ -730,11 +706,6 @@ class SendReport:
         return {s.value: len(self.by_status(s)) for s in Status}
 
 
-def chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def not_resent(result: Result) -> Result:
     """An ambiguous result of an at-most-once channel as recorded: ``unknown``, never resent."""
     reason = (result.reason or "no answer").rstrip(".")
@@ -761,9 +732,10 @@ def send_batch(
     """Send ``messages`` through ``connector`` with bounded in-call retries; one result per message, in order.
 
     The batch is split at ``max_batch_size``; each chunk is sent and its retryable messages retried (at
-    most ``policy.max_attempts`` tries, backoff with jitter, Retry-After honoured) before the next chunk.
+    most ``policy.attempts_per_send`` tries, backoff with jitter, Retry-After honoured; tenacity runs the
+    tries) before the next chunk.
 
-    Delivery semantics (the channel's, from :func:`at_most_once`; no policy overrides them):
+    Delivery semantics (the channel's, ``omni.core.channels.at_most_once``; no policy overrides them):
 
     - at-most-once channels (email, SMS, push): an ambiguous answer (5xx, read timeout, connection dropped
       after sending, an unexpected exception during the request) is never retried and comes back
@@ -830,43 +802,55 @@ def send_batch(
                     ambiguous=current.ambiguous if current is not None else False,
                 )
 
-    for chunk in chunks(messages, connector.max_batch_size):
+    def attempt(pending: list[Message]) -> list[Message]:
+        """One try of ``pending``; leaves in it (and returns) the messages to try again."""
+        for result in call(pending):
+            final[result.delivery_id] = result
+        halting = [final[m.delivery_id] for m in pending if final[m.delivery_id].halt]
+        if halting:
+            halt(pending, f"{connector.provider} cannot send: {halting[0].reason}")
+            pending.clear()
+        else:
+            pending[:] = [m for m in pending if final[m.delivery_id].status is Status.RETRYABLE]
+        return pending
+
+    def delay(state: RetryCallState) -> float:
+        """The provider's Retry-After when longer than the backoff."""
+        hint = max((final[m.delivery_id].retry_after or 0.0) for m in state.outcome.result())
+        return max(hint, policy.backoff(state.attempt_number, rng))
+
+    def pause(seconds: float) -> None:
+        if seconds > 0:
+            sleep(seconds)
+            report.slept += seconds
+
+    retrying = Retrying(
+        retry=retry_if_result(bool),  # messages left to try
+        stop=stop_any(
+            stop_after_attempt(policy.attempts_per_send),
+            # The provider asked for a longer wait than is slept here: left for a later tick.
+            lambda state: state.upcoming_sleep > policy.max_inline_delay,
+        ),
+        wait=delay,
+        sleep=pause,
+        retry_error_callback=lambda state: state.outcome.result(),  # what is left stays retryable
+    )
+    for chunk in chunked(messages, connector.max_batch_size):
         if report.halted:
             halt(chunk, report.halted)
             continue
-        pending: Sequence[Message] = chunk
-        attempt = 0
-        waiting = False  # the provider asked for a wait longer than we sleep here
-        while pending:
-            attempt += 1
-            for result in call(pending):
-                final[result.delivery_id] = result
-            halting = [final[m.delivery_id] for m in pending if final[m.delivery_id].halt]
-            if halting:
-                halt(chunk, f"{connector.provider} cannot send: {halting[0].reason}")
-                break
-            retry = [m for m in pending if final[m.delivery_id].status is Status.RETRYABLE]
-            if not retry or attempt >= policy.max_attempts:
-                break
-            hint = max((final[m.delivery_id].retry_after or 0.0) for m in retry)
-            delay = max(hint, policy.backoff(attempt, rng))
-            if delay > policy.max_inline_delay:
-                waiting = True
-                break
-            if delay > 0:
-                sleep(delay)
-                report.slept += delay
-            pending = retry
-        report.attempts = max(report.attempts, attempt)
-        if report.halted or waiting:
-            continue
+        left = retrying(attempt, list(chunk))
+        tries = retrying.statistics["attempt_number"]
+        report.attempts = max(report.attempts, tries)
+        if report.halted or (left and tries < policy.attempts_per_send):
+            continue  # halted, or waiting longer than is slept here
         outcome = [final[m.delivery_id] for m in chunk]
         if all(r.status is Status.RETRYABLE and not r.throttled for r in outcome):
             # Nothing of this chunk was accepted through every try: the provider is down or unreachable.
             halt(
                 chunk,
                 f"{connector.provider} unavailable: {outcome[0].reason} "
-                f"(every try failed, {attempt} attempt{'s' if attempt != 1 else ''}); nothing was accepted",
+                f"(every try failed, {tries} attempt{'s' if tries != 1 else ''}); nothing was accepted",
             )
     # What is still retryable carries the wait before the next try (a later tick).
     for delivery_id, result in final.items():

@@ -41,9 +41,9 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from pydantic import SecretStr
 
 from connectors.base import (
-    Channel,
     ConnectorConfigError,
     Effect,
+    EffectKind,
     Http,
     HttpConnector,
     Message,
@@ -53,9 +53,10 @@ from connectors.base import (
     classify_status,
     classify_transport_error,
     redact,
-    require,
     reveal,
 )
+from omni.core.channels import Channel
+from omni.core.settings import Settings
 
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -160,7 +161,7 @@ class FcmPush(HttpConnector):
     max_batch_size = 1
     payload_max_bytes = 4096
     rate_per_second = None
-    settings_used = ("OMNI_FCM_PROJECT_ID", "OMNI_FCM_CREDENTIALS_FILE", "OMNI_FCM_BASE_URL")
+    label = "FCM"
 
     def __init__(
         self,
@@ -172,7 +173,7 @@ class FcmPush(HttpConnector):
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.project_id = require(project_id, "OMNI_FCM_PROJECT_ID", self.provider)
+        self.project_id = self.require(project_id, "OMNI_FCM_PROJECT_ID")
         self.base_url = base_url.rstrip("/")
         self.http = Http(timeout=timeout, session=session)
         if isinstance(credentials, ServiceAccount):
@@ -181,10 +182,10 @@ class FcmPush(HttpConnector):
             self.credentials = ServiceAccount.from_file(Path(credentials), http=self.http, clock=clock)
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> FcmPush:
+    def from_settings(cls, settings: Settings) -> FcmPush:
         return cls(
-            project_id=require(settings.fcm_project_id, "OMNI_FCM_PROJECT_ID", cls.provider),
-            credentials=require(settings.fcm_credentials_file, "OMNI_FCM_CREDENTIALS_FILE", cls.provider),
+            project_id=cls.require(settings.fcm_project_id, "OMNI_FCM_PROJECT_ID"),
+            credentials=cls.require(settings.fcm_credentials_file, "OMNI_FCM_CREDENTIALS_FILE"),
             base_url=settings.fcm_base_url,
             timeout=settings.connector_timeout,
         )
@@ -254,7 +255,7 @@ class FcmPush(HttpConnector):
             except (ValueError, AttributeError):
                 name = None
             return Result.sent(message.delivery_id, name)
-        return self.classify(response, message).result(message.delivery_id)
+        return self.classify(response, [message]).result(message.delivery_id)
 
     def _token_failure(self, exc: TokenError) -> Verdict:
         """The token endpoint's answer: the push was not sent, so never ambiguous. A rejected service
@@ -276,7 +277,7 @@ class FcmPush(HttpConnector):
             return Verdict(Status.RETRYABLE, reason, verdict.retry_after, throttled=verdict.throttled)
         return Verdict(verdict.status, reason)
 
-    def classify(self, response: requests.Response, message: Message) -> Verdict:
+    def classify(self, response: requests.Response, messages: Sequence[Message]) -> Verdict:
         """The one place FCM answers are judged: ``details[].errorCode``, then ``status``, then HTTP."""
         try:
             error = response.json().get("error") or {}
@@ -297,11 +298,13 @@ class FcmPush(HttpConnector):
         text = redact(str(error.get("message") or ""))[:500]
         reason = f"FCM HTTP {response.status_code} {code or ''}".rstrip() + (f": {text}" if text else "")
         if code in TOKEN_ERRORS or (code == "INVALID_ARGUMENT" and token_field):
-            effect = Effect("device_token_invalid", message.customer_id, message.to, f"fcm:{code}")
-            return Verdict(Status.FAILED, reason, effects=(effect,))
-        verdict = classify_status(response.status_code, response.headers)
+            effects = tuple(
+                Effect(EffectKind.DEVICE_TOKEN_INVALID, m.customer_id, m.to, f"fcm:{code}") for m in messages
+            )
+            return Verdict(Status.FAILED, reason, effects=effects)
+        verdict = super().classify(response, messages)
         if 300 <= response.status_code < 400:
-            return verdict.replace(reason=f"FCM {verdict.reason}")
+            return verdict
         if code in AUTH_ERRORS or (code is None and response.status_code in (401, 403)):
             return Verdict(Status.FAILED, f"{reason} (the credentials cannot send)", halt=True)
         if code in THROTTLE_ERRORS or response.status_code == 429:

@@ -25,9 +25,9 @@ code / subcode / ``is_transient``, not by HTTP status: 1, 2, 4, 17, 613, 80003, 
 ``estimated_time_to_regain_access`` honoured); the rest (100, 190, 10, 200, 294, 368, ...) permanent.
 190 (invalid or expired access token) and 102 also ``halt``: ``send_batch`` stops, nothing can be sent.
 
-Delivery semantics: ad-audience syncs are at least once (``connectors.base.at_most_once``): adding or
-removing the same hashes again is set membership, so ``send_batch`` retries ambiguous answers (5xx, a
-timeout) too. Redirects are never followed (the token travels in the body).
+Delivery semantics: ad-audience syncs are at least once (the channel's ``at_least_once`` in
+``omni.core.channels``): adding or removing the same hashes again is set membership, so ``send_batch``
+retries ambiguous answers (5xx, a timeout) too. Redirects are never followed (the token travels in the body).
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from pydantic import SecretStr
 
 from connectors.base import (
     AudienceMember,
-    Channel,
     ConnectorConfigError,
     Http,
     HttpConnector,
@@ -53,14 +52,14 @@ from connectors.base import (
     Result,
     Status,
     Verdict,
-    chunks,
-    classify_status,
     classify_transport_error,
     parse_retry_after,
     redact,
-    require,
     reveal,
 )
+from omni.core.batching import chunked
+from omni.core.channels import Channel
+from omni.core.settings import Settings
 
 SCHEMA = ["EMAIL", "PHONE", "FN", "LN"]
 RETRYABLE_CODES = {1, 2, 4, 17, 613, 80003, 80004}
@@ -114,13 +113,8 @@ class MetaCustomAudience(HttpConnector):
     channel = Channel.ADS
     max_batch_size = 10_000
     rate_per_second = None
-    settings_used = (
-        "OMNI_META_ACCESS_TOKEN",
-        "OMNI_META_AD_ACCOUNT_ID",
-        "OMNI_META_AUDIENCES",
-        "OMNI_META_BASE_URL",
-        "OMNI_META_API_VERSION",
-    )
+    secret_settings = ("meta_access_token",)
+    label = "Meta"
 
     def __init__(
         self,
@@ -135,7 +129,7 @@ class MetaCustomAudience(HttpConnector):
         session_ids: random.Random | None = None,
     ) -> None:
         self.access_token = access_token if isinstance(access_token, SecretStr) else SecretStr(access_token)
-        require(self.access_token, "OMNI_META_ACCESS_TOKEN", self.provider)
+        self.require(self.access_token, "OMNI_META_ACCESS_TOKEN")
         self.ad_account_id = ad_account_id
         self.audiences = dict(audiences or {})
         self.base_url = base_url.rstrip("/")
@@ -145,9 +139,9 @@ class MetaCustomAudience(HttpConnector):
         reveal(self.access_token)
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> MetaCustomAudience:
+    def from_settings(cls, settings: Settings) -> MetaCustomAudience:
         return cls(
-            access_token=require(settings.meta_access_token, "OMNI_META_ACCESS_TOKEN", cls.provider),
+            access_token=cls.require(settings.meta_access_token, "OMNI_META_ACCESS_TOKEN"),
             ad_account_id=settings.meta_ad_account_id,
             audiences=settings.meta_audiences,
             base_url=settings.meta_base_url,
@@ -242,15 +236,18 @@ class MetaCustomAudience(HttpConnector):
             }
             provider_id = str(body.get("session_id") or session_id)
             return [Result.sent(i, provider_id, **info) for i in ids], body
-        verdict = self.classify(response.status_code, response.headers, body)
+        verdict = self.classify(response, ())
         return [verdict.result(i) for i in ids], {}
 
-    def classify(self, status: int, headers: Mapping[str, str], body: dict) -> Verdict:
+    def classify(self, response: requests.Response, messages: Sequence[Message]) -> Verdict:
         """The one place Meta answers are judged: error code / subcode / ``is_transient`` first."""
-        error = body.get("error") if isinstance(body.get("error"), dict) else None
-        if error is None:
-            verdict = classify_status(status, headers)
-            return verdict.replace(reason=f"Meta {verdict.reason}", ambiguous=False)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(error, dict):
+            return super().classify(response, messages).replace(ambiguous=False)
         code, subcode = error.get("code"), error.get("error_subcode")
         reason = redact(
             f"Meta error {code}" + (f"/{subcode}" if subcode else "") + f": {error.get('message') or ''}"
@@ -261,7 +258,7 @@ class MetaCustomAudience(HttpConnector):
             or (code == 2650 and subcode in RETRYABLE_REPLACE_SUBCODES)
         )
         if retryable:
-            wait = _regain_access_seconds(headers) or parse_retry_after(headers)
+            wait = _regain_access_seconds(response.headers) or parse_retry_after(response.headers)
             return Verdict(Status.RETRYABLE, reason, retry_after=wait, throttled=code in THROTTLE_CODES)
         return Verdict(Status.FAILED, reason, halt=code in AUTH_CODES)
 
@@ -282,7 +279,7 @@ class MetaCustomAudience(HttpConnector):
             groups.setdefault((message.to, message.action), []).append(message)
         halted: str | None = None
         for (audience, action), messages in groups.items():
-            for part in chunks(messages, self.max_batch_size):
+            for part in chunked(messages, self.max_batch_size):
                 if halted is not None:
                     # The token cannot send: the other requests of the batch are not attempted.
                     for m in part:

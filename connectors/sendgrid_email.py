@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from email.utils import parseaddr
 from typing import Any
 
@@ -43,19 +43,18 @@ import requests
 from pydantic import SecretStr
 
 from connectors.base import (
-    Channel,
     Http,
     HttpConnector,
     Message,
     Result,
     Status,
     Verdict,
-    classify_status,
     classify_transport_error,
     redact,
-    require,
     reveal,
 )
+from omni.core.channels import Channel
+from omni.core.settings import Settings
 
 TEXT_TAG = "-omni_text-"
 HTML_TAG = "-omni_html-"
@@ -71,14 +70,8 @@ class SendGridEmail(HttpConnector):
     max_categories = 10
     category_max_chars = 255
     rate_per_second = None
-    settings_used = (
-        "OMNI_SENDGRID_API_KEY",
-        "OMNI_SENDGRID_BASE_URL",
-        "OMNI_SENDGRID_SANDBOX",
-        "OMNI_SENDGRID_ASM_GROUP_ID",
-        "OMNI_EMAIL_FROM",
-        "OMNI_EMAIL_REPLY_TO",
-    )
+    secret_settings = ("sendgrid_api_key",)
+    label = "SendGrid"
 
     def __init__(
         self,
@@ -93,7 +86,7 @@ class SendGridEmail(HttpConnector):
         session: requests.Session | None = None,
     ) -> None:
         self.api_key = api_key if isinstance(api_key, SecretStr) else SecretStr(api_key)
-        require(self.api_key, "OMNI_SENDGRID_API_KEY", self.provider)
+        self.require(self.api_key, "OMNI_SENDGRID_API_KEY")
         name, address = parseaddr(email_from)
         if not address or "@" not in address:
             raise ValueError(f"OMNI_EMAIL_FROM {email_from!r} is not an email address")
@@ -107,9 +100,9 @@ class SendGridEmail(HttpConnector):
         reveal(self.api_key)  # registered for redaction (with its encoded forms) before any request
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> SendGridEmail:
+    def from_settings(cls, settings: Settings) -> SendGridEmail:
         return cls(
-            api_key=require(settings.sendgrid_api_key, "OMNI_SENDGRID_API_KEY", cls.provider),
+            api_key=cls.require(settings.sendgrid_api_key, "OMNI_SENDGRID_API_KEY"),
             email_from=settings.email_from,
             base_url=settings.sendgrid_base_url,
             sandbox=settings.sendgrid_sandbox,
@@ -246,23 +239,22 @@ class SendGridEmail(HttpConnector):
             return [
                 Result.sent(m.delivery_id, provider_id, status_code=response.status_code) for m in messages
             ]
-        return self._error_results(messages, response.status_code, response.headers, response.content)
+        return self._error_results(messages, response)
 
-    def classify(self, status: int, headers: Mapping[str, str], body: bytes | str | None) -> Verdict:
+    def classify(self, response: requests.Response, messages: Sequence[Message]) -> Verdict:
         """The one place SendGrid answers are judged: HTTP status, then the documented error body."""
-        verdict = classify_status(status, headers)
+        verdict = super().classify(response, messages)
+        status = response.status_code
         if 300 <= status < 400:
-            return verdict.replace(reason=f"SendGrid {verdict.reason}")
-        detail = _error_text(body)
+            return verdict
+        detail = _error_text(response.content)
         reason = f"SendGrid HTTP {status}" + (f": {detail}" if detail else "")
         return verdict.replace(reason=redact(reason))
 
-    def _error_results(
-        self, messages: Sequence[Message], status: int, headers: Mapping[str, str], body: bytes | None
-    ) -> list[Result]:
-        verdict = self.classify(status, headers, body)
-        if verdict.status is Status.FAILED and status == 400 and len(messages) > 1:
-            culprits = _personalization_indexes(body, len(messages))
+    def _error_results(self, messages: Sequence[Message], response: requests.Response) -> list[Result]:
+        verdict = self.classify(response, messages)
+        if verdict.status is Status.FAILED and response.status_code == 400 and len(messages) > 1:
+            culprits = _personalization_indexes(response.content, len(messages))
             if culprits:
                 return [
                     verdict.result(m.delivery_id)

@@ -32,20 +32,20 @@ import requests
 from pydantic import SecretStr
 
 from connectors.base import (
-    Channel,
     Effect,
+    EffectKind,
     Http,
     HttpConnector,
     Message,
     Result,
     Status,
     Verdict,
-    classify_status,
     classify_transport_error,
     redact,
     register_basic_auth,
-    require,
 )
+from omni.core.channels import Channel, spec
+from omni.core.settings import Settings
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-fA-F]{32}$")
@@ -66,15 +66,11 @@ class TwilioSms(HttpConnector):
     provider = "twilio_sms"
     channel = Channel.SMS
     max_batch_size = 1
-    body_max_chars = 1600
+    # Twilio's documented Body limit is the SMS channel's (10 segments of a concatenated message).
+    body_max_chars = spec(Channel.SMS).body_limit
     rate_per_second = None
-    settings_used = (
-        "OMNI_TWILIO_ACCOUNT_SID",
-        "OMNI_TWILIO_AUTH_TOKEN",
-        "OMNI_TWILIO_FROM",
-        "OMNI_TWILIO_BASE_URL",
-        "OMNI_TWILIO_STATUS_CALLBACK_URL",
-    )
+    secret_settings = ("twilio_auth_token",)
+    label = "Twilio"
 
     def __init__(
         self,
@@ -87,21 +83,21 @@ class TwilioSms(HttpConnector):
         timeout: float = 10.0,
         session: requests.Session | None = None,
     ) -> None:
-        self.account_sid = require(account_sid, "OMNI_TWILIO_ACCOUNT_SID", self.provider)
+        self.account_sid = self.require(account_sid, "OMNI_TWILIO_ACCOUNT_SID")
         self.auth_token = auth_token if isinstance(auth_token, SecretStr) else SecretStr(auth_token)
-        require(self.auth_token, "OMNI_TWILIO_AUTH_TOKEN", self.provider)
-        self.sender = require(sender, "OMNI_TWILIO_FROM", self.provider)
+        self.require(self.auth_token, "OMNI_TWILIO_AUTH_TOKEN")
+        self.sender = self.require(sender, "OMNI_TWILIO_FROM")
         self.base_url = base_url.rstrip("/")
         self.status_callback_url = status_callback_url
         self.http = Http(timeout=timeout, session=session)
         self._authorization = register_basic_auth(self.account_sid, self.auth_token)
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> TwilioSms:
+    def from_settings(cls, settings: Settings) -> TwilioSms:
         return cls(
-            account_sid=require(settings.twilio_account_sid, "OMNI_TWILIO_ACCOUNT_SID", cls.provider),
-            auth_token=require(settings.twilio_auth_token, "OMNI_TWILIO_AUTH_TOKEN", cls.provider),
-            sender=require(settings.twilio_from, "OMNI_TWILIO_FROM", cls.provider),
+            account_sid=cls.require(settings.twilio_account_sid, "OMNI_TWILIO_ACCOUNT_SID"),
+            auth_token=cls.require(settings.twilio_auth_token, "OMNI_TWILIO_AUTH_TOKEN"),
+            sender=cls.require(settings.twilio_from, "OMNI_TWILIO_FROM"),
             base_url=settings.twilio_base_url,
             status_callback_url=settings.twilio_status_callback_url,
             timeout=settings.connector_timeout,
@@ -158,9 +154,9 @@ class TwilioSms(HttpConnector):
             except ValueError:
                 sid = None
             return Result.sent(message.delivery_id, sid)
-        return self.classify(response, message).result(message.delivery_id)
+        return self.classify(response, [message]).result(message.delivery_id)
 
-    def classify(self, response: requests.Response, message: Message) -> Verdict:
+    def classify(self, response: requests.Response, messages: Sequence[Message]) -> Verdict:
         """The one place Twilio answers are judged: by error ``code``, then by HTTP status."""
         try:
             body = response.json()
@@ -174,17 +170,20 @@ class TwilioSms(HttpConnector):
             + (f": {text}" if text else "")
         )
         if code == OPTED_OUT:
-            effect = Effect("sms_opted_out", message.customer_id, message.to.strip(), "twilio:21610")
-            return Verdict(Status.FAILED, reason + " (recipient replied STOP)", effects=(effect,))
+            effects = tuple(
+                Effect(EffectKind.SMS_OPTED_OUT, m.customer_id, m.to.strip(), f"twilio:{OPTED_OUT}")
+                for m in messages
+            )
+            return Verdict(Status.FAILED, reason + " (recipient replied STOP)", effects=effects)
         if code in PERMANENT_CODES:
             return Verdict(Status.FAILED, f"{reason} ({PERMANENT_CODES[code]})")
         if code in AUTH_CODES or response.status_code in (401, 403):
             what = AUTH_CODES.get(code, "authentication failed")
             return Verdict(Status.FAILED, f"{reason} ({what})", halt=True)
-        verdict = classify_status(response.status_code, response.headers)
+        verdict = super().classify(response, messages)
         if code == TOO_MANY_REQUESTS or response.status_code == 429:
             # Documented as never processed: safe to retry.
             return Verdict(Status.RETRYABLE, reason, retry_after=verdict.retry_after, throttled=True)
         if verdict.status is Status.FAILED and 300 <= response.status_code < 400:
-            return Verdict(Status.FAILED, f"Twilio {verdict.reason}")
+            return verdict
         return Verdict(verdict.status, reason, verdict.retry_after, verdict.ambiguous)

@@ -12,8 +12,9 @@ Answers: 2xx sent (the provider id is the JSON body's ``id`` when there is one, 
 rejects our signature or credentials: ``send_batch`` stops); 3xx never followed (permanent); other 4xx
 permanent.
 
-Delivery semantics: webhooks are at least once (``connectors.base.at_most_once``): receivers dedupe on
-``X-Omni-Delivery-Id``, so ``send_batch`` retries ambiguous answers (5xx, timeouts, dropped connections).
+Delivery semantics: webhooks are at least once (the channel's ``at_least_once`` in ``omni.core.channels``):
+receivers dedupe on ``X-Omni-Delivery-Id``, so ``send_batch`` retries ambiguous answers (5xx, timeouts,
+dropped connections).
 """
 
 from __future__ import annotations
@@ -28,18 +29,9 @@ from typing import Any
 import requests
 from pydantic import SecretStr
 
-from connectors.base import (
-    Channel,
-    Http,
-    HttpConnector,
-    Message,
-    Result,
-    Verdict,
-    classify_status,
-    classify_transport_error,
-    require,
-    reveal,
-)
+from connectors.base import Http, HttpConnector, Message, Result, classify_transport_error, reveal
+from omni.core.channels import SEND_CHANNELS, Channel
+from omni.core.settings import Settings
 
 SIGNATURE_HEADER = "X-Omni-Signature"
 TIMESTAMP_HEADER = "X-Omni-Timestamp"
@@ -67,10 +59,11 @@ def verify_signature(
 class WebhookConnector(HttpConnector):
     provider = "webhook"
     channel = Channel.WEBHOOK
-    channels = frozenset(c.value for c in Channel)
+    channels = frozenset(SEND_CHANNELS)
     max_batch_size = 1
     rate_per_second = None
-    settings_used = ("OMNI_WEBHOOK_URL", "OMNI_WEBHOOK_SECRET")
+    secret_settings = ("webhook_secret",)
+    label = "webhook"
 
     def __init__(
         self,
@@ -81,18 +74,18 @@ class WebhookConnector(HttpConnector):
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.url = require(url, "OMNI_WEBHOOK_URL", self.provider)
+        self.url = self.require(url, "OMNI_WEBHOOK_URL")
         self.secret = secret if isinstance(secret, SecretStr) else SecretStr(secret)
-        require(self.secret, "OMNI_WEBHOOK_SECRET", self.provider)
+        self.require(self.secret, "OMNI_WEBHOOK_SECRET")
         self.http = Http(timeout=timeout, session=session)
         self.clock = clock
         reveal(self.secret)
 
     @classmethod
-    def from_settings(cls, settings: Any, **kwargs: Any) -> WebhookConnector:
+    def from_settings(cls, settings: Settings) -> WebhookConnector:
         return cls(
-            url=require(settings.webhook_url, "OMNI_WEBHOOK_URL", cls.provider),
-            secret=require(settings.webhook_secret, "OMNI_WEBHOOK_SECRET", cls.provider),
+            url=cls.require(settings.webhook_url, "OMNI_WEBHOOK_URL"),
+            secret=cls.require(settings.webhook_secret, "OMNI_WEBHOOK_SECRET"),
             timeout=settings.connector_timeout,
         )
 
@@ -136,16 +129,11 @@ class WebhookConnector(HttpConnector):
         except Exception as exc:  # noqa: BLE001 - classified: refused/DNS or ambiguous (retried: at least once)
             verdict = classify_transport_error(exc)
             return verdict.replace(reason=f"webhook {verdict.reason}").result(message.delivery_id)
-        verdict = self.classify(response)
         if 200 <= response.status_code < 300:
             try:
                 provider_id = response.json().get("id")
             except (ValueError, AttributeError):
                 provider_id = None
             return Result.sent(message.delivery_id, str(provider_id or message.delivery_id))
-        return verdict.result(message.delivery_id)
-
-    def classify(self, response: requests.Response) -> Verdict:
-        """The one place webhook answers are judged: by HTTP status (the receiver's body is not read)."""
-        verdict = classify_status(response.status_code, response.headers)
-        return verdict.replace(reason=f"webhook {verdict.reason}")
+        # Judged by HTTP status alone (HttpConnector.classify): the receiver's body is not read.
+        return self.classify(response, [message]).result(message.delivery_id)

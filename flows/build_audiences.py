@@ -11,7 +11,7 @@ exited and duration per audience.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -20,12 +20,19 @@ from prefect.cache_policies import NO_CACHE
 
 from audiences import build_audience, build_order, load_audiences
 from flows.common import artifact_key, check_omni_home, fmt_time, ready_store
+from omni.core.clock import utcnow
+from omni.core.settings import get_settings
 from profiles.db import get_engine
 
 
+def _definitions(audiences_dir: str | None) -> dict:
+    """The audiences in ``audiences_dir``, default ``OMNI_AUDIENCES_DIR``, else the built-in ones."""
+    return load_audiences(Path(audiences_dir) if audiences_dir else get_settings().audiences_dir)
+
+
 @task(cache_policy=NO_CACHE, task_run_name="build-{name}")
-def build_one(name: str, database_url: str | None, now: datetime, audiences_dir: str | None) -> dict:
-    definitions = load_audiences(Path(audiences_dir) if audiences_dir else None)
+def build_one(name: str, database_url: str, now: datetime, audiences_dir: str | None) -> dict:
+    definitions = _definitions(audiences_dir)
     engine = get_engine(database_url)
     result = build_audience(engine, name, now=now, definitions=definitions)
     return {
@@ -50,9 +57,10 @@ def build_audiences(
     ``artifact_prefix`` (default ``OMNI_ARTIFACT_PREFIX``) prefixes the artifact's key."""
     check_omni_home()
     log = get_run_logger()
-    at = now or datetime.now(UTC)
-    definitions = load_audiences(Path(audiences_dir) if audiences_dir else None)  # fail fast on bad YAML
+    at = now or utcnow()
+    definitions = _definitions(audiences_dir)  # fail fast on bad YAML
     key = artifact_key("audience-builds", artifact_prefix)
+    database_url = database_url or get_settings().database_url
     ready_store(database_url)
     rows = []
     for name in build_order(definitions, names):

@@ -1,6 +1,6 @@
-"""What Omni's flows share: where a deployment run works (``OMNI_HOME``), a store whose schema is ready,
-artifact keys (with the optional prefix that keeps the demo's artifacts apart) and times as people
-read them.
+"""What Omni's flows share: the settings they hand down (:func:`load_settings`), where a deployment run
+works (``OMNI_HOME``), a store whose schema is ready, artifact keys (with the optional prefix that keeps
+the demo's artifacts apart) and times as people read them.
 
 Deployment runs (a worker, or ``serve()``) work in ``OMNI_HOME``: the folder holding the store when it
 is SQLite (``omni.db``), ``campaigns/``, and any folders the settings name relatively. The pull step of
@@ -20,11 +20,22 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from omni.core.settings import Settings, get_settings
+
 WORKER_ENVIRONMENT = (
     "set it in the worker's environment to the folder Omni works in (the checkout holding prefect.yaml, "
     "or any folder with the store and campaigns/), then restart the worker; see the README, Deploying "
     "with Prefect"
 )
+
+
+def load_settings() -> Settings:
+    """The settings a flow run or a command hands down: ``OMNI_...`` from the environment, and the
+    credentials of the configured connectors the environment does not set from their Prefect Secret
+    blocks (:func:`flows.secrets.resolve_secrets`)."""
+    from flows.secrets import resolve_secrets  # the connectors: only when something will send
+
+    return resolve_secrets(get_settings())
 
 
 class OmniHomeError(RuntimeError):
@@ -66,7 +77,7 @@ def check_omni_home() -> None:
         os.chdir(home)
 
 
-def ready_store(database_url: str | None) -> Engine:
+def ready_store(database_url: str) -> Engine:
     """The store's engine, its schema created or upgraded first when it is not at the code's revision
     (the idempotent ``omni init``), so a fresh deployment's first run works. On PostgreSQL an advisory
     lock keeps two flows starting at once from migrating together."""
@@ -105,8 +116,6 @@ def artifact_key(key: str, prefix: str | None = None) -> str:
     production keys). The demo passes ``demo`` so it never writes a new version of the keys the
     deployments publish. Prefect allows lowercase letters, digits and dashes only."""
     if prefix is None:
-        from omni.core.settings import get_settings
-
         prefix = get_settings().artifact_prefix
     prefix = (prefix or "").strip().lower().strip("-")
     if prefix and not _KEY_PREFIX.match(prefix):

@@ -20,8 +20,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import artifact_key, check_omni_home, ready_store
+from omni.core.settings import get_settings
 from profiles.db import get_engine
-from profiles.ingest import IngestResult, ingest_files
+from profiles.ingest import IngestOptions, IngestResult, ingest_files
 
 INPUT_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -48,8 +49,9 @@ def input_files(paths: list[str]) -> list[str]:
 
 
 @task(cache_policy=NO_CACHE)
-def ingest_file(path: str, database_url: str | None, now: datetime | None) -> IngestResult:
-    return ingest_files(get_engine(database_url), [path], now=now)
+def ingest_file(path: str, database_url: str, now: datetime | None) -> IngestResult:
+    options = IngestOptions.of(get_settings())
+    return ingest_files(get_engine(database_url), [path], options=options, now=now)
 
 
 @flow(name="ingest-events")
@@ -67,6 +69,7 @@ def ingest_events(
         raise ValueError("paths is empty: give the files or folders to ingest")
     files = input_files(paths)
     key = artifact_key("ingest-summary", artifact_prefix)
+    database_url = database_url or get_settings().database_url
     ready_store(database_url)
     if not files:
         log.info("nothing to ingest in %s", ", ".join(paths))

@@ -22,9 +22,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.common import artifact_key, check_omni_home, fmt_time, ready_store, table_cell
-from profiles.db import utcnow
-from sequences.engine import DeliveryHalted, TickReport, run_tick, without_empty_columns
+from flows.common import artifact_key, check_omni_home, fmt_time, load_settings, ready_store, table_cell
+from omni.core.clock import utcnow
+from sequences.reports import DeliveryHalted, TickReport, without_empty_columns
+from sequences.tick import run_tick
 
 
 def transient_database_error(_task: Any, _run: Any, state: Any) -> bool:
@@ -95,7 +96,7 @@ def publish_report(report: TickReport, *, key: str, title: str) -> None:
             f"- **campaign {name}**: {counts.sent} sent, {counts.postponed} postponed, "
             f"{counts.skipped_consent} skipped for consent, {counts.failed} failed, {counts.unknown} unknown"
         )
-    for channel, reason in sorted(getattr(report, "halted", {}).items()):
+    for channel, reason in sorted(report.halted.items()):
         lines.append(f"- **{channel} halted**: {reason}")
     if len(lines) == 2:
         lines.append("Nothing to do.")
@@ -114,10 +115,11 @@ def run_sequences(
     artifacts' keys."""
     check_omni_home()
     log = get_run_logger()
+    settings = load_settings()
     key = artifact_key("sequences-tick", artifact_prefix)
-    engine = ready_store(database_url)
+    engine = ready_store(database_url or settings.database_url)
     try:
-        report = run_tick(engine, now=now or utcnow(), names=names, stage=prefect_stage)
+        report = run_tick(engine, now=now or utcnow(), settings=settings, names=names, stage=prefect_stage)
     except DeliveryHalted as halted:  # the rest of the tick ran: show it, then fail the run
         publish_report(halted.report, key=key, title="Sequences tick")
         raise

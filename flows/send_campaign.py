@@ -12,12 +12,13 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import artifact_key, check_omni_home, fmt_time, ready_store
+from flows.common import artifact_key, check_omni_home, fmt_time, load_settings, ready_store
 from flows.run_sequences import transient_database_error
-from profiles.db import utcnow
+from omni.core.clock import utcnow
+from omni.core.settings import get_settings
 from sequences.campaigns import send_campaign as send_campaign_now
 from sequences.definitions import load_campaigns
-from sequences.engine import STEP_COLUMNS, without_empty_columns
+from sequences.reports import STEP_COLUMNS, without_empty_columns
 
 
 @task(
@@ -28,8 +29,9 @@ from sequences.engine import STEP_COLUMNS, without_empty_columns
     retry_condition_fn=transient_database_error,
 )
 def send_deliveries(name: str, now: datetime, database_url: str | None) -> Any:
-    engine = ready_store(database_url)
-    return send_campaign_now(engine, name, now=now)
+    settings = load_settings()
+    engine = ready_store(database_url or settings.database_url)
+    return send_campaign_now(engine, name, now=now, settings=settings)
 
 
 def campaign_row(name: str, created: int, counts: Any, campaign: Any = None) -> dict[str, Any]:
@@ -91,5 +93,6 @@ def send_campaign(
         counts.postponed,
         counts.skipped_consent,
     )
-    publish_campaign(name, created, report, key=key, campaign=load_campaigns().get(name))
+    campaign = load_campaigns(get_settings().campaigns_dir).get(name)  # for the artifact: no credentials
+    publish_campaign(name, created, report, key=key, campaign=campaign)
     return {"created": created, **report.as_dict()}

@@ -32,6 +32,7 @@ import orjson
 from sqlalchemy.orm import Session
 
 from omni.core.batching import chunked
+from omni.core.channels import Touchpoint
 from profiles.bulk import (
     delete_in,
     dialect_of,
@@ -44,10 +45,10 @@ from profiles.bulk import (
     sql_string,
     update_rows,
 )
-from profiles.models import Cart, CartStatus, Order, OrderStatus
+from profiles.models import Cart, CartStatus, Fulfillment, Order, OrderStatus
 from profiles.segment import COMMERCE_EVENTS, ORDER_COMPLETED, ORDER_UPDATED, PRODUCT_EVENTS
 
-FULFILLMENTS = ("ship", "pickup", "in_store")
+FULFILLMENTS = tuple(f.value for f in Fulfillment)
 # Events whose effect can be carried forward from the stored state (see plan_commerce); an Order
 # Updated always means a rebuild.
 CARRIED_EVENTS = PRODUCT_EVENTS | {ORDER_COMPLETED}
@@ -158,7 +159,8 @@ def _order_row(customer_id: int, event: Any) -> dict[str, Any]:
         total = sum((_num(p.get("price"), 0.0) or 0.0) * (_num(p.get("quantity"), 1.0) or 1.0) for p in items)
     fulfillment = _text(props.get("fulfillment"))
     if fulfillment not in FULFILLMENTS:
-        fulfillment = "in_store" if event.channel == "store" else "ship"
+        in_store = event.channel == Touchpoint.STORE.value
+        fulfillment = (Fulfillment.IN_STORE if in_store else Fulfillment.SHIP).value
     return {
         "order_id": (_text(props.get("order_id")) or event.message_id)[:255],
         "customer_id": customer_id,
@@ -216,10 +218,10 @@ def derive_commerce(customer_id: int, events: Iterable[Any]) -> tuple[list[dict]
             order["updated_at"] = event.occurred_at
             if status == OrderStatus.READY_FOR_PICKUP.value:
                 order["ready_at"] = event.occurred_at
-                order["fulfillment"] = "pickup"
+                order["fulfillment"] = Fulfillment.PICKUP.value
             elif status == OrderStatus.PICKED_UP.value:
                 order["picked_up_at"] = event.occurred_at
-                order["fulfillment"] = "pickup"
+                order["fulfillment"] = Fulfillment.PICKUP.value
         fulfillment = _text(props.get("fulfillment"))
         if fulfillment in FULFILLMENTS:
             order["fulfillment"] = fulfillment

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, insert, not_, or_, select, true, update
+from sqlalchemy import ColumnElement, and_, bindparam, exists, insert, not_, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from omni.core.batching import chunked
@@ -52,9 +52,9 @@ def is_allowed(channel: str, status: str | None) -> bool:
     facts = spec(channel)
     if not facts.consent:
         return True
-    if status is None:
-        return not facts.opt_in_required
-    return status == ConsentStatus.OPTED_IN.value
+    if facts.opt_in_required:
+        return status == ConsentStatus.OPTED_IN.value
+    return status != ConsentStatus.OPTED_OUT.value
 
 
 def consent_allowed_sql(channel: str, customer_id: Any) -> ColumnElement:
@@ -74,8 +74,13 @@ def consent_allowed_sql(channel: str, customer_id: Any) -> ColumnElement:
     return not_(in_set(customer_id, opted_out))
 
 
-def has_address_sql(channel: str, customers: Any = None) -> ColumnElement:
-    """SQL: the customer (a row of ``customers``) has the address ``channel`` sends to."""
+def has_address_sql(channel: str, customers: Any = None, *, per_customer: bool = False) -> ColumnElement:
+    """SQL: the customer (a row of ``customers``) has the address ``channel`` sends to.
+
+    ``per_customer``: the statement reads a few customers (the dispatcher's batch of 1,000), so a device
+    token is looked up per customer (a correlated EXISTS on the identities index) rather than as the set
+    of every token holder, which SQLite would build in full for each batch. A whole-table statement (an
+    audience) keeps the set form, three times faster there."""
     customers = Customer.__table__ if customers is None else customers
     address = spec(channel).address
     if address == "email":
@@ -86,8 +91,10 @@ def has_address_sql(channel: str, customers: Any = None) -> ColumnElement:
         return or_(has_text(customers.c.email), has_text(customers.c.phone))
     if address == "device_token":
         identities = Identity.__table__
-        tokens = select(identities.c.customer_id).where(identities.c.kind == IdentityKind.DEVICE_TOKEN.value)
-        return in_set(customers.c.id, tokens)
+        is_token = identities.c.kind == IdentityKind.DEVICE_TOKEN.value
+        if per_customer:
+            return exists().where(identities.c.customer_id == customers.c.id, is_token)
+        return in_set(customers.c.id, select(identities.c.customer_id).where(is_token))
     return true()
 
 

@@ -6,6 +6,7 @@ queue on the busy timeout instead of failing half-way); PostgreSQL is reached th
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -16,10 +17,10 @@ import orjson
 from sqlalchemy import JSON, Connection, DateTime, Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
 
-from omni.core.settings import get_settings, normalize_database_url
+from omni.core.settings import normalize_database_url
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -88,10 +89,6 @@ def sqlite_timestamp(value: datetime | None) -> str | None:
     return value.replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy, not the sqlite3 module, open transactions (see _sqlite_begin).
     dbapi_connection.isolation_level = None
@@ -118,9 +115,9 @@ def _json_dumps(value: Any) -> str:
     return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
-def create_store_engine(url: str | None = None, **kwargs: Any) -> Engine:
-    """Create an engine for the profile store at ``url`` (default: ``OMNI_DATABASE_URL``)."""
-    url = normalize_database_url(url or get_settings().database_url)
+def create_store_engine(url: str, **kwargs: Any) -> Engine:
+    """Create an engine for the profile store at ``url``."""
+    url = normalize_database_url(url)
     # orjson: JSON columns are (de)serialised for every event; the stdlib was a large share of ingest time.
     kwargs.setdefault("json_serializer", _json_dumps)
     kwargs.setdefault("json_deserializer", orjson.loads)
@@ -138,9 +135,9 @@ def create_store_engine(url: str | None = None, **kwargs: Any) -> Engine:
 _ENGINES: dict[str, Engine] = {}
 
 
-def get_engine(url: str | None = None) -> Engine:
+def get_engine(url: str) -> Engine:
     """One engine per URL for the life of the process."""
-    url = normalize_database_url(url or get_settings().database_url)
+    url = normalize_database_url(url)
     if url not in _ENGINES:
         _ENGINES[url] = create_store_engine(url)
     return _ENGINES[url]
@@ -159,10 +156,6 @@ def scratch_database(server_url: str, *, prefix: str = "omni_scratch") -> Iterat
     Yields its URL. The database ``server_url`` names is only used to connect: its data is never touched.
     Tests and benchmarks use this so they never depend on (or clean up) a shared database.
     """
-    import uuid
-
-    from sqlalchemy import text
-
     admin_url = make_url(normalize_database_url(server_url))
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
@@ -177,10 +170,6 @@ def scratch_database(server_url: str, *, prefix: str = "omni_scratch") -> Iterat
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
-
-
-def session_factory(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
 
 
 @contextmanager

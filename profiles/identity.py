@@ -42,7 +42,7 @@ from profiles.models import (
     Identity,
     IdentityKind,
 )
-from profiles.segment import Payload
+from profiles.segment import DEFAULT_PHONE_REGION, Payload, normalize_email, normalize_phone
 
 PROFILE_COLUMNS = ("email", "phone", "first_name", "last_name", "locale", "timezone", "home_store_id")
 
@@ -296,13 +296,13 @@ def _merge_profiles(session: Session, *, survivor: int, losers: Sequence[int], n
     session.execute(update(table).where(table.c.id == survivor).values(**values))
 
 
-def resolve_customer_key(session: Session, key: str, *, default_region: str = "US") -> int | None:
+def resolve_customer_key(
+    session: Session, key: str, *, default_region: str = DEFAULT_PHONE_REGION
+) -> int | None:
     """A customer id from a key a person types: a customer id, an email, a phone or any identity value.
 
     Merged-away customers resolve to their survivor.
     """
-    from profiles.segment import normalize_email, normalize_phone
-
     key = key.strip()
     customers = Customer.__table__
     candidates: list[int] = []

@@ -1,7 +1,8 @@
 """Ingestion of Segment-spec payloads into the profile store.
 
-Input is streamed and handled in batches (``OMNI_INGEST_BATCH_SIZE``, default 5,000 payloads), so memory
-stays flat whatever the input size. Several batches share a transaction (``OMNI_INGEST_TRANSACTION_SIZE``,
+How it batches and reads is :class:`IngestOptions` (the CLI and flows build it from the settings,
+``OMNI_INGEST_*``). Input is streamed and handled in batches (``batch_size``, default 5,000 payloads), so
+memory stays flat whatever the input size. Several batches share a transaction (``transaction_size``,
 default 50,000 payloads): the store's indexes are keyed by customer and message id, so every batch
 touches pages all over them, and committing fewer, larger transactions writes each such page once
 instead of once per batch (measured: 4x the insert rate at a million events on SQLite). For each batch:
@@ -18,7 +19,7 @@ instead of once per batch (measured: 4x the insert rate at a million events on S
 Step 1 needs no database, so it is split from the rest: :func:`prepare_batch` turns raw payloads into
 :class:`PreparedBatch` (rows in the driver's form, the identities, rejections), :func:`store_prepared`
 writes one. For JSON lines with more than one batch, the reader hands over raw lines and
-``OMNI_INGEST_PARSE_WORKERS`` processes (default 1) parse and prepare the next batches while this one
+``parse_workers`` processes (default 1) parse and prepare the next batches while this one
 is written: the two halves cost about the same, and raw lines and prepared tuples are cheap to pass
 between processes (parsed payload objects are not). Batches are stored in input order either way.
 """
@@ -43,8 +44,9 @@ from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
 from omni.core.batching import chunked
+from omni.core.clock import utcnow
 from omni.core.collector import collect_now, collector_paused
-from omni.core.settings import get_settings
+from omni.core.settings import Settings
 from profiles.bulk import (
     dialect_insert,
     dialect_of,
@@ -60,13 +62,13 @@ from profiles.bulk import (
 )
 from profiles.commerce import CARRIED_EVENTS, CommerceEvent, apply_commerce, plan_commerce
 from profiles.consent import ConsentDecision, apply_consents
-from profiles.db import refresh_statistics, session_scope, stale_statistics, utcnow
+from profiles.db import refresh_statistics, session_scope, stale_statistics
 from profiles.identity import PROFILE_COLUMNS, resolve_customers
 from profiles.models import Customer, Event, RejectedEvent
 from profiles.reader import LineChunk, RawItem, iter_input, parse_chunk
 from profiles.segment import (
     COMMERCE_EVENTS,
-    DEFAULT_MAX_FUTURE,
+    DEFAULT_PHONE_REGION,
     Rejected,
     find_unstorable,
     validate_payload,
@@ -79,6 +81,41 @@ INGEST_LOCK_KEY = 0x0D1A6E57
 
 class InputNotFound(FileNotFoundError):
     """An input path that does not exist or cannot be read."""
+
+
+def _default(name: str) -> Any:
+    """The default of the setting ``name`` (never the environment's value: the CLI and flows pass that)."""
+    return Settings.model_fields[name].default
+
+
+def _max_future(hours: float) -> timedelta | None:
+    return timedelta(hours=hours) if hours > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class IngestOptions:
+    """How ingest batches, parses and validates its input; :meth:`of` reads them from the settings."""
+
+    # Payloads validated, resolved and stored per batch (and raw lines read per chunk).
+    batch_size: int = _default("ingest_batch_size")
+    # Payloads per transaction (whole batches; at least one batch).
+    transaction_size: int = _default("ingest_transaction_size")
+    # Processes that parse JSON lines while the store is written; 0: in-process.
+    parse_workers: int = _default("ingest_parse_workers")
+    # ISO country for phone numbers written without a +country code.
+    default_region: str = DEFAULT_PHONE_REGION
+    # How far ahead of its time of receipt a payload's event time may be (None: no limit).
+    max_future: timedelta | None = _max_future(_default("ingest_max_future_hours"))
+
+    @classmethod
+    def of(cls, settings: Settings) -> IngestOptions:
+        return cls(
+            batch_size=settings.ingest_batch_size,
+            transaction_size=settings.ingest_transaction_size,
+            parse_workers=settings.ingest_parse_workers,
+            default_region=settings.default_phone_region,
+            max_future=_max_future(settings.ingest_max_future_hours),
+        )
 
 
 @dataclass
@@ -154,13 +191,6 @@ class PreparedBatch(NamedTuple):
     duplicates: int  # repeated message ids within the batch
 
 
-def max_future() -> timedelta | None:
-    """How far ahead of its time of receipt a payload's event time may be: ``OMNI_INGEST_MAX_FUTURE_HOURS``
-    (default 24; 0 or less: no limit)."""
-    hours = get_settings().ingest_max_future_hours
-    return timedelta(hours=hours) if hours > 0 else None
-
-
 def _prepare_one(
     item: RawItem, *, now: datetime, default_region: str, timestamp: Callable, future: timedelta | None
 ) -> PreparedEvent:
@@ -201,7 +231,7 @@ def prepare_batch(
     now: datetime,
     default_region: str,
     dialect: str,
-    future: timedelta | None = DEFAULT_MAX_FUTURE,
+    future: timedelta | None,
 ) -> PreparedBatch:
     """Validate a batch of raw payloads (no database involved); the first of a repeated messageId wins.
 
@@ -240,7 +270,7 @@ def prepare_chunk(
     now: datetime,
     default_region: str,
     dialect: str,
-    future: timedelta | None = DEFAULT_MAX_FUTURE,
+    future: timedelta | None,
 ) -> PreparedBatch:
     """:func:`prepare_batch` of a chunk of raw JSON lines: what a parse worker process runs."""
     return prepare_batch(
@@ -274,7 +304,7 @@ def prepared_batches(
     default_region: str,
     dialect: str,
     workers: int,
-    future: timedelta | None = DEFAULT_MAX_FUTURE,
+    future: timedelta | None,
 ) -> Iterator[PreparedBatch]:
     """Prepared batches in input order; chunks of lines after the first go to ``workers`` processes.
 
@@ -323,26 +353,22 @@ def ingest_items(
     engine: Engine,
     items: Iterable[RawItem | LineChunk],
     *,
+    options: IngestOptions = IngestOptions(),
     now: datetime | None = None,
-    batch_size: int | None = None,
-    default_region: str | None = None,
     on_batch: Callable[[IngestResult], None] | None = None,
 ) -> IngestResult:
     """Store a stream of raw payloads (or chunks of raw JSON lines). ``now`` is the receive time."""
-    settings = get_settings()
-    size = batch_size or settings.ingest_batch_size
-    per_transaction = max(size, settings.ingest_transaction_size)
-    region = default_region or settings.default_phone_region
+    per_transaction = max(options.batch_size, options.transaction_size)
     received_at = now or utcnow()
     total = IngestResult()
     batches = prepared_batches(
         items,
-        size=size,
+        size=options.batch_size,
         now=received_at,
-        default_region=region,
+        default_region=options.default_region,
         dialect=engine.dialect.name,
-        workers=settings.ingest_parse_workers,
-        future=max_future(),
+        workers=options.parse_workers,
+        future=options.max_future,
     )
     try:
         with collector_paused():
@@ -386,9 +412,9 @@ def ingest_payloads(
     engine: Engine,
     payloads: Iterable[Any],
     *,
+    options: IngestOptions = IngestOptions(),
     source: str = "api",
     now: datetime | None = None,
-    batch_size: int | None = None,
 ) -> IngestResult:
     """Store already-parsed payloads (dicts, or batch envelopes), e.g. from a flow or a webhook."""
     from profiles.reader import expand_value
@@ -410,7 +436,7 @@ def ingest_payloads(
                 continue
             yield from expand_value(value, item_source, text_value, len(text_value.encode()))
 
-    return ingest_items(engine, items(), now=now, batch_size=batch_size)
+    return ingest_items(engine, items(), options=options, now=now)
 
 
 def open_input(path: str, stdin: IO[bytes] | None = None) -> tuple[IO[bytes], str, int | None]:
@@ -432,8 +458,8 @@ def ingest_files(
     engine: Engine,
     paths: Sequence[str],
     *,
+    options: IngestOptions = IngestOptions(),
     now: datetime | None = None,
-    batch_size: int | None = None,
     stdin: IO[bytes] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_file: Callable[[str, int | None], None] | None = None,
@@ -443,7 +469,6 @@ def ingest_files(
         if path != "-" and not Path(path).is_file():
             open_input(path)
     total = IngestResult()
-    chunk_lines = batch_size or get_settings().ingest_batch_size
     for path in paths:
         stream, name, size = open_input(path, stdin)
         if on_file:
@@ -452,9 +477,9 @@ def ingest_files(
             total.add(
                 ingest_items(
                     engine,
-                    iter_input(stream, name, on_bytes, chunk_lines=chunk_lines),
+                    iter_input(stream, name, on_bytes, chunk_lines=options.batch_size),
+                    options=options,
                     now=now,
-                    batch_size=batch_size,
                 )
             )
         finally:

@@ -26,29 +26,19 @@ from sqlalchemy import (
 )
 from sqlmodel import Field, SQLModel
 
-from omni.core.channels import CONSENT_CHANNELS, SENT_EVENTS, Touchpoint
-from omni.core.statuses import ConsentStatus as ConsentStatus  # re-exported: the consents table stores it
+from omni.core.channels import SENT_EVENTS
+from omni.core.statuses import EnrollmentStatus
 from profiles.db import JSONType, UTCDateTime
 
 # 64-bit ids on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 
 
-# The channel vocabularies live in omni.core.channels: re-exported here for the tables that store them.
-Channel = Touchpoint
-# Events Omni writes back to the profile when it sends a message, by sending channel. They show on the
-# timeline, but they are Omni's touchpoints, not the customer's: channel counts leave them out.
-MESSAGE_SENT_EVENTS = SENT_EVENTS
-
-
 def is_touchpoint(event_name: Any) -> Any:
     """SQL: the event is one of the customer's own touchpoints, not a message Omni sent them (the
-    ``channels_used`` condition and the profile's channels both read the customer's channels this way)."""
-    return or_(event_name.is_(None), event_name.not_in(list(MESSAGE_SENT_EVENTS.values())))
-
-
-# Channels that carry marketing consent (email, SMS, push, ads): their facts are in omni.core.channels.
-ConsentChannel = StrEnum("ConsentChannel", {name.upper(): name for name in CONSENT_CHANNELS})
+    events Omni writes when it sends show on the timeline, but the ``channels_used`` condition and the
+    profile's channels read the customer's channels only)."""
+    return or_(event_name.is_(None), event_name.not_in(list(SENT_EVENTS.values())))
 
 
 class IdentityKind(StrEnum):
@@ -210,6 +200,12 @@ class OrderStatus(StrEnum):
     PICKED_UP = "picked_up"
 
 
+class Fulfillment(StrEnum):
+    SHIP = "ship"
+    PICKUP = "pickup"
+    IN_STORE = "in_store"
+
+
 class Order(SQLModel, table=True):
     """An order derived from Order Completed (any channel) and Order Updated events."""
 
@@ -316,7 +312,8 @@ class AudienceBuild(SQLModel, table=True):
     duration_ms: int = Field(default=0, sa_column=Column(Integer, nullable=False))
 
 
-ENROLLMENT_OPEN = "status IN ('active', 'holdout')"
+# SQL: the enrollment is open (the partial index below, and the engine's queries).
+ENROLLMENT_OPEN = "status IN ({})".format(", ".join(f"'{status}'" for status in EnrollmentStatus.open()))
 
 
 class Enrollment(SQLModel, table=True):
@@ -339,7 +336,7 @@ class Enrollment(SQLModel, table=True):
     id: int | None = _id_column()
     sequence: str = Field(sa_column=Column(String(200), nullable=False))
     customer_id: int | None = _customer_fk()
-    # active, completed, exited, holdout
+    # an omni.core.statuses.EnrollmentStatus
     status: str = Field(sa_column=Column(String(16), nullable=False))
     step_index: int = Field(default=0, sa_column=Column(Integer, nullable=False))
     next_run_at: datetime | None = _ts()
@@ -376,7 +373,7 @@ class Delivery(SQLModel, table=True):
     template: str | None = Field(default=None, sa_column=Column(String(255)))
     ad_audience: str | None = Field(default=None, sa_column=Column(String(255)))
     action: str | None = Field(default=None, sa_column=Column(String(16)))
-    # pending, sending, sent, failed, skipped, unknown
+    # an omni.core.statuses.DeliveryStatus
     status: str = Field(sa_column=Column(String(16), nullable=False))
     attempts: int = Field(default=0, sa_column=Column(Integer, nullable=False))
     provider_message_id: str | None = Field(default=None, sa_column=Column(String(500)))

@@ -18,19 +18,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import orjson
 import phonenumbers
 
-from profiles.models import (
-    Cart,
-    Channel,
-    ConsentChannel,
-    ConsentStatus,
-    Customer,
-    Event,
-    Identity,
-    IdentityKind,
-    Order,
-)
+from omni.core.channels import CONSENT_CHANNELS, TOUCHPOINTS, Channel, Touchpoint
+from omni.core.settings import Settings
+from omni.core.statuses import ConsentStatus
+from profiles.models import Cart, Customer, Event, Identity, IdentityKind, Order
 
 MAX_PAYLOAD_BYTES = 32 * 1024  # Segment: 32 KB per call or batch item
+# Phone numbers written without a +country code are read in this country unless the caller says
+# otherwise (the CLI and flows pass OMNI_DEFAULT_PHONE_REGION): the setting's default.
+DEFAULT_PHONE_REGION: str = Settings.model_fields["default_phone_region"].default
 
 
 def _length(column: Any) -> int:
@@ -56,24 +52,26 @@ PROFILE_LIMITS = {
 # Event times Omni accepts: from the Unix epoch (anything earlier is a bug upstream, and the edges of
 # the calendar overflow in arithmetic) up to ``max_future`` after the time of receipt.
 EARLIEST_TIMESTAMP = datetime(1970, 1, 1, tzinfo=UTC)
-DEFAULT_MAX_FUTURE = timedelta(hours=24)
 # Amounts and quantities: finite, and small enough that sums of them stay finite (and exact to the cent).
 MAX_AMOUNT = 1e15
 
 PAYLOAD_TYPES = ("identify", "track", "page", "screen", "group", "alias")
-OMNI_CHANNELS = frozenset(c.value for c in Channel)
+OMNI_CHANNELS = frozenset(TOUCHPOINTS)
 # Segment's own ``context.channel`` values (set by its libraries) mapped onto touchpoints.
-SEGMENT_CHANNELS = {"browser": Channel.WEB.value, "mobile": Channel.APP.value, "server": Channel.WEB.value}
+SEGMENT_CHANNELS = {
+    "browser": Touchpoint.WEB.value,
+    "mobile": Touchpoint.APP.value,
+    "server": Touchpoint.WEB.value,
+}
 
 # identify traits that carry consent: trait -> (channel, status when true, status when false)
 CONSENT_TRAITS = {
-    "email_opt_out": (ConsentChannel.EMAIL, ConsentStatus.OPTED_OUT, ConsentStatus.OPTED_IN),
-    "sms_opt_in": (ConsentChannel.SMS, ConsentStatus.OPTED_IN, ConsentStatus.OPTED_OUT),
-    "push_opt_in": (ConsentChannel.PUSH, ConsentStatus.OPTED_IN, ConsentStatus.OPTED_OUT),
-    "ads_opt_out": (ConsentChannel.ADS, ConsentStatus.OPTED_OUT, ConsentStatus.OPTED_IN),
+    "email_opt_out": (Channel.EMAIL, ConsentStatus.OPTED_OUT, ConsentStatus.OPTED_IN),
+    "sms_opt_in": (Channel.SMS, ConsentStatus.OPTED_IN, ConsentStatus.OPTED_OUT),
+    "push_opt_in": (Channel.PUSH, ConsentStatus.OPTED_IN, ConsentStatus.OPTED_OUT),
+    "ads_opt_out": (Channel.ADS, ConsentStatus.OPTED_OUT, ConsentStatus.OPTED_IN),
 }
 CONSENT_EVENTS = {"Unsubscribed": ConsentStatus.OPTED_OUT, "Subscribed": ConsentStatus.OPTED_IN}
-CONSENT_CHANNELS = frozenset(c.value for c in ConsentChannel)
 
 PRODUCT_EVENTS = frozenset({"Product Added", "Product Removed"})
 ORDER_COMPLETED = "Order Completed"
@@ -290,7 +288,7 @@ def derive_message_id(payload: dict) -> str:
 def resolve_channel(context: dict) -> str:
     raw = context.get("channel")
     if raw is None or raw == "":
-        return Channel.WEB.value
+        return Touchpoint.WEB.value
     if not isinstance(raw, str):
         raise Rejected(f"context.channel must be a string, got {type(raw).__name__}")
     value = raw.strip().lower()
@@ -435,9 +433,9 @@ def validate_payload(
     *,
     size: int,
     received_at: datetime,
-    default_region: str = "US",
+    default_region: str,
+    max_future: timedelta | None,
     raw: str | None = None,
-    max_future: timedelta | None = DEFAULT_MAX_FUTURE,
 ) -> Payload:
     """Validate one Segment payload (already parsed JSON) and normalise it.
 
@@ -446,9 +444,9 @@ def validate_payload(
         size: its size in bytes as received, for the 32 KB limit.
         received_at: when Omni received it; the event time when it has neither timestamp nor sentAt.
         default_region: ISO country for phone numbers without a country code.
+        max_future: how far ahead of ``received_at`` the event time may be (None: no limit).
         raw: the JSON text ``obj`` was parsed from by orjson, if so: lets the walk of every value for
             text PostgreSQL cannot store be skipped when the text shows there is none.
-        max_future: how far ahead of ``received_at`` the event time may be (None: no limit).
 
     Raises:
         Rejected: with the reason, when the payload cannot be stored.

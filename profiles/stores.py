@@ -32,7 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from profiles.models import Customer, Event, Order, Store
+from omni.core.batching import chunked
+from omni.core.channels import Touchpoint
+from profiles.models import Customer, Event, Fulfillment, Order, Store
 from profiles.segment import valid_timezone
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -51,7 +53,6 @@ CLOSED = "closed"
 NEAREST_STORE_MAX_KM = 500.0
 # A postal code matches a store's when equal, else when they share at least this many leading characters.
 POSTAL_PREFIX_MIN = 3
-CHUNK = 1000
 
 
 # --- opening hours -------------------------------------------------------------------------------------
@@ -443,8 +444,7 @@ def customer_stores(
     def choose(customer_id: int, store: dict[str, Any], source: str) -> None:
         result[customer_id] = {**store, "hours": dict(store["hours"]), "source": source}
 
-    for start in range(0, len(ids), CHUNK):
-        chunk = ids[start : start + CHUNK]
+    for chunk in chunked(ids):
         left: list[int] = []
         for customer_id, home in session.execute(
             select(customers_t.c.id, customers_t.c.home_store_id).where(customers_t.c.id.in_(chunk))
@@ -462,7 +462,10 @@ def customer_stores(
             ).where(
                 orders_t.c.customer_id.in_(left),
                 orders_t.c.store_id.is_not(None),
-                or_(orders_t.c.channel == "store", orders_t.c.fulfillment.in_(("pickup", "in_store"))),
+                or_(
+                    orders_t.c.channel == Touchpoint.STORE.value,
+                    orders_t.c.fulfillment.in_((Fulfillment.PICKUP.value, Fulfillment.IN_STORE.value)),
+                ),
             )
         ):
             if store_id not in stores:

@@ -11,6 +11,8 @@ from sqlalchemy.orm import Session
 
 from profiles.consent import consents_of
 from profiles.models import Cart, Customer, Event, Identity, Order, Store, is_touchpoint
+from profiles.segment import CONSENT_EVENTS, ORDER_COMPLETED, ORDER_UPDATED
+from profiles.timezones import customer_timezone_sql, with_home_store
 
 PROFILE_FIELDS = (
     "id",
@@ -49,14 +51,14 @@ def summarize_event(name: str | None, kind: str, properties: dict) -> str:
         quantity = props.get("quantity", 1)
         price = props.get("price")
         return f"{label} x{quantity}" + (f" @ {_money(price, props)}" if price is not None else "")
-    if name == "Order Completed":
+    if name == ORDER_COMPLETED:
         total = props.get("total", props.get("revenue"))
         return f"order {props.get('order_id', '?')} total {_money(total, props)}" + (
             f" at store {props['store_id']}" if props.get("store_id") else ""
         )
-    if name == "Order Updated":
+    if name == ORDER_UPDATED:
         return f"order {props.get('order_id', '?')} -> {props.get('status', '?')}"
-    if name in ("Unsubscribed", "Subscribed"):
+    if name in CONSENT_EVENTS:
         return f"{name.lower()} from {props.get('channel')}"
     if kind == "identify":
         return ", ".join(f"{k}={v}" for k, v in list(props.items())[:4])
@@ -66,8 +68,15 @@ def summarize_event(name: str | None, kind: str, properties: dict) -> str:
 
 
 def customer_view(session: Session, customer_id: int, *, limit: int = 50) -> dict[str, Any]:
+    """The profile of one customer; ``timezone``: theirs by the one rule (:mod:`profiles.timezones`),
+    None when none is known (the default timezone applies)."""
     customers = Customer.__table__
     row = session.execute(select(customers).where(customers.c.id == customer_id)).one()
+    timezone = session.execute(
+        select(customer_timezone_sql(customers))
+        .select_from(with_home_store(customers))
+        .where(customers.c.id == customer_id)
+    ).scalar()
     identities = Identity.__table__
     events = Event.__table__
     carts = Cart.__table__
@@ -105,6 +114,7 @@ def customer_view(session: Session, customer_id: int, *, limit: int = 50) -> dic
     return {
         "customer": {name: getattr(row, name) for name in PROFILE_FIELDS},
         "merged_from": merged_ids,
+        "timezone": timezone,
         "home_store": store,
         "identities": [
             {"kind": r.kind, "value": r.value}

@@ -11,24 +11,24 @@ from __future__ import annotations
 import time as time_module
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import Engine, String, and_, cast, literal, select
+from sqlalchemy.orm import Session
 
+from audiences import build_audiences, load_audiences
+from connectors import Connector, RetryPolicy
+from omni.core.channels import spec
 from omni.core.collector import frozen_heap
+from omni.core.settings import Settings
+from omni.core.statuses import DeliveryStatus
 from profiles.bulk import dialect_insert
 from profiles.db import session_scope
 from profiles.models import AudienceMembership, Customer, Delivery
-from sequences.definitions import CampaignDefinition, load_campaigns
-from sequences.engine import (
-    DeliveryHalted,
-    Dispatcher,
-    TickReport,
-    dispatch_due,
-    provider_of,
-    recover_interrupted,
-)
-from sequences.policy import DeliveryPolicy
+from sequences.definitions import CampaignDefinition, SequenceDefinition, load_campaigns, load_sequences
+from sequences.deliveries import provider_of, recover_interrupted
+from sequences.dispatch import Dispatcher, dispatch_due
+from sequences.gate import DeliveryPolicy
+from sequences.reports import DeliveryHalted, TickReport
 
 
 class UnknownCampaign(KeyError):
@@ -38,7 +38,7 @@ class UnknownCampaign(KeyError):
 
 
 def create_campaign_deliveries(
-    session: Any, campaign: CampaignDefinition, *, now: datetime, settings: Any
+    session: Session, campaign: CampaignDefinition, *, now: datetime, settings: Settings
 ) -> int:
     """One pending delivery per current member of the campaign's audience; existing ones are kept."""
     members = AudienceMembership.__table__
@@ -53,9 +53,9 @@ def create_campaign_deliveries(
             literal(campaign.channel),
             literal(provider_of(campaign.channel, settings)),
             literal(campaign.template),
-            literal("pending"),
+            literal(DeliveryStatus.PENDING.value),
             literal(0),
-            literal(True),
+            literal(spec(campaign.channel).marketing),
             literal(now, type_=deliveries.c.next_attempt_at.type),
             literal(now, type_=deliveries.c.created_at.type),
             literal(now, type_=deliveries.c.updated_at.type),
@@ -94,43 +94,47 @@ def send_campaign(
     name: str,
     *,
     now: datetime,
-    settings: Any = None,
+    settings: Settings,
     policy: DeliveryPolicy | None = None,
-    retry_policy: Any = None,
+    retry_policy: RetryPolicy | None = None,
     sleep: Callable[[float], None] = time_module.sleep,
     campaigns: Mapping[str, CampaignDefinition] | None = None,
-    connectors: Mapping[str, Any] | None = None,
+    sequences: Mapping[str, SequenceDefinition] | None = None,
+    connectors: Mapping[str, Connector] | None = None,
 ) -> tuple[int, TickReport]:
-    """Send campaign ``name`` at ``now``; returns (deliveries created, report)."""
-    from audiences import build_audiences, load_audiences
+    """Send campaign ``name`` at ``now``; returns (deliveries created, report).
 
-    if settings is None:
-        from omni.core.settings import get_settings
-
-        settings = get_settings()
-    definitions = campaigns if campaigns is not None else load_campaigns()
+    Args:
+        settings: the settings (credentials resolved); the definitions' folders, the delivery policy
+            and the connectors come from them unless given here.
+        campaigns, sequences: definitions (default: loaded from the settings' folders). The sequences
+            are those whose enrollments move on when a send a crash interrupted is recovered here.
+    """
+    definitions = campaigns if campaigns is not None else load_campaigns(settings.campaigns_dir)
     if name not in definitions:
         raise UnknownCampaign(name, sorted(definitions))
     campaign = definitions[name]
-    audience_definitions = load_audiences()
+    audience_definitions = load_audiences(settings.audiences_dir)
     if campaign.audience not in audience_definitions:
         raise UnknownCampaign(f"{name}: its audience {campaign.audience!r} is not defined", [])
+    if sequences is None:
+        sequences = load_sequences(settings.sequences_dir, audiences=audience_definitions)
     policy = policy or DeliveryPolicy.from_settings(settings)
     report = TickReport(now=now)
     built = build_audiences(engine, names=[campaign.audience], now=now, definitions=audience_definitions)
     report.audiences = {key: result.as_dict() for key, result in built.items()}
     report.campaigns[name]  # noqa: B018 - the campaign appears in the report even with nothing to send
     with session_scope(engine) as session:
-        recover_interrupted(session, now=now, policy=policy, report=report)
+        recover_interrupted(session, now=now, policy=policy, report=report, sequences=sequences)
         created = create_campaign_deliveries(session, campaign, now=now, settings=settings)
     dispatcher = Dispatcher(
         engine=engine,
         now=now,
+        settings=settings,
         policy=policy,
-        sequences={},
+        sequences=sequences,
         campaigns=definitions,
         report=report,
-        settings=settings,
         retry_policy=retry_policy,
         sleep=sleep,
         connectors=dict(connectors or {}),

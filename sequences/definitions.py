@@ -1,4 +1,4 @@
-"""Sequence and campaign definitions: the YAML schema, validation and loading.
+"""Sequence and campaign definitions: the YAML schema, its validation and loading.
 
 A sequence (``sequences/<name>.yaml``)::
 
@@ -21,7 +21,10 @@ condition>, then: <step id>, else: <step id>}``; without ``else`` the next step 
 
 A campaign (``campaigns/<name>.yaml``): ``audience``, ``channel``, ``template`` and ``send_at``.
 
-Invalid definitions raise :class:`audiences.DefinitionError` naming the file, the path and the reason.
+The files are read and validated like audiences, by :mod:`omni.core.definitions`: pydantic models of the
+file as written (:class:`Send`, :class:`Campaign` and the private ones of a sequence), then what the
+engine runs (:class:`SequenceDefinition` and its steps, :class:`CampaignDefinition`). An invalid
+definition raises :class:`DefinitionError` naming the file, the path inside it and the reason.
 """
 
 from __future__ import annotations
@@ -30,44 +33,152 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    BeforeValidator,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from audiences.definitions import DefinitionError, parse_condition, parse_duration
+from audiences.definitions import Condition, load_audiences, parse_condition
+from omni.core.channels import MESSAGE_CHANNELS, SEND_CHANNELS, TEMPLATE_CHANNELS, spec
+from omni.core.clock import aware
+from omni.core.definitions import (
+    DefinitionError,
+    DefinitionModel,
+    Percent,
+    PositiveDuration,
+    Text,
+    load_folder,
+    snake_case,
+    validate_definition,
+)
 
-SEND_CHANNELS = ("email", "sms", "push", "ads", "webhook")
-MESSAGE_CHANNELS = ("email", "sms", "push")
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,199}$")
-STEP_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
+SequenceName = snake_case("a sequence name")
+CampaignName = snake_case("a campaign name")
+StepId = snake_case("a step id", max_length=100)
 TIME_PATTERN = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
 
-class SendStep(BaseModel):
-    model_config = ConfigDict(frozen=True)
+def _channel_of(allowed: tuple[str, ...]) -> Any:
+    def check(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"unknown channel {value!r} (expected one of {', '.join(allowed)})")
+        return value
 
+    return check
+
+
+SendChannel = Annotated[str, BeforeValidator(_channel_of(SEND_CHANNELS))]
+MessageChannel = Annotated[str, BeforeValidator(_channel_of(MESSAGE_CHANNELS))]
+
+
+def _local_time(value: Any) -> time:
+    if isinstance(value, time):
+        return value
+    match = TIME_PATTERN.match(str(value))
+    if not match:
+        raise ValueError(f"expected a local time HH:MM, got {str(value)!r}")
+    return time(int(match.group(1)), int(match.group(2)))
+
+
+def _utc(value: Any) -> datetime:
+    try:
+        when = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except ValueError:
+        raise ValueError(f"expected ISO-8601, got {value!r}") from None
+    return aware(when).astimezone(UTC)
+
+
+LocalTime = Annotated[time, BeforeValidator(_local_time)]
+UtcTime = Annotated[datetime, BeforeValidator(_utc)]
+
+
+def template_of(channel: str, template: Any) -> str:
+    """``template`` when it is one of ``channel``'s folder (``email/abandoned_cart`` for email): a
+    template of another channel would be rendered for the wrong connector."""
+    if not isinstance(template, str) or "/" not in template:
+        raise ValueError(f"expected {channel}/NAME, got {template!r}")
+    if template.split("/", 1)[0] != channel:
+        raise ValueError(f"a {channel} message needs a {channel}/ template, got {template!r}")
+    return template
+
+
+def fallback_template(fallback: str, template: str | None, given: str | None) -> str | None:
+    """The fallback's template: the one given, else the primary's of the same name in the fallback
+    channel's folder (``sms/pickup_reminder`` falls back to ``push/pickup_reminder``)."""
+    if given or not template:
+        return given
+    return f"{fallback}/{template.split('/', 1)[-1]}"
+
+
+# --- steps ------------------------------------------------------------------------------------------
+
+
+class Send(DefinitionModel):
+    """The ``send`` of a step as written: a template of the channel's folder (a channel that syncs an
+    audience names the audience instead), and an optional fallback channel and its template."""
+
+    channel: SendChannel
+    template: str | None = Field(default=None, validate_default=True)
+    audience: str | None = Field(default=None, validate_default=True)
+    fallback: MessageChannel | None = None
+    fallback_template: str | None = Field(default=None, validate_default=True)
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        channel = info.data.get("channel")
+        if channel not in TEMPLATE_CHANNELS:
+            return value
+        if not value:
+            raise ValueError(f"a {channel} step names its template")
+        return template_of(channel, value)
+
+    @field_validator("audience")
+    @classmethod
+    def _audience(cls, value: str | None, info: ValidationInfo) -> str | None:
+        channel = info.data.get("channel")
+        if channel is not None and spec(channel).delivery == "audience" and not value:
+            raise ValueError(f"an {channel} step names the ad audience")
+        return value
+
+    @field_validator("fallback")
+    @classmethod
+    def _other_channel(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and value == info.data.get("channel"):
+            raise ValueError("the fallback is the same channel")
+        return value
+
+    @field_validator("fallback_template")
+    @classmethod
+    def _fallback_template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        fallback = info.data.get("fallback")
+        if fallback is None:
+            if value is not None:
+                raise ValueError("a fallback_template needs a fallback")
+            return None
+        return template_of(fallback, fallback_template(fallback, info.data.get("template"), value))
+
+
+class SendStep(Send):
     id: str
-    channel: str
-    template: str | None = None
-    audience: str | None = None  # ads: the custom audience to add the customer to
-    fallback: str | None = None
-    fallback_template: str | None = None
 
 
-class WaitStep(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class WaitStep(DefinitionModel):
     id: str
     duration: timedelta | None = None
     until: time | None = None
 
 
-class BranchStep(BaseModel):
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-
+class BranchStep(DefinitionModel):
     id: str
-    condition: Any
+    condition: Condition
     then: str
     otherwise: str | None = None
 
@@ -75,17 +186,102 @@ class BranchStep(BaseModel):
 Step = SendStep | WaitStep | BranchStep
 
 
-class ExitRule(BaseModel):
-    model_config = ConfigDict(frozen=True)
+class _Until(DefinitionModel):
+    until: LocalTime
 
+
+# ``wait: 1d`` or ``wait: {until: "10:00"}``. The tags keep the errors of the other form out.
+Wait = Annotated[
+    Annotated[PositiveDuration, Tag("<duration>")] | Annotated[_Until, Tag("<until>")],
+    Discriminator(lambda value: "<until>" if isinstance(value, Mapping | _Until) else "<duration>"),
+]
+
+
+class _Branch(DefinitionModel):
+    condition: Any = Field(alias="if")  # an audience condition, checked by parse_condition
+    then: str
+    otherwise: str | None = Field(default=None, alias="else")
+
+
+class _Step(DefinitionModel):
+    """One of ``steps`` as written: an optional id and exactly one of send, wait or branch."""
+
+    id: StepId | None = None
+    send: Send | None = None
+    wait: Wait | None = None
+    branch: _Branch | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> _Step:
+        if [self.send, self.wait, self.branch].count(None) != 2:
+            raise ValueError("a step has exactly one of send, wait or branch")
+        return self
+
+    def build(self, index: int, file: str) -> Step:
+        """The step the engine runs; an id not given is the kind and the step's number (``wait_2``)."""
+        if self.send is not None:
+            return SendStep(id=self.id or f"send_{index + 1}", **self.send.model_dump())
+        if self.branch is not None:
+            return BranchStep(
+                id=self.id or f"branch_{index + 1}",
+                condition=parse_condition(self.branch.condition, file=file, path=f"steps[{index}].branch.if"),
+                then=self.branch.then,
+                otherwise=self.branch.otherwise,
+            )
+        step_id = self.id or f"wait_{index + 1}"
+        if isinstance(self.wait, _Until):
+            return WaitStep(id=step_id, until=self.wait.until)
+        return WaitStep(id=step_id, duration=self.wait)
+
+
+# --- sequences --------------------------------------------------------------------------------------
+
+
+class ExitRule(DefinitionModel):
     event: str | None = None
     properties: dict[str, Any] = {}
     left_audience: bool = False
 
 
-class SequenceDefinition(BaseModel):
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+class _Trigger(DefinitionModel):
+    audience: str | None = None
+    event: str | None = None
 
+    @field_validator("audience")
+    @classmethod
+    def _known(cls, value: str | None, info: ValidationInfo) -> str | None:
+        audiences = (info.context or {}).get("audiences")
+        if value is not None and audiences is not None and value not in audiences:
+            raise ValueError(f"unknown audience {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _one(self) -> _Trigger:
+        if (self.audience is None) == (self.event is None):
+            raise ValueError("a trigger is either {audience: NAME} or {event: NAME}")
+        return self
+
+
+class _Sequence(DefinitionModel):
+    """A sequence file as written."""
+
+    name: SequenceName
+    description: Text = ""
+    trigger: _Trigger
+    exit: ExitRule = ExitRule()
+    reenter_after: PositiveDuration | None = None
+    holdout: Percent = 0.0
+    steps: list[_Step]
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _non_empty(cls, value: Any) -> Any:
+        if not isinstance(value, list) or not value:
+            raise ValueError("a sequence needs a non-empty list of steps")
+        return value
+
+
+class SequenceDefinition(DefinitionModel):
     name: str
     description: str = ""
     file: str = ""
@@ -102,284 +298,106 @@ class SequenceDefinition(BaseModel):
                 return index
         raise KeyError(step_id)
 
-    @property
-    def audiences_used(self) -> set[str]:
-        used = {self.trigger_audience} if self.trigger_audience else set()
-        return used
-
-    @property
-    def ad_audiences(self) -> set[str]:
-        return {
-            s.audience for s in self.steps if isinstance(s, SendStep) and s.channel == "ads" and s.audience
-        }
-
-
-class CampaignDefinition(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    description: str = ""
-    file: str = ""
-    audience: str
-    channel: str
-    template: str
-    send_at: datetime | None = None
-    fallback: str | None = None
-
-
-def _percent(value: Any, file: str, path: str) -> float:
-    text = str(value).strip()
-    number = text[:-1] if text.endswith("%") else text
-    try:
-        result = float(number)
-    except ValueError:
-        raise DefinitionError(file, path, f"expected a percentage like 10%, got {value!r}") from None
-    if not 0 <= result <= 100:
-        raise DefinitionError(file, path, f"a percentage must be between 0% and 100%, got {value!r}")
-    return result
-
-
-def _duration(value: Any, file: str, path: str) -> timedelta:
-    try:
-        duration = parse_duration(value)
-    except ValueError as exc:
-        raise DefinitionError(file, path, str(exc)) from None
-    if duration <= timedelta(0):
-        raise DefinitionError(file, path, "a duration must be positive")
-    return duration
-
-
-def _mapping(value: Any, file: str, path: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise DefinitionError(file, path, f"expected a mapping, got {type(value).__name__}")
-    return value
-
-
-def _unknown_keys(raw: Mapping[str, Any], allowed: set[str], file: str, path: str) -> None:
-    extra = sorted(set(map(str, raw)) - allowed)
-    if extra:
-        raise DefinitionError(file, path, f"unknown key {extra[0]!r} (allowed: {', '.join(sorted(allowed))})")
-
-
-def _template_for(channel: str, template: Any, file: str, path: str) -> str:
-    """A template name of ``channel``'s folder (``email/abandoned_cart`` for email): a template of another
-    channel would be rendered for the wrong connector."""
-    if not isinstance(template, str) or "/" not in template:
-        raise DefinitionError(file, path, f"expected {channel}/NAME, got {template!r}")
-    if template.split("/", 1)[0] != channel:
-        raise DefinitionError(
-            file, path, f"a {channel} message needs a {channel}/ template, got {template!r}"
-        )
-    return template
-
-
-def fallback_template(fallback: str, template: str | None, given: str | None) -> str | None:
-    """The fallback's template: the one given, else the primary's of the same name in the fallback
-    channel's folder (``sms/pickup_reminder`` falls back to ``push/pickup_reminder``)."""
-    if given or not template:
-        return given
-    return f"{fallback}/{template.split('/', 1)[-1]}"
-
-
-def _channel(value: Any, file: str, path: str, allowed: tuple[str, ...] = SEND_CHANNELS) -> str:
-    if value not in allowed:
-        raise DefinitionError(file, path, f"unknown channel {value!r} (expected one of {', '.join(allowed)})")
-    return value
-
-
-def _parse_step(raw: Any, index: int, file: str) -> Step:
-    path = f"steps[{index}]"
-    raw = _mapping(raw, file, path)
-    kinds = [k for k in ("send", "wait", "branch") if k in raw]
-    if len(kinds) != 1:
-        raise DefinitionError(file, path, "a step has exactly one of send, wait or branch")
-    kind = kinds[0]
-    _unknown_keys(raw, {"id", kind}, file, path)
-    step_id = raw.get("id", f"{kind}_{index + 1}")
-    if not isinstance(step_id, str) or not STEP_ID_PATTERN.match(step_id):
-        raise DefinitionError(file, f"{path}.id", f"a step id is lower_snake_case, got {step_id!r}")
-    body = raw[kind]
-    if kind == "send":
-        body = _mapping(body, file, f"{path}.send")
-        _unknown_keys(
-            body, {"channel", "template", "audience", "fallback", "fallback_template"}, file, f"{path}.send"
-        )
-        channel = _channel(body.get("channel"), file, f"{path}.send.channel")
-        if channel == "ads":
-            if not body.get("audience"):
-                raise DefinitionError(file, f"{path}.send.audience", "an ads step names the ad audience")
-        elif not body.get("template"):
-            raise DefinitionError(file, f"{path}.send.template", f"a {channel} step names its template")
-        else:
-            _template_for(channel, body["template"], file, f"{path}.send.template")
-        fallback = body.get("fallback")
-        other = body.get("fallback_template")
-        if fallback is not None:
-            _channel(fallback, file, f"{path}.send.fallback", MESSAGE_CHANNELS)
-            if fallback == channel:
-                raise DefinitionError(file, f"{path}.send.fallback", "the fallback is the same channel")
-            other = fallback_template(fallback, body.get("template"), other)
-            _template_for(fallback, other, file, f"{path}.send.fallback_template")
-        elif other is not None:
-            raise DefinitionError(
-                file, f"{path}.send.fallback_template", "a fallback_template needs a fallback"
-            )
-        return SendStep(
-            id=step_id,
-            channel=channel,
-            template=body.get("template"),
-            audience=body.get("audience"),
-            fallback=fallback,
-            fallback_template=other,
-        )
-    if kind == "wait":
-        if isinstance(body, Mapping):
-            _unknown_keys(body, {"until"}, file, f"{path}.wait")
-            until = str(body.get("until", ""))
-            match = TIME_PATTERN.match(until)
-            if not match:
-                raise DefinitionError(
-                    file, f"{path}.wait.until", f"expected a local time HH:MM, got {until!r}"
-                )
-            return WaitStep(id=step_id, until=time(int(match.group(1)), int(match.group(2))))
-        return WaitStep(id=step_id, duration=_duration(body, file, f"{path}.wait"))
-    body = _mapping(body, file, f"{path}.branch")
-    _unknown_keys(body, {"if", "then", "else"}, file, f"{path}.branch")
-    if "if" not in body or "then" not in body:
-        raise DefinitionError(file, f"{path}.branch", "a branch needs if and then")
-    condition = parse_condition(body["if"], file=file, path=f"{path}.branch.if")
-    return BranchStep(id=step_id, condition=condition, then=str(body["then"]), otherwise=body.get("else"))
-
 
 def parse_sequence(
     raw: Any, *, file: str = "<sequence>", audiences: Mapping[str, Any] | None = None
 ) -> SequenceDefinition:
-    raw = _mapping(raw, file, "")
-    _unknown_keys(
-        raw, {"name", "description", "trigger", "exit", "reenter_after", "holdout", "steps"}, file, ""
-    )
-    name = raw.get("name")
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise DefinitionError(file, "name", f"a sequence name is lower_snake_case, got {name!r}")
-    trigger = _mapping(raw.get("trigger"), file, "trigger")
-    _unknown_keys(trigger, {"audience", "event"}, file, "trigger")
-    if ("audience" in trigger) == ("event" in trigger):
-        raise DefinitionError(file, "trigger", "a trigger is either {audience: NAME} or {event: NAME}")
-    trigger_audience = trigger.get("audience")
-    if trigger_audience is not None and audiences is not None and trigger_audience not in audiences:
-        raise DefinitionError(file, "trigger.audience", f"unknown audience {trigger_audience!r}")
-    exit_raw = _mapping(raw.get("exit", {}), file, "exit")
-    _unknown_keys(exit_raw, {"event", "properties", "left_audience"}, file, "exit")
-    if exit_raw.get("left_audience") and not trigger_audience:
+    """One sequence from its parsed YAML. An audience trigger must name one of ``audiences`` (None: not
+    checked); a branch names steps of the sequence; step ids are unique."""
+    written = validate_definition(_Sequence, raw, file=file, context={"audiences": audiences})
+    if written.exit.left_audience and written.trigger.audience is None:
         raise DefinitionError(file, "exit.left_audience", "left_audience needs an audience trigger")
-    try:
-        exit_rule = ExitRule(**exit_raw)
-    except ValidationError as exc:
-        raise DefinitionError(file, "exit", exc.errors()[0]["msg"]) from None
-    steps_raw = raw.get("steps")
-    if not isinstance(steps_raw, list) or not steps_raw:
-        raise DefinitionError(file, "steps", "a sequence needs a non-empty list of steps")
-    steps = tuple(_parse_step(step, index, file) for index, step in enumerate(steps_raw))
+    steps = tuple(step.build(index, file) for index, step in enumerate(written.steps))
     ids = [step.id for step in steps]
-    for index, step_id in enumerate(ids):
-        if ids.index(step_id) != index:
-            raise DefinitionError(file, f"steps[{index}].id", f"duplicate step id {step_id!r}")
     for index, step in enumerate(steps):
+        if ids.index(step.id) != index:
+            raise DefinitionError(file, f"steps[{index}].id", f"duplicate step id {step.id!r}")
         if isinstance(step, BranchStep):
-            for target, key in ((step.then, "then"), (step.otherwise, "else")):
+            for key, target in (("then", step.then), ("else", step.otherwise)):
                 if target is not None and target not in ids:
                     raise DefinitionError(file, f"steps[{index}].branch.{key}", f"unknown step id {target!r}")
-    reenter = raw.get("reenter_after")
     return SequenceDefinition(
-        name=name,
-        description=str(raw.get("description", "")),
+        name=written.name,
+        description=written.description,
         file=file,
-        trigger_audience=trigger_audience,
-        trigger_event=trigger.get("event"),
-        exit=exit_rule,
-        reenter_after=_duration(reenter, file, "reenter_after") if reenter is not None else None,
-        holdout_percent=_percent(raw.get("holdout", 0), file, "holdout"),
+        trigger_audience=written.trigger.audience,
+        trigger_event=written.trigger.event,
+        exit=written.exit,
+        reenter_after=written.reenter_after,
+        holdout_percent=written.holdout,
         steps=steps,
     )
 
 
+# --- campaigns --------------------------------------------------------------------------------------
+
+
+class Campaign(DefinitionModel):
+    """A campaign file as written."""
+
+    name: CampaignName
+    description: Text = ""
+    audience: str = Field(min_length=1)
+    channel: MessageChannel
+    template: str
+    send_at: UtcTime | None = None
+    fallback: MessageChannel | None = None
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, value: str, info: ValidationInfo) -> str:
+        channel = info.data.get("channel")
+        return value if channel is None else template_of(channel, value)
+
+    @field_validator("fallback")
+    @classmethod
+    def _other_channel(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and value == info.data.get("channel"):
+            raise ValueError("the fallback is the same channel")
+        return value
+
+
+class CampaignDefinition(Campaign):
+    file: str = ""
+
+
 def parse_campaign(raw: Any, *, file: str = "<campaign>") -> CampaignDefinition:
-    raw = _mapping(raw, file, "")
-    _unknown_keys(
-        raw, {"name", "description", "audience", "channel", "template", "send_at", "fallback"}, file, ""
-    )
-    name = raw.get("name")
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise DefinitionError(file, "name", f"a campaign name is lower_snake_case, got {name!r}")
-    for key in ("audience", "channel", "template"):
-        if not raw.get(key):
-            raise DefinitionError(file, key, f"a campaign needs {key}")
-    _channel(raw["channel"], file, "channel", MESSAGE_CHANNELS)
-    _template_for(raw["channel"], raw["template"], file, "template")
-    if raw.get("fallback") is not None:
-        _channel(raw["fallback"], file, "fallback", MESSAGE_CHANNELS)
-        if raw["fallback"] == raw["channel"]:
-            raise DefinitionError(file, "fallback", "the fallback is the same channel")
-    send_at = raw.get("send_at")
-    if send_at is not None:
-        try:
-            send_at = send_at if isinstance(send_at, datetime) else datetime.fromisoformat(str(send_at))
-        except ValueError:
-            raise DefinitionError(file, "send_at", f"expected ISO-8601, got {send_at!r}") from None
-        send_at = send_at.replace(tzinfo=UTC) if send_at.tzinfo is None else send_at.astimezone(UTC)
-    return CampaignDefinition(
-        name=name,
-        description=str(raw.get("description", "")),
-        file=file,
-        audience=raw["audience"],
-        channel=raw["channel"],
-        template=raw["template"],
-        send_at=send_at,
-        fallback=raw.get("fallback"),
-    )
+    """One campaign from its parsed YAML."""
+    return CampaignDefinition(**validate_definition(Campaign, raw, file=file).model_dump(), file=file)
 
 
-def _load_dir(directory: Path, parse: Any, **kwargs: Any) -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    if not directory.is_dir():
-        return found
-    for path in sorted(directory.glob("*.y*ml")):
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise DefinitionError(str(path), "", f"invalid YAML: {exc}") from None
-        definition = parse(raw, file=str(path), **kwargs)
-        if definition.name in found:
-            raise DefinitionError(
-                str(path), "name", f"{definition.name!r} is also defined in {found[definition.name].file}"
-            )
-        found[definition.name] = definition
-    return found
+# --- folders ----------------------------------------------------------------------------------------
 
 
-def sequences_dir() -> Path:
-    from omni.core.settings import get_settings
+def sequences_directory(directory: Path | None = None) -> Path:
+    """``directory``, or the built-in sequences' folder."""
+    return Path(__file__).parent if directory is None else Path(directory)
 
-    return get_settings().sequences_dir or Path(__file__).parent
 
-
-def campaigns_dir() -> Path:
-    from omni.core.settings import get_settings
-
-    return get_settings().campaigns_dir or Path.cwd() / "campaigns"
+def campaigns_directory(directory: Path | None = None) -> Path:
+    """``directory``, or ``campaigns`` in the working directory (campaigns belong to a project)."""
+    return Path.cwd() / "campaigns" if directory is None else Path(directory)
 
 
 def load_sequences(
     directory: Path | None = None, *, audiences: Mapping[str, Any] | None = None
 ) -> dict[str, SequenceDefinition]:
-    """Every sequence in ``directory`` (default: ``OMNI_SEQUENCES_DIR``, else the built-in ones)."""
-    if audiences is None:
-        from audiences import load_audiences
-
-        audiences = load_audiences()
-    return _load_dir(directory or sequences_dir(), parse_sequence, audiences=audiences)
+    """Every sequence in ``directory`` (default: the built-in ones). An audience trigger must name one of
+    ``audiences`` (default: the built-in audiences). Raises DefinitionError."""
+    known = load_audiences() if audiences is None else audiences
+    return load_folder(
+        sequences_directory(directory),
+        lambda raw, file, _text: parse_sequence(raw, file=file, audiences=known),
+        kind="sequence",
+    )
 
 
 def load_campaigns(directory: Path | None = None) -> dict[str, CampaignDefinition]:
-    """Every campaign in ``directory`` (default: ``OMNI_CAMPAIGNS_DIR``, else ``./campaigns``)."""
-    return _load_dir(directory or campaigns_dir(), parse_campaign)
+    """Every campaign in ``directory`` (default: ``./campaigns``; a missing folder holds none). Raises
+    DefinitionError."""
+    return load_folder(
+        campaigns_directory(directory),
+        lambda raw, file, _text: parse_campaign(raw, file=file),
+        kind="campaign",
+        missing_ok=True,
+    )

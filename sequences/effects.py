@@ -3,10 +3,10 @@
 Connectors never touch the database; they put :class:`connectors.base.Effect` values on their results.
 The caller (the sequence engine, ``omni templates test-send``) hands them here inside its transaction:
 
-- ``sms_opted_out`` (Twilio 21610: the customer replied STOP): an SMS ``opted_out`` consent decision
-  with source ``twilio:21610``, so nobody who opted out is texted again;
-- ``device_token_invalid`` (FCM ``UNREGISTERED`` / ``SENDER_ID_MISMATCH`` / invalid token): the
-  ``device_token`` identity is deleted, so the token is not used again.
+- ``EffectKind.SMS_OPTED_OUT`` (Twilio 21610: the customer replied STOP): an SMS ``opted_out`` consent
+  decision with source ``twilio:21610``, so nobody who opted out is texted again;
+- ``EffectKind.DEVICE_TOKEN_INVALID`` (FCM ``UNREGISTERED`` / ``SENDER_ID_MISMATCH`` / invalid token):
+  the ``device_token`` identity is deleted, so the token is not used again.
 """
 
 from __future__ import annotations
@@ -17,37 +17,31 @@ from datetime import datetime
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from connectors.base import Effect, Result
-
-SMS_OPTED_OUT = "sms_opted_out"
-DEVICE_TOKEN_INVALID = "device_token_invalid"
-
-
-def effects_of(results: Iterable[Result]) -> list[Effect]:
-    return [effect for result in results for effect in result.effects]
+from connectors.base import Effect, EffectKind, Result
+from omni.core.channels import Channel
+from omni.core.statuses import ConsentStatus
+from profiles.consent import ConsentDecision, apply_consents
+from profiles.models import Identity, IdentityKind
 
 
 def apply_effects(session: Session, results: Iterable[Result | Effect], *, now: datetime) -> dict[str, int]:
     """Write the effects carried by ``results`` (or given directly). Returns counts per kind."""
-    from profiles.consent import ConsentDecision, apply_consents
-    from profiles.models import ConsentChannel, ConsentStatus, Identity, IdentityKind
-
     effects: list[Effect] = []
     for item in results:
         effects.extend(item.effects if isinstance(item, Result) else [item])
     decisions = [
-        ConsentDecision(e.customer_id, ConsentChannel.SMS.value, ConsentStatus.OPTED_OUT.value, e.source, now)
+        ConsentDecision(e.customer_id, Channel.SMS.value, ConsentStatus.OPTED_OUT.value, e.source, now)
         for e in effects
-        if e.kind == SMS_OPTED_OUT and e.customer_id is not None
+        if e.kind == EffectKind.SMS_OPTED_OUT and e.customer_id is not None
     ]
     if decisions:
         # The customer opted out at the provider (replied STOP): it always takes effect.
         apply_consents(session, decisions, now=now, operator=True)
-    tokens = sorted({e.value for e in effects if e.kind == DEVICE_TOKEN_INVALID})
+    tokens = sorted({e.value for e in effects if e.kind == EffectKind.DEVICE_TOKEN_INVALID})
     removed = 0
     if tokens:
         table = Identity.__table__
         removed = session.execute(
             delete(table).where(table.c.kind == IdentityKind.DEVICE_TOKEN.value, table.c.value.in_(tokens))
         ).rowcount
-    return {SMS_OPTED_OUT: len(decisions), DEVICE_TOKEN_INVALID: removed or 0}
+    return {EffectKind.SMS_OPTED_OUT: len(decisions), EffectKind.DEVICE_TOKEN_INVALID: removed or 0}

@@ -5,7 +5,7 @@ A token names a customer and a channel and is signed with HMAC-SHA256 under the 
 the store (``omni_metadata``, key ``unsubscribe_secret``), so the default set-up needs no configuration.
 
 - ``ensure_unsubscribe_secret(session_or_engine) -> None``: store a secret if there is none (idempotent).
-- ``unsubscribe_secret(session, settings=None) -> SecretStr``: the secret in force.
+- ``unsubscribe_secret(session, settings) -> SecretStr``: the secret in force.
 - ``make_token(secret, customer_id, channel) -> str`` / ``verify_token(secret, token) -> (customer_id,
   channel)`` (raises :class:`InvalidToken` on any tampering).
 - ``unsubscribe_url(base_url, token) -> str``: ``<OMNI_UNSUBSCRIBE_BASE_URL>?token=<token>``, the target of
@@ -20,13 +20,17 @@ import hashlib
 import hmac
 import re
 import secrets
-from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from pydantic import SecretStr
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+
+from omni.core.clock import utcnow
+from omni.core.settings import Settings
+from profiles.db import session_scope
+from profiles.models import StoreMetadata
 
 METADATA_KEY = "unsubscribe_secret"
 VERSION = "v1"
@@ -49,9 +53,6 @@ def ensure_unsubscribe_secret(session: Session | Engine) -> None:
 
     Given an engine (``omni init``), it runs in a transaction of its own.
     """
-    from profiles.db import session_scope, utcnow
-    from profiles.models import StoreMetadata
-
     if isinstance(session, Engine):
         with session_scope(session) as own:
             ensure_unsubscribe_secret(own)
@@ -69,14 +70,8 @@ def ensure_unsubscribe_secret(session: Session | Engine) -> None:
         pass  # another process stored one first: keep theirs
 
 
-def unsubscribe_secret(session: Session, settings: Any = None) -> SecretStr:
+def unsubscribe_secret(session: Session, settings: Settings) -> SecretStr:
     """``OMNI_UNSUBSCRIBE_SECRET`` if set, else the store's generated secret (created on first use)."""
-    from profiles.models import StoreMetadata
-
-    if settings is None:
-        from omni.core.settings import get_settings
-
-        settings = get_settings()
     configured = settings.unsubscribe_secret
     if configured is not None and configured.get_secret_value():
         return configured

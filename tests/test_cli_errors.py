@@ -53,7 +53,7 @@ def _known_errors():
     from audiences.definitions import DefinitionError
     from connectors import ConnectorConfigError
     from profiles.db import SchemaNotReady
-    from sequences.engine import UnknownSequence
+    from sequences.tick import UnknownSequence
 
     return [
         (ConnectorConfigError("OMNI_SENDGRID_API_KEY is not set"), 1, "OMNI_SENDGRID_API_KEY"),
@@ -68,14 +68,14 @@ def _known_errors():
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_known_errors_of_a_command_are_one_line_and_the_contracts_exit_code(database_url, monkeypatch):
-    import sequences.engine
+    import sequences.tick
 
     for error, code, text in _known_errors():
 
         def fail(*_args, _error=error, **_kwargs):
             raise _error
 
-        monkeypatch.setattr(sequences.engine, "run_tick", fail)
+        monkeypatch.setattr(sequences.tick, "run_tick", fail)
         result = runner.invoke(app, ["sequences", "run", "--database-url", database_url])
         assert result.exit_code == code, (error, result.output, result.stderr)
         assert text in _one_line_error(result)

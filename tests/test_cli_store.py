@@ -130,6 +130,19 @@ def test_profile_show_is_the_unified_timeline_across_channels(database_url, even
     assert "Ana" in human.stdout and "Order Completed" in human.stdout
 
 
+def test_profile_show_gives_the_timezone_of_the_one_rule(database_url, tmp_path):
+    """Own, else the latest context, else the home store's (profiles.timezones): here the home store's."""
+    stores = tmp_path / "stores.json"
+    stores.write_text(json.dumps([{"id": "s-1", "name": "Chiado", "timezone": "Europe/Lisbon"}]))
+    assert omni("stores", "load", stores, "--database-url", database_url).exit_code == 0
+    identify = {"type": "identify", "userId": "u9", "messageId": "m9", "traits": {"home_store_id": "s-1"}}
+    omni("ingest", "-", "--database-url", database_url, input=json.dumps(identify) + "\n")
+    result = omni("profile", "show", "u9", "--database-url", database_url, "--json")
+    assert json.loads(result.stdout)["timezone"] == "Europe/Lisbon"
+    human = omni("profile", "show", "u9", "--database-url", database_url)
+    assert "timezone      Europe/Lisbon" in human.stdout
+
+
 def test_profile_show_unknown_key_is_bad_input(database_url):
     result = omni("profile", "show", "nobody@example.org", "--database-url", database_url)
     assert result.exit_code == 2

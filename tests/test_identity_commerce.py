@@ -11,14 +11,15 @@ from sqlalchemy import select
 
 from profiles.db import session_scope
 from profiles.identity import resolve_customer_key
-from profiles.ingest import ingest_payloads
+from profiles.ingest import IngestOptions, ingest_payloads
 from profiles.models import Cart, Consent, Customer, Event, Identity, Order
 
 NOW = datetime(2026, 6, 2, 12, 0, tzinfo=UTC)
 
 
 def ingest(engine, *payloads, batch_size=None):
-    return ingest_payloads(engine, list(payloads), now=NOW, batch_size=batch_size)
+    options = IngestOptions() if batch_size is None else IngestOptions(batch_size=batch_size)
+    return ingest_payloads(engine, list(payloads), options=options, now=NOW)
 
 
 def all_rows(engine, model, *where):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
 
+from omni.core.settings import Settings
 from profiles.db import session_scope
-from profiles.ingest import ingest_files, ingest_payloads
+from profiles.ingest import IngestOptions, ingest_files, ingest_payloads
 from profiles.models import Consent, Customer, Event, RejectedEvent
 from profiles.segment import derive_message_id
 
@@ -19,7 +20,8 @@ NOW = datetime(2026, 6, 2, 12, 0, tzinfo=UTC)
 
 
 def ingest(engine, *payloads, now=NOW, batch_size=None):
-    return ingest_payloads(engine, list(payloads), now=now, batch_size=batch_size)
+    options = IngestOptions() if batch_size is None else IngestOptions(batch_size=batch_size)
+    return ingest_payloads(engine, list(payloads), options=options, now=now)
 
 
 def rows(engine, model, *where):
@@ -308,11 +310,22 @@ def test_same_batch_is_committed_together_and_rejections_do_not_stop_it(engine):
     assert count(engine, RejectedEvent) == 10
 
 
-def test_batches_share_a_transaction_and_an_interrupted_ingest_resumes_without_loss(engine, monkeypatch):
-    from omni.core.settings import get_settings
+def test_ingest_options_come_from_the_settings():
+    assert IngestOptions.of(Settings()) == IngestOptions()  # the defaults are the settings' defaults
+    settings = Settings(
+        ingest_batch_size=7,
+        ingest_transaction_size=70,
+        ingest_parse_workers=0,
+        default_phone_region="GB",
+        ingest_max_future_hours=2,
+    )
+    assert IngestOptions.of(settings) == IngestOptions(
+        batch_size=7, transaction_size=70, parse_workers=0, default_region="GB", max_future=timedelta(hours=2)
+    )
 
-    monkeypatch.setenv("OMNI_INGEST_TRANSACTION_SIZE", "4")
-    get_settings.cache_clear()
+
+def test_batches_share_a_transaction_and_an_interrupted_ingest_resumes_without_loss(engine):
+    options = IngestOptions(batch_size=2, transaction_size=4)
 
     def interrupted():
         for i in range(10):
@@ -321,10 +334,9 @@ def test_batches_share_a_transaction_and_an_interrupted_ingest_resumes_without_l
 
     # Batches of 2 in transactions of 4: m0-m3 and m4-m7 commit; m8-m9 were in the open transaction.
     with pytest.raises(ConnectionError):
-        ingest_payloads(engine, interrupted(), now=NOW, batch_size=2)
+        ingest_payloads(engine, interrupted(), options=options, now=NOW)
     assert sorted(e.message_id for e in rows(engine, Event)) == [f"m{i}" for i in range(8)]
     # Running the whole feed again stores the rest; what was stored counts as duplicates.
     again = ingest(engine, *(track(mid=f"m{i}") for i in range(10)), batch_size=2)
     assert again.as_dict() == {"accepted": 2, "duplicates": 8, "rejected": 0}
     assert count(engine, Event) == 10
-    get_settings.cache_clear()

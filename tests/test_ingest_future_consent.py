@@ -10,8 +10,9 @@ from sqlalchemy import insert, select
 from typer.testing import CliRunner
 
 from omni.cli import app
+from omni.core.settings import Settings
 from profiles.db import session_scope
-from profiles.ingest import ingest_payloads
+from profiles.ingest import IngestOptions, ingest_payloads
 from profiles.models import Consent, RejectedEvent
 
 NOW = datetime(2026, 6, 2, 12, 0, tzinfo=UTC)
@@ -63,21 +64,18 @@ def test_a_tolerated_future_time_counts_from_receipt_for_consent(engine):
     assert sms(engine) == ("opted_out", later)
 
 
-def test_the_future_limit_is_a_setting(engine, monkeypatch):
-    from omni.core.settings import get_settings
-
-    monkeypatch.setenv("OMNI_INGEST_MAX_FUTURE_HOURS", "1")
-    get_settings.cache_clear()
+def test_the_future_limit_is_a_setting(engine):
+    hour = IngestOptions.of(Settings(ingest_max_future_hours=1))
     result = ingest_payloads(
         engine,
         [unsubscribed("a", "2026-06-02T12:59:00Z"), unsubscribed("b", "2026-06-02T13:01:00Z", "email")],
+        options=hour,
         now=NOW,
     )
     assert result.as_dict() == {"accepted": 1, "duplicates": 0, "rejected": 1}
-    monkeypatch.setenv("OMNI_INGEST_MAX_FUTURE_HOURS", "0")  # no limit
-    get_settings.cache_clear()
-    assert ingest_payloads(engine, [unsubscribed("c", "2090-01-01T00:00:00Z")], now=NOW).accepted == 1
-    get_settings.cache_clear()
+    no_limit = IngestOptions.of(Settings(ingest_max_future_hours=0))
+    far = [unsubscribed("c", "2090-01-01T00:00:00Z")]
+    assert ingest_payloads(engine, far, options=no_limit, now=NOW).accepted == 1
 
 
 def pin_sms_opt_in(engine) -> None:

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from profiles.db import session_scope
-from profiles.ingest import ingest_files, ingest_payloads
+from profiles.ingest import IngestOptions, ingest_files, ingest_payloads
 from profiles.models import Cart, Customer, Event, Identity, Order, RejectedEvent
 
 NOW = datetime(2026, 6, 2, 12, 0, tzinfo=UTC)
@@ -184,7 +184,7 @@ def test_every_hostile_payload_is_rejected_with_its_reason_and_the_good_ones_are
     engine, tmp_path, document
 ):
     path, expected = hostile_file(tmp_path, document=document)
-    result = ingest_files(engine, [str(path)], now=NOW, batch_size=25)
+    result = ingest_files(engine, [str(path)], options=IngestOptions(batch_size=25), now=NOW)
     assert result.as_dict() == {"accepted": GOOD_COUNT, "duplicates": 0, "rejected": len(HOSTILE)}
     stored = outcome(engine)
     assert stored["events"] == sorted(f"g{i}" for i in range(GOOD_COUNT))

@@ -16,9 +16,8 @@ import pytest
 from sqlalchemy import delete, select
 from sqlmodel import SQLModel
 
-from omni.core.settings import get_settings
 from profiles.db import session_scope
-from profiles.ingest import ingest_files
+from profiles.ingest import IngestOptions, ingest_files
 from profiles.models import Cart, Consent, Customer, Event, Identity, Order, RejectedEvent
 from profiles.reader import LineChunk, iter_input
 
@@ -115,16 +114,14 @@ def empty(engine) -> None:
             s.execute(delete(table))
 
 
-def test_parse_workers_store_exactly_what_in_process_parsing_stores(engine, monkeypatch):
+def test_parse_workers_store_exactly_what_in_process_parsing_stores(engine):
     data = ("\n".join(feed_lines()) + "\n").encode()
     outcomes = []
-    for workers in ("0", "1"):
-        monkeypatch.setenv("OMNI_INGEST_PARSE_WORKERS", workers)
-        get_settings.cache_clear()
-        result = ingest_files(engine, ["-"], now=NOW, batch_size=4, stdin=io.BytesIO(data))
+    for workers in (0, 1):
+        options = IngestOptions(batch_size=4, parse_workers=workers)
+        result = ingest_files(engine, ["-"], options=options, now=NOW, stdin=io.BytesIO(data))
         outcomes.append((result.as_dict(), result.samples, snapshot(engine)))
         empty(engine)
-    get_settings.cache_clear()
     (counts, samples, store), (worker_counts, worker_samples, worker_store) = outcomes
     assert worker_counts == counts
     assert worker_samples == samples

@@ -114,7 +114,8 @@ def test_a_tick_that_enrolls_and_sends_to_many_refreshes_the_statistics_of_its_t
     """The first tick after a campaign of entrants writes enrollments and deliveries from nothing: the next
     tick must not plan on statistics of empty tables."""
     from audiences import build_audiences
-    from sequences.engine import run_tick
+    from omni.core.settings import Settings
+    from sequences.tick import run_tick
 
     shoppers = payloads(300)
     for payload in shoppers:
@@ -124,7 +125,13 @@ def test_a_tick_that_enrolls_and_sends_to_many_refreshes_the_statistics_of_its_t
     ingest_payloads(fresh_engine, shoppers, now=NOW)
     build_audiences(fresh_engine, ["cart_abandoners"], now=NOW.replace(hour=15))
     assert not {"enrollments", "deliveries"} & set(analyzed(fresh_engine))
-    report = run_tick(fresh_engine, now=NOW.replace(hour=15), names=["abandoned_cart"], sleep=lambda _s: None)
+    report = run_tick(
+        fresh_engine,
+        now=NOW.replace(hour=15),
+        settings=Settings(),
+        names=["abandoned_cart"],
+        sleep=lambda _s: None,
+    )
     entered = report.sequences["abandoned_cart"]
     assert entered.enrolled + entered.held_out == 300
     stats = analyzed(fresh_engine)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from omni.core.settings import Settings
 from profiles.db import session_scope
 from profiles.identity import resolve_customer_key
 from profiles.ingest import ingest_payloads
@@ -22,9 +23,11 @@ from profiles.stores import (
     parse_stores,
     upsert_stores,
 )
-from templates.rendering import RenderError, render, render_many
+from sequences.contexts import render, render_many
+from templates.rendering import RenderError
 
 NOW = datetime(2026, 6, 2, 10, 0, tzinfo=UTC)  # Tuesday; 06:00 in New York, 11:00 in Lisbon
+SETTINGS = Settings()  # the built-in templates, UTC by default
 
 # --- opening hours -------------------------------------------------------------------------------------
 
@@ -317,9 +320,10 @@ def test_the_rule_is_set_based(engine, people):
 
 def test_every_customer_gets_the_pickup_reminder(engine, people):
     with session_scope(engine) as session:
-        sms = render_many(session, "sms/pickup_reminder", list(people.values()), now=NOW)
+        sms = render_many(session, "sms/pickup_reminder", list(people.values()), now=NOW, settings=SETTINGS)
         push_title = {
-            u: render_many(session, "email/abandoned_cart", [c], now=NOW)[c] for u, c in people.items()
+            u: render_many(session, "email/abandoned_cart", [c], now=NOW, settings=SETTINGS)[c]
+            for u, c in people.items()
         }
     for user, customer in people.items():
         outcome = sms[customer]
@@ -337,9 +341,13 @@ def test_every_customer_gets_the_pickup_reminder(engine, people):
 
 def test_day_ranges_show_todays_hours_not_closed(engine, people):
     with session_scope(engine) as session:
-        email = render(session, "email/abandoned_cart", people["postal"], now=NOW)
+        email = render(session, "email/abandoned_cart", people["postal"], now=NOW, settings=SETTINGS)
         sunday = render(
-            session, "email/abandoned_cart", people["buyer"], now=datetime(2026, 6, 7, 12, tzinfo=UTC)
+            session,
+            "email/abandoned_cart",
+            people["buyer"],
+            now=datetime(2026, 6, 7, 12, tzinfo=UTC),
+            settings=SETTINGS,
         )
     assert "Open today: 10:00-21:00" in email.html and "closed" not in email.html.lower()
     assert "Closed today" in sunday.html  # Lisbon's store does not open on Sundays
@@ -361,7 +369,7 @@ def test_today_is_the_customers_local_day(engine, people):
             now=NOW,
         )
         with session_scope(engine) as session:
-            email = render(session, "email/abandoned_cart", people["postal"], now=at)
+            email = render(session, "email/abandoned_cart", people["postal"], now=at, settings=SETTINGS)
         assert f"Open today: {hours}" in email.html, zone
 
 
@@ -373,5 +381,5 @@ def test_hours_stored_before_normalisation_still_show(engine, people):
     with session_scope(engine) as session:
         session.execute(update(Store).where(Store.id == "nyc-soho").values(hours={"mon-sat": "10:00-21:00"}))
     with session_scope(engine) as session:
-        email = render(session, "email/abandoned_cart", people["postal"], now=NOW)
+        email = render(session, "email/abandoned_cart", people["postal"], now=NOW, settings=SETTINGS)
     assert "Open today: 10:00-21:00" in email.html

@@ -20,6 +20,7 @@ from omni.cli.common import (
     parse_now,
     print_json,
 )
+from omni.core.settings import get_settings
 
 audiences_app = typer.Typer(
     help="Audiences: who a campaign or sequence is for (definitions in audiences/*.yaml).",
@@ -34,7 +35,8 @@ def register(app: typer.Typer) -> None:
 def _definitions() -> dict:
     from audiences import load_audiences
 
-    return load_audiences()  # an invalid file is reported by handle_errors (exit 2)
+    # An invalid file is reported by handle_errors (exit 2).
+    return load_audiences(get_settings().audiences_dir)
 
 
 def _definition(definitions: dict, name: str):
@@ -77,7 +79,8 @@ def list_audiences(database_url: DatabaseUrlOption = None, json: JsonOption = Fa
         return
     from audiences.definitions import audiences_directory
 
-    table = Table(title=f"Audiences in {audiences_directory()} ({len(rows)})", title_justify="left")
+    folder = audiences_directory(get_settings().audiences_dir)
+    table = Table(title=f"Audiences in {folder} ({len(rows)})", title_justify="left")
     for column in ("name", "description", "last size", "last build"):
         table.add_column(column, overflow="fold")
     for row in rows:

@@ -6,7 +6,7 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -25,6 +25,10 @@ from omni.cli.common import (
     parse_now,
     print_json,
 )
+from omni.core.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sequences.definitions import CampaignDefinition
 
 campaigns_app = typer.Typer(help="One-off campaigns (campaigns/*.yaml).", no_args_is_help=True)
 DEPLOYMENT = "send-campaign/send-campaign"
@@ -86,24 +90,26 @@ def reachable_prefect_api(timeout: float = 2.0) -> str:
     return url
 
 
-def _definitions():
+def _definitions(settings: Settings) -> dict[str, CampaignDefinition]:
     from sequences.definitions import load_campaigns
 
-    return load_campaigns()  # an invalid file is reported by handle_errors (exit 2)
+    return load_campaigns(settings.campaigns_dir)  # an invalid file is reported by handle_errors (exit 2)
 
 
 @campaigns_app.command("list")
 @handle_errors
 def campaigns_list(json: JsonOption = False) -> None:
     """Every campaign: audience, channel, template, send time."""
-    items = [c.model_dump() for c in _definitions().values()]
+    settings = get_settings()
+    items = [c.model_dump() for c in _definitions(settings).values()]
     if json:
         print_json(items)
         return
-    from sequences.definitions import campaigns_dir
+    from sequences.definitions import campaigns_directory
 
     # Campaigns live in the working directory by default: say where they were looked for.
-    table = Table(title=f"Campaigns in {campaigns_dir()} ({len(items)})", title_justify="left")
+    folder = campaigns_directory(settings.campaigns_dir)
+    table = Table(title=f"Campaigns in {folder} ({len(items)})", title_justify="left")
     for column in ("name", "audience", "channel", "template", "send_at"):
         table.add_column(column)
     for c in items:
@@ -128,14 +134,18 @@ def campaigns_send(
     """Send a campaign now, without Prefect (what the send-campaign flow does). Sending again sends
     nothing new."""
     from connectors import ConnectorConfigError
+    from flows.common import load_settings
     from sequences.campaigns import UnknownCampaign, send_campaign
-    from sequences.engine import DeliveryHalted
+    from sequences.reports import DeliveryHalted
 
-    definitions = _definitions()
+    settings = load_settings()
+    definitions = _definitions(settings)
     engine = open_store(database_url)
     halted = None
     try:
-        created, report = send_campaign(engine, name, now=parse_now(now), campaigns=definitions)
+        created, report = send_campaign(
+            engine, name, now=parse_now(now), settings=settings, campaigns=definitions
+        )
     except UnknownCampaign as exc:
         raise BadInput(str(exc)) from None
     except ConnectorConfigError as exc:
@@ -168,7 +178,7 @@ def campaigns_schedule(
 ) -> None:
     """Create a scheduled Prefect flow run of the send-campaign deployment (needs a Prefect server:
     PREFECT_API_URL, and `prefect --no-prompt deploy --all`)."""
-    definitions = _definitions()
+    definitions = _definitions(get_settings())
     if name not in definitions:
         raise BadInput(f"unknown campaign {name!r} (known: {', '.join(sorted(definitions)) or 'none'})")
     when = parse_now(at) if at else definitions[name].send_at

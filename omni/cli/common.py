@@ -22,6 +22,8 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from typer.core import TyperGroup
 
+from omni.core.clock import utcnow
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -57,7 +59,7 @@ class Failure(Exception):
 
 def parse_now(value: str | None) -> datetime:
     if value is None:
-        return datetime.now(UTC)
+        return utcnow()
     try:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError:
@@ -91,9 +93,12 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
 
 
 def open_store(database_url: str | None, *, require: bool = True) -> Engine:
+    """The store at ``database_url`` (``--database-url``; default: the settings'), its schema checked
+    unless ``require`` is false."""
+    from omni.core.settings import get_settings
     from profiles.db import get_engine, require_schema
 
-    engine = get_engine(database_url)
+    engine = get_engine(database_url or get_settings().database_url)
     if require:
         require_schema(engine)
     return engine

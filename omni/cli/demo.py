@@ -77,13 +77,15 @@ def demo(
     """
     from sqlalchemy import func, select
 
+    from flows.common import load_settings
     from omni.cli.demo_data import engine_tick, run_demo, summary_paragraph
     from profiles.db import create_store_engine, session_scope, upgrade_schema
     from profiles.models import Customer
     from sequences.unsubscribe import ensure_unsubscribe_secret
 
     started = time.perf_counter()
-    engine = create_store_engine(database_url)
+    settings = load_settings()
+    engine = create_store_engine(database_url or settings.database_url)
     try:
         upgrade_schema(engine)
         ensure_unsubscribe_secret(engine)
@@ -103,7 +105,7 @@ def demo(
             tick = stack.enter_context(_flow_tick(engine.url.render_as_string(hide_password=False)))
             using = "the run_sequences Prefect flow"
         if tick is None:
-            tick = engine_tick(engine)
+            tick = engine_tick(engine, settings)
         with stack:
             if not json:
                 console.print(
@@ -184,7 +186,7 @@ def _shorten(text: str, width: int) -> str:
 
 
 def _print_tick(result: dict[str, Any]) -> None:
-    from sequences.engine import STEP_COLUMNS
+    from sequences.reports import STEP_COLUMNS
 
     console.print()
     console.rule(
@@ -223,8 +225,10 @@ def _print_tick(result: dict[str, Any]) -> None:
             line += f" — {'; '.join(steps)}"
         console.print(line)
 
+    from omni.cli.demo_data import AUDIENCE_CHANNELS
+
     channels = result["channels"]
-    updates = channels.get("ads", 0)
+    updates = sum(channels.get(channel, 0) for channel in AUDIENCE_CHANNELS)
     messages = result["messages"] - updates
     title = f"What the channels received ({messages} messages, {updates} ad-audience updates)"
     table = Table(title=title, title_justify="left")

@@ -28,16 +28,21 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, func, select
 
+from omni.core.channels import SEND_CHANNELS, Touchpoint, spec
+from omni.core.settings import Settings
+from omni.core.statuses import DeliveryStatus, EnrollmentStatus
 from profiles.db import session_scope
 from profiles.ingest import ingest_payloads
-from profiles.models import Customer, Delivery, Enrollment, Event, OutboxMessage, Store
+from profiles.models import Customer, Delivery, Enrollment, Event, IdentityKind, OutboxMessage, Store
 from profiles.stores import parse_store, upsert_stores
 
 # A Tuesday, 15:00 UTC: 11:00 in New York, 10:00 in Chicago, 16:00 in Lisbon (outside quiet hours).
 T0 = datetime(2026, 6, 2, 15, 0, tzinfo=UTC)
 TICK_OFFSETS = (("T", timedelta(0)), ("T + 1 day", timedelta(days=1)), ("T + 3 days", timedelta(days=3)))
 SEQUENCES = ("abandoned_cart", "pickup_ready")
-CHANNELS = ("email", "ads", "sms", "push")
+# What the shoppers receive: every marketing channel (a webhook tells a store's system, not the shopper).
+CHANNELS = tuple(channel for channel in SEND_CHANNELS if spec(channel).marketing)
+AUDIENCE_CHANNELS = tuple(channel for channel in CHANNELS if spec(channel).delivery == "audience")
 DEFAULT_CUSTOMERS = 300
 DEFAULT_SEED = 42
 
@@ -187,7 +192,11 @@ def seed_retailer(
         store = rng.choices(stores, weights)[0]
         user = f"demo-{n:05d}"
         app_user = rng.random() < 0.5
-        signup_channel = "app" if app_user else rng.choice(["web", "web", "store"])
+        signup_channel = (
+            Touchpoint.APP.value
+            if app_user
+            else rng.choice([Touchpoint.WEB.value, Touchpoint.WEB.value, Touchpoint.STORE.value])
+        )
         traits: dict[str, Any] = {"first_name": first, "last_name": last, "home_store_id": store}
         email = None
         if rng.random() < 0.95:
@@ -208,13 +217,20 @@ def seed_retailer(
             at = _when(rng, now - timedelta(days=30), now - timedelta(hours=3))
             product = rng.choice(PRODUCTS)
             if app_user and rng.random() < 0.6:
-                feed.add("screen", user, at, "app", name="Product", properties={"product_id": product[0]})
+                feed.add(
+                    "screen",
+                    user,
+                    at,
+                    Touchpoint.APP.value,
+                    name="Product",
+                    properties={"product_id": product[0]},
+                )
             else:
                 feed.add(
                     "page",
                     user,
                     at,
-                    "web",
+                    Touchpoint.WEB.value,
                     name="Product",
                     properties={"url": f"https://shop.example.com/p/{product[0]}", "title": product[1]},
                 )
@@ -226,14 +242,16 @@ def seed_retailer(
                 "track",
                 user,
                 at - timedelta(minutes=20),
-                "web",
+                Touchpoint.WEB.value,
                 event="Product Added",
                 properties={"product_id": product[0], "name": product[1], "price": product[2], "quantity": 1},
             )
-            feed.order(user, at, "web", f"W{n:05d}-1", [product], fulfillment="ship")
+            feed.order(user, at, Touchpoint.WEB.value, f"W{n:05d}-1", [product], fulfillment="ship")
         if rng.random() < 0.25:
             at = _when(rng, now - timedelta(days=19), now - timedelta(days=5))
-            feed.order(user, at, "store", f"S{n:05d}-1", rng.sample(PRODUCTS, 2), store_id=store)
+            feed.order(
+                user, at, Touchpoint.STORE.value, f"S{n:05d}-1", rng.sample(PRODUCTS, 2), store_id=store
+            )
         shopper = Shopper(n, user, first, email, store)
         roll = rng.random()
         if roll < 0.45 or 0.45 <= roll < 0.48:
@@ -244,7 +262,7 @@ def seed_retailer(
                 else (now - timedelta(minutes=50), now - timedelta(minutes=5))
             )
             at = _when(rng, start, end)
-            channel = "app" if app_user and rng.random() < 0.5 else "web"
+            channel = Touchpoint.APP.value if app_user and rng.random() < 0.5 else Touchpoint.WEB.value
             for i, product in enumerate(rng.sample(PRODUCTS, rng.randint(1, 3))):
                 feed.add(
                     "track",
@@ -266,14 +284,20 @@ def seed_retailer(
             order_id = f"P{n:05d}"
             placed = _when(rng, now - timedelta(days=2), now - timedelta(hours=20))
             feed.order(
-                user, placed, "web", order_id, [rng.choice(PRODUCTS)], fulfillment="pickup", store_id=store
+                user,
+                placed,
+                Touchpoint.WEB.value,
+                order_id,
+                [rng.choice(PRODUCTS)],
+                fulfillment="pickup",
+                store_id=store,
             )
             ready = _when(rng, now - timedelta(hours=6), now - timedelta(minutes=30))
             feed.add(
                 "track",
                 user,
                 ready,
-                "store",
+                Touchpoint.STORE.value,
                 event="Order Updated",
                 properties={"order_id": order_id, "status": "ready_for_pickup", "store_id": store},
             )
@@ -306,11 +330,13 @@ def simulate_between(
             product = rng.choice(PRODUCTS)
             if in_store:
                 order_id = f"S{shopper.number:05d}-{int(at.timestamp())}"
-                feed.order(shopper.user_id, at, "store", order_id, [product], store_id=shopper.store)
+                feed.order(
+                    shopper.user_id, at, Touchpoint.STORE.value, order_id, [product], store_id=shopper.store
+                )
                 happened.append((at, shopper, "bought_in_store"))
             else:
                 order_id = f"W{shopper.number:05d}-{int(at.timestamp())}"
-                feed.order(shopper.user_id, at, "web", order_id, [product], fulfillment="ship")
+                feed.order(shopper.user_id, at, Touchpoint.WEB.value, order_id, [product], fulfillment="ship")
                 happened.append((at, shopper, "bought_online"))
             shopper.cart_at = None
         elif shopper.pickup_order and rng.random() < 0.4:
@@ -318,7 +344,7 @@ def simulate_between(
                 "track",
                 shopper.user_id,
                 at,
-                "store",
+                Touchpoint.STORE.value,
                 event="Order Updated",
                 properties={
                     "order_id": shopper.pickup_order,
@@ -348,7 +374,7 @@ def _customer_ids(engine: Engine, user_ids: list[str]) -> dict[str, int]:
         return dict(
             session.execute(
                 select(identities.c.value, identities.c.customer_id).where(
-                    identities.c.kind == "user_id", identities.c.value.in_(user_ids)
+                    identities.c.kind == IdentityKind.USER_ID.value, identities.c.value.in_(user_ids)
                 )
             ).all()
         )
@@ -358,7 +384,7 @@ def _customer_ids(engine: Engine, user_ids: list[str]) -> dict[str, int]:
 
 
 def _first_line(row: Any) -> str:
-    if row.channel == "ads":
+    if row.channel in AUDIENCE_CHANNELS:
         action = (row.payload or {}).get("action") or "add"
         return f"{'added to' if action == 'add' else 'removed from'} ad audience {row.recipient}"
     text = row.subject or row.body or ""
@@ -388,7 +414,7 @@ def _exits_at(engine: Engine, at: datetime) -> list[dict[str, Any]]:
                 customers.c.email,
             )
             .join(customers, customers.c.id == enrollments.c.customer_id)
-            .where(enrollments.c.status == "exited", enrollments.c.exited_at == at)
+            .where(enrollments.c.status == EnrollmentStatus.EXITED.value, enrollments.c.exited_at == at)
             .order_by(enrollments.c.sequence, enrollments.c.customer_id)
         ).all()
         for row in rows:
@@ -408,7 +434,7 @@ def _exits_at(engine: Engine, at: datetime) -> list[dict[str, Any]]:
                 ).first()
                 if found is not None:
                     props = found.properties or {}
-                    if found.channel == "store":
+                    if found.channel == Touchpoint.STORE:
                         cause = "bought_in_store"
                         store = STORE_NAMES.get(props.get("store_id"), props.get("store_id") or "a store")
                         detail = f"bought at the till in {store}"
@@ -442,12 +468,12 @@ def _max_outbox_id(engine: Engine) -> int:
 TickFunction = Callable[[datetime], dict[str, Any]]
 
 
-def engine_tick(engine: Engine, names: tuple[str, ...] = SEQUENCES) -> TickFunction:
+def engine_tick(engine: Engine, settings: Settings, names: tuple[str, ...] = SEQUENCES) -> TickFunction:
     """A tick through the sequence engine directly (no Prefect)."""
-    from sequences.engine import run_tick
+    from sequences.tick import run_tick
 
     def tick(at: datetime) -> dict[str, Any]:
-        return run_tick(engine, now=at, names=list(names)).as_dict()
+        return run_tick(engine, now=at, settings=settings, names=list(names)).as_dict()
 
     return tick
 
@@ -458,16 +484,16 @@ def run_demo(
     customers: int = DEFAULT_CUSTOMERS,
     seed: int = DEFAULT_SEED,
     start: datetime = T0,
-    tick: TickFunction | None = None,
+    tick: TickFunction,
     on_tick: Callable[[dict[str, Any]], None] | None = None,
     examples: int = 3,
 ) -> dict[str, Any]:
     """Seed, then tick at T, T + 1 day and T + 3 days with shoppers buying in between.
 
-    ``tick(at)`` runs one tick and returns ``TickReport.as_dict()`` (default: :func:`engine_tick`);
-    ``on_tick`` receives each tick's result as soon as it is known. Returns one JSON-ready document.
+    ``tick(at)`` runs one tick and returns ``TickReport.as_dict()`` (:func:`engine_tick`, or the
+    ``run_sequences`` flow); ``on_tick`` receives each tick's result as soon as it is known. Returns one
+    JSON-ready document.
     """
-    tick = tick or engine_tick(engine)
     rng = random.Random(seed + 1)
     world = seed_retailer(engine, customers=customers, now=start, seed=seed)
     ticks: list[dict[str, Any]] = []
@@ -553,10 +579,13 @@ def summarize(engine: Engine, ticks: list[dict[str, Any]]) -> dict[str, Any]:
             select(func.count(func.distinct(outbox.c.customer_id))).where(
                 outbox.c.customer_id.in_(
                     select(enrollments.c.customer_id).where(
-                        and_(enrollments.c.status == "holdout", enrollments.c.sequence == "abandoned_cart")
+                        and_(
+                            enrollments.c.status == EnrollmentStatus.HOLDOUT.value,
+                            enrollments.c.sequence == "abandoned_cart",
+                        )
                     )
                 ),
-                outbox.c.template.in_(("email/abandoned_cart",)) | (outbox.c.channel == "ads"),
+                outbox.c.template.in_(("email/abandoned_cart",)) | outbox.c.channel.in_(AUDIENCE_CHANNELS),
             )
         ).scalar_one()
         stores = session.execute(select(func.count()).select_from(Store.__table__)).scalar_one()
@@ -566,7 +595,10 @@ def summarize(engine: Engine, ticks: list[dict[str, Any]]) -> dict[str, Any]:
             session.execute(
                 select(enrollments.c.sequence, func.count(func.distinct(deliveries.c.customer_id)))
                 .join(enrollments, enrollments.c.id == deliveries.c.enrollment_id)
-                .where(deliveries.c.status == "sent", deliveries.c.channel != "ads")
+                .where(
+                    deliveries.c.status == DeliveryStatus.SENT.value,
+                    deliveries.c.channel.not_in(AUDIENCE_CHANNELS),
+                )
                 .group_by(enrollments.c.sequence)
             ).all()
         )
@@ -578,14 +610,16 @@ def summarize(engine: Engine, ticks: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "stores": stores,
         "enrolled": {
-            sequence: sum(c for (s, st), c in by_status.items() if s == sequence and st != "holdout")
+            sequence: sum(
+                c for (s, st), c in by_status.items() if s == sequence and st != EnrollmentStatus.HOLDOUT
+            )
             for sequence in SEQUENCES
         },
         "reached": {sequence: reached.get(sequence, 0) for sequence in SEQUENCES},
-        "held_out": by_status.get(("abandoned_cart", "holdout"), 0),
+        "held_out": by_status.get(("abandoned_cart", EnrollmentStatus.HOLDOUT.value), 0),
         "holdout_messaged": holdout_messaged,
-        "active": {s: by_status.get((s, "active"), 0) for s in SEQUENCES},
-        "completed": {s: by_status.get((s, "completed"), 0) for s in SEQUENCES},
+        "active": {s: by_status.get((s, EnrollmentStatus.ACTIVE.value), 0) for s in SEQUENCES},
+        "completed": {s: by_status.get((s, EnrollmentStatus.COMPLETED.value), 0) for s in SEQUENCES},
         "messages": {c: channels.get(c, 0) for c in CHANNELS},
         "exits": dict(causes),
     }

@@ -16,12 +16,11 @@ from omni.cli.common import (
     open_store,
     print_json,
 )
+from omni.core.channels import SEND_CHANNELS, Channel
 
 outbox_app = typer.Typer(
     help="Messages recorded by the outbox connector (the default).", no_args_is_help=True
 )
-
-CHANNELS = ("email", "sms", "push", "ads", "webhook")
 
 
 def register(app: typer.Typer) -> None:
@@ -31,20 +30,18 @@ def register(app: typer.Typer) -> None:
 @outbox_app.command("list")
 @handle_errors
 def outbox_list(
-    channel: Annotated[
-        str | None, typer.Option("--channel", help="email, sms, push, ads or webhook.")
-    ] = None,
+    channel: Annotated[str | None, typer.Option("--channel", help=", ".join(SEND_CHANNELS) + ".")] = None,
     database_url: DatabaseUrlOption = None,
     json: JsonOption = False,
     limit: Annotated[int, typer.Option("--limit", min=1, help="Most recent messages to show.")] = 100,
     offset: Annotated[int, typer.Option("--offset", min=0)] = 0,
 ) -> None:
     """Messages in the outbox, newest first, exactly as they would have gone out."""
-    from connectors.outbox import list_outbox
     from profiles.db import session_scope
+    from profiles.outbox import list_outbox
 
-    if channel is not None and channel not in CHANNELS:
-        raise BadInput(f"unknown channel {channel!r} (expected one of {', '.join(CHANNELS)})")
+    if channel is not None and channel not in SEND_CHANNELS:
+        raise BadInput(f"unknown channel {channel!r} (expected one of {', '.join(SEND_CHANNELS)})")
     engine = open_store(database_url)
     with session_scope(engine) as session:
         rows = list_outbox(session, channel=channel, limit=limit, offset=offset)
@@ -57,7 +54,7 @@ def outbox_list(
     for row in rows:
         summary = row["subject"] or ""
         body = (row["body"] or "").strip().replace("\n", " ")
-        if body and row["channel"] != "email":
+        if body and row["channel"] != Channel.EMAIL:  # an email's body is the whole message
             summary = f"{summary}: {body}" if summary else body
         table.add_row(
             row["sent_at"].strftime("%Y-%m-%d %H:%M:%S"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -21,6 +21,12 @@ from omni.cli.common import (
     parse_now,
     print_json,
 )
+from omni.core.channels import spec
+from omni.core.settings import Settings, get_settings
+from omni.core.statuses import EnrollmentStatus
+
+if TYPE_CHECKING:
+    from sequences.definitions import SequenceDefinition
 
 sequences_app = typer.Typer(help="Cross-channel journeys (sequences/*.yaml).", no_args_is_help=True)
 
@@ -29,23 +35,25 @@ def register(app: typer.Typer) -> None:
     app.add_typer(sequences_app, name="sequences")
 
 
-def _definitions():
+def _definitions(settings: Settings) -> dict[str, SequenceDefinition]:
+    from audiences import load_audiences
     from sequences.definitions import load_sequences
 
-    return load_sequences()  # an invalid file is reported by handle_errors (exit 2)
+    # An invalid file is reported by handle_errors (exit 2).
+    return load_sequences(settings.sequences_dir, audiences=load_audiences(settings.audiences_dir))
 
 
 def describe_step(step) -> str:
     from sequences.definitions import BranchStep, SendStep
 
     if isinstance(step, SendStep):
-        what = step.audience if step.channel == "ads" else step.template
+        what = step.audience if spec(step.channel).delivery == "audience" else step.template
         fallback = f" (fallback {step.fallback})" if step.fallback else ""
         return f"{step.id}: {step.channel} {what}{fallback}"
     if isinstance(step, BranchStep):
         return f"{step.id}: branch -> {step.then}" + (f" / {step.otherwise}" if step.otherwise else "")
     if step.duration is not None:
-        from audiences.definitions import format_duration
+        from omni.core.definitions import format_duration
 
         return f"wait {format_duration(step.duration)}"
     return f"wait until {step.until:%H:%M} local time"
@@ -54,7 +62,7 @@ def describe_step(step) -> str:
 def render_tick(report: Any) -> None:
     """The tick as a table that reads at 80 columns: per sequence, who entered and left; per send step
     below it, only the counts something happened in (``--json`` has them all)."""
-    from sequences.engine import ENTRY_COLUMNS, without_empty_columns
+    from sequences.reports import ENTRY_COLUMNS, without_empty_columns
 
     steps = without_empty_columns(report.rows(), keep=("Sequence", "Step", "Sent"))
     counts = [key for key in (steps[0] if steps else {}) if key not in ("Sequence", "Step")]
@@ -86,7 +94,8 @@ def sequences_list(database_url: DatabaseUrlOption = None, json: JsonOption = Fa
     from profiles.db import session_scope
     from profiles.models import Enrollment
 
-    definitions = _definitions()
+    settings = get_settings()
+    definitions = _definitions(settings)
     engine = open_store(database_url)
     table = Enrollment.__table__
     with session_scope(engine) as session:
@@ -111,10 +120,12 @@ def sequences_list(database_url: DatabaseUrlOption = None, json: JsonOption = Fa
     if json:
         print_json(items)
         return
-    from sequences.definitions import sequences_dir
+    from sequences.definitions import sequences_directory
 
     view = Table(
-        title=f"Sequences in {sequences_dir()} ({len(items)})", title_justify="left", show_lines=True
+        title=f"Sequences in {sequences_directory(settings.sequences_dir)} ({len(items)})",
+        title_justify="left",
+        show_lines=True,
     )
     for column in ("name", "trigger", "steps", "active / completed / exited / held out"):
         view.add_column(column)
@@ -125,7 +136,15 @@ def sequences_list(database_url: DatabaseUrlOption = None, json: JsonOption = Fa
             escape(item["name"]),
             escape(trigger),
             escape("\n".join(item["steps"])),
-            f"{c.get('active', 0)} / {c.get('completed', 0)} / {c.get('exited', 0)} / {c.get('holdout', 0)}",
+            " / ".join(
+                str(c.get(status, 0))
+                for status in (
+                    EnrollmentStatus.ACTIVE,
+                    EnrollmentStatus.COMPLETED,
+                    EnrollmentStatus.EXITED,
+                    EnrollmentStatus.HOLDOUT,
+                )
+            ),
         )
     console.print(view)
 
@@ -140,14 +159,17 @@ def sequences_run(
 ) -> None:
     """Run one tick now (what the run-sequences deployment does every 5 minutes), without Prefect."""
     from connectors import ConnectorConfigError
-    from sequences.engine import DeliveryHalted, UnknownSequence, run_tick
+    from flows.common import load_settings
+    from sequences.reports import DeliveryHalted
+    from sequences.tick import UnknownSequence, run_tick
 
-    definitions = _definitions()
+    settings = load_settings()
+    definitions = _definitions(settings)
     at = parse_now(now)
     engine = open_store(database_url)
     halted = None
     try:
-        report = run_tick(engine, now=at, names=names or None, sequences=definitions)
+        report = run_tick(engine, now=at, settings=settings, names=names or None, sequences=definitions)
     except UnknownSequence as exc:
         raise BadInput(str(exc)) from None
     except ConnectorConfigError as exc:
@@ -170,9 +192,9 @@ def sequences_status(
     json: JsonOption = False,
 ) -> None:
     """Where customers are in a sequence: enrollments by status and step, deliveries, exit reasons."""
-    from sequences.engine import sequence_status
+    from sequences.tick import sequence_status
 
-    definitions = _definitions()
+    definitions = _definitions(get_settings())
     if name not in definitions:
         raise BadInput(f"unknown sequence {name!r} (known: {', '.join(sorted(definitions)) or 'none'})")
     engine = open_store(database_url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,9 @@ from omni.cli.common import (
     parse_now,
     print_json,
 )
+from omni.core.channels import CONSENT_CHANNELS
+from omni.core.settings import get_settings
+from omni.core.statuses import ConsentStatus
 
 PROGRESS_MIN_BYTES = 1 << 20  # show a progress bar for inputs of 1 MB and more
 
@@ -86,8 +90,11 @@ def ingest(
 
     Bad payloads are kept in the store with the reason (see `omni rejected list`); the rest go on.
     """
-    from profiles.ingest import InputNotFound, ingest_files
+    from profiles.ingest import IngestOptions, InputNotFound, ingest_files
 
+    options = IngestOptions.of(get_settings())
+    if batch_size is not None:
+        options = replace(options, batch_size=batch_size)
     received_at = parse_now(now)
     engine = open_store(database_url)
     show = progress if progress is not None else err_console.is_terminal
@@ -115,10 +122,10 @@ def ingest(
             )
             with bar:
                 result = ingest_files(
-                    engine, paths, now=received_at, batch_size=batch_size, on_bytes=on_bytes, on_file=on_file
+                    engine, paths, options=options, now=received_at, on_bytes=on_bytes, on_file=on_file
                 )
         else:
-            result = ingest_files(engine, paths, now=received_at, batch_size=batch_size)
+            result = ingest_files(engine, paths, options=options, now=received_at)
     except InputNotFound as exc:
         raise BadInput(str(exc)) from None
     if json:
@@ -147,7 +154,6 @@ def profile_show(
     limit: Annotated[int, typer.Option("--limit", min=1, help="Most recent events to show.")] = 50,
 ) -> None:
     """The unified profile and timeline of one customer across every channel."""
-    from omni.core.settings import get_settings
     from profiles.db import session_scope
     from profiles.identity import resolve_customer_key
     from profiles.timeline import customer_view
@@ -169,6 +175,8 @@ def _fmt_time(value) -> str:
 
 
 def _print_profile(view: dict) -> None:
+    from profiles.models import CartStatus
+
     c = view["customer"]
     name = " ".join(p for p in (c["first_name"], c["last_name"]) if p) or "(no name)"
     console.print(f"[bold]{escape(name)}[/]  customer {c['id']}", highlight=False)
@@ -176,7 +184,7 @@ def _print_profile(view: dict) -> None:
         ("email", c["email"]),
         ("phone", c["phone"]),
         ("locale", c["locale"]),
-        ("timezone", c["timezone"] or c["context_timezone"]),
+        ("timezone", view["timezone"]),
         ("home store", (view["home_store"] or {}).get("name") or c["home_store_id"]),
         ("channels used", ", ".join(view["channels"])),
         ("merged from", ", ".join(map(str, view["merged_from"]))),
@@ -192,7 +200,7 @@ def _print_profile(view: dict) -> None:
         f"{ch} {'yes' if v['allowed'] else 'no'} ({v['status']})" for ch, v in view["consents"].items()
     )
     console.print(f"  consent       {consent}", highlight=False, markup=False)
-    open_carts = [cart for cart in view["carts"] if cart["status"] == "open"]
+    open_carts = [cart for cart in view["carts"] if cart["status"] == CartStatus.OPEN]
     for cart in open_carts:
         items = (
             ", ".join(
@@ -231,8 +239,8 @@ def _print_profile(view: dict) -> None:
 @handle_errors
 def consent_set(
     key: Annotated[str, typer.Argument(help="Customer id, email, phone or identity value.")],
-    channel: Annotated[str, typer.Argument(help="email, sms, push or ads.")],
-    status: Annotated[str, typer.Argument(help="opted_in or opted_out.")],
+    channel: Annotated[str, typer.Argument(help=f"{', '.join(CONSENT_CHANNELS)}.")],
+    status: Annotated[str, typer.Argument(help=f"{' or '.join(ConsentStatus)}.")],
     database_url: DatabaseUrlOption = None,
     json: JsonOption = False,
     now: NowOption = None,
@@ -240,16 +248,13 @@ def consent_set(
 ) -> None:
     """Record a consent decision by hand: an operator's decision takes effect at once (at --now,
     default the current time), whatever the time of the decision recorded before it."""
-    from omni.core.settings import get_settings
     from profiles.consent import ConsentDecision, apply_consents, consents_of
     from profiles.db import session_scope
     from profiles.identity import resolve_customer_key
-    from profiles.models import ConsentChannel, ConsentStatus
 
-    channels = [c.value for c in ConsentChannel]
     statuses = [s.value for s in ConsentStatus]
-    if channel not in channels:
-        raise BadInput(f"unknown channel {channel!r} (expected one of {', '.join(channels)})")
+    if channel not in CONSENT_CHANNELS:
+        raise BadInput(f"unknown channel {channel!r} (expected one of {', '.join(CONSENT_CHANNELS)})")
     if status not in statuses:
         raise BadInput(f"unknown status {status!r} (expected {' or '.join(statuses)})")
     at = parse_now(now)

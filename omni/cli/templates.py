@@ -21,6 +21,7 @@ from omni.cli.common import (
     parse_now,
     print_json,
 )
+from omni.core.settings import Settings, get_settings
 
 templates_app = typer.Typer(
     help="Message templates: list, preview for a customer, send a test.", no_args_is_help=True
@@ -42,11 +43,12 @@ def templates_list(json: JsonOption = False) -> None:
     """Every template, by channel, with its parts."""
     from templates.rendering import list_templates, templates_dir
 
-    templates = list_templates()
+    directory = templates_dir(get_settings().templates_dir)
+    templates = list_templates(directory)
     if json:
         print_json([{"name": t.name, "channel": t.channel, "parts": list(t.parts)} for t in templates])
         return
-    table = Table(title=f"Templates in {templates_dir()}", title_justify="left")
+    table = Table(title=f"Templates in {directory}", title_justify="left")
     for column in ("name", "channel", "parts"):
         table.add_column(column)
     for t in templates:
@@ -54,28 +56,26 @@ def templates_list(json: JsonOption = False) -> None:
     console.print(table)
 
 
-def _render(database_url: str | None, name: str, customer: str, now: str | None):
-    from omni.core.settings import get_settings
+def _render(database_url: str | None, name: str, customer: str, now: str | None, settings: Settings):
     from profiles.db import session_scope
     from profiles.identity import resolve_customer_key
-    from templates.rendering import RenderError, find_template, render
+    from sequences.contexts import render
+    from templates.rendering import RenderError, find_template
 
     at = parse_now(now)
     try:
-        find_template(name)
+        find_template(name, settings.templates_dir)
     except RenderError as exc:
         raise BadInput(str(exc)) from None
     engine = open_store(database_url)
     with session_scope(engine) as session:
-        customer_id = resolve_customer_key(
-            session, customer, default_region=get_settings().default_phone_region
-        )
+        customer_id = resolve_customer_key(session, customer, default_region=settings.default_phone_region)
         if customer_id is None:
             raise BadInput(
                 f"no customer matches {customer!r} (tried customer id, email, phone and identities)"
             )
         try:
-            rendered = render(session, name, customer_id, now=at)
+            rendered = render(session, name, customer_id, now=at, settings=settings)
         except RenderError as exc:
             raise Failure(str(exc)) from None
     return engine, rendered
@@ -91,7 +91,7 @@ def templates_render(
     now: NowOption = None,
 ) -> None:
     """Preview a template exactly as it would go out to a real customer of the store."""
-    _, rendered = _render(database_url, name, customer, now)
+    _, rendered = _render(database_url, name, customer, now, get_settings())
     if json:
         print_json(rendered.as_dict())
         return
@@ -131,29 +131,33 @@ def templates_test_send(
 ) -> None:
     """Render for a customer and send one message to --to through the channel's configured connector."""
     from connectors import ConnectorConfigError, Status, get_connector, send_batch
-    from omni.core.settings import get_settings
+    from flows.common import load_settings
+    from omni.core.channels import spec
     from profiles.db import session_scope
+    from profiles.outbox import OutboxRecorder
     from profiles.segment import normalize_email, normalize_phone
+    from sequences.contexts import messages_of
     from sequences.effects import apply_effects
 
-    settings = get_settings()
+    settings = load_settings()
     at = parse_now(now)
-    engine, rendered = _render(database_url, name, customer, now)
+    engine, rendered = _render(database_url, name, customer, now, settings)
     address = to.strip()
-    if rendered.channel == "email":
+    kind = spec(rendered.channel).address
+    if kind == "email":
         address = normalize_email(address) or ""
         if "@" not in address:
             raise BadInput(f"--to {to!r} is not an email address")
-    elif rendered.channel == "sms":
+    elif kind == "phone":
         address = normalize_phone(address, settings.default_phone_region) or ""
         if not address:
             raise BadInput(f"--to {to!r} is not a phone number")
     try:
-        connector = get_connector(rendered.channel, settings, engine=engine, clock=lambda: at)
+        connector = get_connector(rendered.channel, settings, outbox=OutboxRecorder(engine, clock=lambda: at))
     except ConnectorConfigError as exc:
         raise Failure(str(exc)) from None
     delivery_id = f"test-send:{rendered.template}:{rendered.customer_id}:{uuid.uuid4().hex[:12]}"
-    [message] = rendered.messages(delivery_id, to=address)
+    [message] = messages_of(rendered, delivery_id, to=address)
     try:
         report = send_batch(connector, [message])
     finally:

@@ -1,8 +1,10 @@
 """Loading marketer-written definitions (audiences, sequences, campaigns): YAML files, durations and
 percentages, and errors that name the file, the path inside it and the reason.
 
-One loader for every kind: a folder of ``*.yaml`` / ``*.yml`` files, each validated by a pydantic model
-of its kind; a ``ValidationError`` becomes a :class:`DefinitionError` naming the first bad path.
+One loader for every kind: a folder of ``*.yaml`` / ``*.yml`` files (:func:`load_folder`), each
+validated by a pydantic model of its kind (a :class:`DefinitionModel`, with the field types below);
+a ``ValidationError`` becomes a :class:`DefinitionError` naming the first bad path
+(:func:`validate_definition`).
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ import re
 from collections.abc import Callable, Iterable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar, get_args
 
 import yaml
-from pydantic import ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 DURATION_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -65,6 +67,33 @@ def parse_percent(value: Any) -> float:
     return result
 
 
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("a duration must be positive")
+    return value
+
+
+def snake_case(what: str, *, max_length: int = 200) -> Any:
+    """The type of a lower_snake_case name (``cart_abandoners``) of at most ``max_length`` characters;
+    ``what`` names it in the error (``a sequence name``)."""
+    pattern = re.compile(rf"^[a-z][a-z0-9_]{{0,{max_length - 1}}}$")
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not pattern.match(value):
+            raise ValueError(f"{what} is lower_snake_case, got {value!r}")
+        return value
+
+    return Annotated[str, BeforeValidator(check)]
+
+
+# Field types of definition models.
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
+Percent = Annotated[float, BeforeValidator(parse_percent)]
+# Free text; an empty YAML value (``description:``) is no text.
+Text = Annotated[str, BeforeValidator(lambda value: "" if value is None else value)]
+
+
 def format_loc(base: str, loc: Iterable[Any]) -> str:
     """A pydantic error location as the path a marketer reads: ``steps[2].send.channel``."""
     path = base
@@ -78,23 +107,77 @@ def format_loc(base: str, loc: Iterable[Any]) -> str:
 
 
 def first_error(exc: ValidationError) -> tuple[tuple, str]:
-    """The location and a readable message of the first error of ``exc``."""
-    error = exc.errors(include_url=False)[0]
+    """The location and a readable message of the first error of ``exc``. An unknown key comes first:
+    a misspelt key is why the one it was meant to be is missing."""
+    errors = exc.errors(include_url=False)
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    # Not what the marketer wrote: pydantic's labels of validators and literals, and the tags of a
+    # discriminated union (written ``<tag>`` by convention here).
     loc = tuple(
-        p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal[")))
+        p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal[", "<")))
     )
     message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     if error["type"] == "extra_forbidden":
         message = "unknown option"
     elif error["type"] == "literal_error":
         message = f"{error.get('input')!r} is not allowed: {message.lower()}"
+    elif error["type"] in ("model_type", "dict_type"):
+        given = error.get("input")
+        message = f"expected a mapping, got {'nothing' if given is None else type(given).__name__}"
     return loc, message
 
 
-def definition_error(exc: ValidationError, *, file: str, base: str = "") -> DefinitionError:
-    """``exc`` as a DefinitionError naming ``file`` and the path of its first error under ``base``."""
+def definition_error(
+    exc: ValidationError, *, file: str, base: str = "", model: type[BaseModel] | None = None
+) -> DefinitionError:
+    """``exc`` as a DefinitionError naming ``file`` and the path of its first error under ``base``. With
+    the ``model`` that raised it, an unknown key says which keys are known there."""
     loc, message = first_error(exc)
+    known = _known_keys(model, loc) if model is not None and message == "unknown option" else None
+    if known:
+        message = f"unknown key (expected {', '.join(known)})"
     return DefinitionError(file, format_loc(base, loc), message)
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in get_args(annotation) for model in _models_in(arg)]
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The keys known beside the unknown one at ``loc``: those of the model ``loc`` leads to from
+    ``model``; None where that cannot be told (a union of models)."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = next((f for name, f in model.model_fields.items() if (f.alias or name) == part), None)
+        models = _models_in(field.annotation) if field is not None else []
+        if len(models) != 1:
+            return None
+        model = models[0]
+    return [field.alias or name for name, field in model.model_fields.items()]
+
+
+class DefinitionModel(BaseModel):
+    """The base of definition models: a key the model does not know is an error, and a loaded
+    definition does not change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_definition(
+    model: type[M], raw: Any, *, file: str, base: str = "", context: dict[str, Any] | None = None
+) -> M:
+    """``raw`` (parsed YAML) validated by ``model``; DefinitionError naming ``file`` and the path (under
+    ``base``) of the first error. ``context`` reaches the validators (what a definition refers to)."""
+    try:
+        return model.model_validate(raw, context=context)
+    except ValidationError as exc:
+        raise definition_error(exc, file=file, base=base, model=model) from None
 
 
 def read_yaml(path: Path) -> tuple[Any, str]:

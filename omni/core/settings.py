@@ -10,7 +10,7 @@ from datetime import time
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,7 +23,9 @@ def normalize_database_url(url: str) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OMNI_", extra="ignore")
+    # populate_by_name: a setting read from a second variable (validation_alias) is still passed by
+    # its name in Python: Settings(delivery_attempts=3).
+    model_config = SettingsConfigDict(env_prefix="OMNI_", extra="ignore", populate_by_name=True)
 
     home: Path | None = Field(
         default=None,
@@ -91,8 +93,13 @@ class Settings(BaseSettings):
     sequence_batch_size: int = Field(
         default=1000, ge=1, le=100_000, description="Enrollments or deliveries handled per batch in a tick."
     )
-    max_send_attempts: int = Field(
-        default=5, ge=1, description="Ticks a retryable delivery is tried on before it is marked failed."
+    # Delivery attempts across ticks; the tries within one send are connectors.RetryPolicy.attempts_per_send.
+    delivery_attempts: int = Field(
+        default=5,
+        ge=1,
+        validation_alias=AliasChoices("OMNI_DELIVERY_ATTEMPTS", "OMNI_MAX_SEND_ATTEMPTS"),
+        description="Ticks a retryable delivery is tried on before it is marked failed "
+        "(OMNI_MAX_SEND_ATTEMPTS, its former name, is still read).",
     )
 
     # --- Channel connectors (see docs/connectors.md). Each channel's provider, `outbox` by default.
@@ -158,6 +165,12 @@ class Settings(BaseSettings):
     @classmethod
     def _normalize(cls, value: str) -> str:
         return normalize_database_url(value)
+
+
+def secret_block_name(field: str) -> str:
+    """The Prefect Secret block that may hold the credential setting ``field`` when the environment does
+    not set it (``sendgrid_api_key``: ``OMNI_SENDGRID_API_KEY`` -> ``omni-sendgrid-api-key``)."""
+    return f"omni-{field.replace('_', '-')}"
 
 
 @lru_cache(maxsize=1)

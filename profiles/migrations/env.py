@@ -1,7 +1,7 @@
 """Alembic environment of the profile store.
 
 Run through ``omni init`` (``profiles.db.upgrade_schema``), which hands over the engine; running the
-``alembic`` command directly uses ``OMNI_DATABASE_URL``.
+``alembic`` command directly uses the ``sqlalchemy.url`` of its ini file.
 """
 
 from alembic import context
@@ -14,7 +14,12 @@ config = context.config
 
 
 def run_migrations() -> None:
-    engine = config.attributes.get("engine") or create_store_engine()
+    engine = config.attributes.get("engine")
+    if engine is None:
+        url = config.get_main_option("sqlalchemy.url")
+        if not url:
+            raise RuntimeError("no database: run `omni init`, or set sqlalchemy.url in alembic.ini")
+        engine = create_store_engine(url)
     with engine.connect() as connection:
         context.configure(
             connection=connection,

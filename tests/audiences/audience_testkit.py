@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 
 from audiences import compile_condition
-from profiles.ingest import ingest_payloads
+from profiles.ingest import IngestOptions, ingest_payloads
 from profiles.models import Identity
 
 _MESSAGE_IDS = itertools.count()
@@ -91,7 +91,8 @@ class History:
             random.Random(shuffle).shuffle(payloads)
         # Received after the latest event (ingest refuses payloads dated too far ahead of their receipt).
         received = max([NOW + days(1), *(datetime.fromisoformat(p["timestamp"]) for p in payloads)])
-        result = ingest_payloads(engine, payloads, now=received, batch_size=batch_size)
+        options = IngestOptions() if batch_size is None else IngestOptions(batch_size=batch_size)
+        result = ingest_payloads(engine, payloads, options=options, now=received)
         assert result.rejected == 0, result.samples
 
 

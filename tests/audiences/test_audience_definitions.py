@@ -90,3 +90,17 @@ def test_compile_condition_takes_plain_mappings():
         compile_condition({"trait": "x", "eq": 1}, now=NOW.replace(tzinfo=None))
     condition = parse_condition({"event": "Viewed", "count": {"eq": 0}})
     assert compile_condition(condition, now=NOW) is not None
+
+
+def test_audiences_share_the_one_definitions_loader(tmp_path):
+    import omni.core.definitions as core
+
+    assert (DefinitionError, parse_duration) == (core.DefinitionError, core.parse_duration)
+    file = _write(tmp_path, "a", "- name: a\n")
+    with pytest.raises(DefinitionError) as caught:
+        load_audiences(tmp_path)
+    assert (caught.value.file, caught.value.path, caught.value.reason) == (
+        str(file),
+        "",
+        "expected a mapping, got list",
+    )

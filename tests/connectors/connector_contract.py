@@ -22,7 +22,7 @@ import pytest
 from connector_fakes import RawServer, refused_url, silent_server
 
 from connectors import REGISTRY, ConnectorConfigError, Message, RetryPolicy, Status, get_connector, send_batch
-from connectors.base import at_most_once
+from omni.core.channels import at_most_once
 from omni.core.settings import Settings
 
 
@@ -31,7 +31,7 @@ class Sleeps(list):
         self.append(seconds)
 
 
-FAST = RetryPolicy(max_attempts=3, base_delay=0.0, max_inline_delay=5.0)
+FAST = RetryPolicy(attempts_per_send=3, base_delay=0.0, max_inline_delay=5.0)
 
 
 class ConnectorContract:
@@ -181,8 +181,8 @@ class ConnectorContract:
         sleeps = Sleeps()
         report = send_batch(connector, [self.message(0)], policy=FAST, sleep=sleeps)
         assert report.results[0].status is Status.RETRYABLE
-        assert report.attempts == FAST.max_attempts
-        assert len(self.provider_requests(fake)) == FAST.max_attempts
+        assert report.attempts == FAST.attempts_per_send
+        assert len(self.provider_requests(fake)) == FAST.attempts_per_send
         assert report.halted is None  # a throttling provider is up: not halted
 
     # --- at most once vs at least once ----------------------------------------------------------------
@@ -195,7 +195,7 @@ class ConnectorContract:
         """Anything to do before a tiny client timeout applies (FCM: fetch the OAuth token first)."""
 
     def expected_requests(self) -> int:
-        return 1 if at_most_once(self.channel) else FAST.max_attempts
+        return 1 if at_most_once(self.channel) else FAST.attempts_per_send
 
     def assert_once_or_retried(self, report, seen: int) -> None:
         [result] = report.results
@@ -206,12 +206,12 @@ class ConnectorContract:
             assert "not resent (at most once)" in result.reason
             assert report.halted is None
         else:
-            assert seen == FAST.max_attempts  # at least once: retried
+            assert seen == FAST.attempts_per_send  # at least once: retried
             assert result.status is Status.RETRYABLE
 
     @pytest.mark.parametrize("status", [500, 502, 503, 504])
     def test_accepted_then_5xx(self, fake, connector, status):
-        for _ in range(FAST.max_attempts):
+        for _ in range(FAST.attempts_per_send):
             fake.script(status, {"error": "internal"})
         report = send_batch(connector, [self.message(0)], policy=FAST, sleep=Sleeps())
         self.assert_once_or_retried(report, len(self.provider_requests(fake)))
@@ -235,7 +235,7 @@ class ConnectorContract:
     def test_unknown_is_never_resent_by_any_policy(self, fake, connector):
         fake.script(500, {"error": "internal"})
         fake.script(500, {"error": "internal"})
-        policy = RetryPolicy(max_attempts=10, base_delay=0.0, max_inline_delay=60.0)
+        policy = RetryPolicy(attempts_per_send=10, base_delay=0.0, max_inline_delay=60.0)
         report = send_batch(connector, [self.message(0)], policy=policy, sleep=Sleeps())
         if at_most_once(self.channel):
             assert len(self.provider_requests(fake)) == 1
@@ -264,11 +264,11 @@ class ConnectorContract:
     def test_connection_refused_throughout_halts_after_bounded_retries(self, fake):
         connector = self.make_connector(fake, base_url=refused_url())
         sleeps = Sleeps()
-        policy = RetryPolicy(max_attempts=3, base_delay=0.5)
+        policy = RetryPolicy(attempts_per_send=3, base_delay=0.5)
         messages = [self.message(i) for i in range(4)]
         report = send_batch(connector, messages, policy=policy, sleep=sleeps, rng=lambda: 1.0)
         assert report.halted and "refused" in report.halted
-        assert report.calls == FAST.max_attempts  # the rest of the batch is not attempted
+        assert report.calls == FAST.attempts_per_send  # the rest of the batch is not attempted
         assert [r.status for r in report.results] == [Status.RETRYABLE] * 4
         assert all(r.reason == report.halted for r in report.results)
         assert sleeps == [0.5, 1.0]  # exponential backoff between the bounded tries

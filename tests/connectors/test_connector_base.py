@@ -10,6 +10,7 @@ from pydantic import SecretStr
 
 from connectors import Message, Result, RetryPolicy, Status, send_batch
 from connectors.base import Connector, classify_status, parse_retry_after, reveal
+from omni.core.settings import Settings
 
 
 def test_retry_after_seconds_date_and_ratelimit_reset():
@@ -43,6 +44,15 @@ def test_backoff_is_exponential_capped_and_jittered():
     policy = RetryPolicy(base_delay=1, max_delay=10)
     assert [policy.backoff(n, lambda: 1.0) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 8, 10]
     assert policy.backoff(3, lambda: 0.5) == 2
+
+
+def test_delivery_attempts_are_a_setting_apart_from_the_tries_of_one_send(monkeypatch):
+    assert RetryPolicy().attempts_per_send == 3 and Settings().delivery_attempts == 5
+    monkeypatch.setenv("OMNI_MAX_SEND_ATTEMPTS", "7")  # the former name is still read
+    assert Settings().delivery_attempts == 7
+    monkeypatch.setenv("OMNI_DELIVERY_ATTEMPTS", "8")
+    assert Settings().delivery_attempts == 8
+    assert Settings(delivery_attempts=2).delivery_attempts == 2
 
 
 class Scripted(Connector):
@@ -102,7 +112,7 @@ def test_only_retryable_messages_are_resent():
 
 def test_ambiguous_results_are_never_retried_for_at_most_once_channels():
     connector = Scripted(["ambiguous"])
-    report = send_batch(connector, messages(1), sleep=lambda s: None, policy=RetryPolicy(max_attempts=5))
+    report = send_batch(connector, messages(1), sleep=lambda s: None, policy=RetryPolicy(attempts_per_send=5))
     assert connector.calls == [["d0"]]
     [result] = report.results
     assert result.status is Status.UNKNOWN and result.ambiguous

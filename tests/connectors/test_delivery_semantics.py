@@ -12,7 +12,6 @@ import pytest
 
 from connectors import Message, Result, RetryPolicy, SendReport, Status, send_batch
 from connectors.base import (
-    AT_LEAST_ONCE_CHANNELS,
     Connector,
     ConnectorConfigError,
     classify_status,
@@ -20,9 +19,10 @@ from connectors.base import (
     register_basic_auth,
     register_secret,
 )
-from connectors.base import at_most_once as at_most_once_
+from omni.core.channels import CHANNELS
+from omni.core.channels import at_most_once as at_most_once_
 
-FAST = RetryPolicy(max_attempts=3, base_delay=0.0)
+FAST = RetryPolicy(attempts_per_send=3, base_delay=0.0)
 
 
 class Scripted(Connector):
@@ -78,7 +78,7 @@ def msgs(n: int, channel: str = "email") -> list[Message]:
 )
 def test_at_most_once_per_channel(channel, expected):
     assert at_most_once_(channel) is expected
-    assert AT_LEAST_ONCE_CHANNELS == frozenset({"ads", "webhook"})
+    assert {c for c, facts in CHANNELS.items() if facts.at_least_once} == {"ads", "webhook"}
 
 
 def test_status_unknown_exists():
@@ -89,7 +89,7 @@ def test_status_unknown_exists():
 @pytest.mark.parametrize("channel", ["email", "sms", "push"])
 def test_ambiguous_is_unknown_and_sent_once_for_at_most_once_channels(channel):
     connector = Scripted(["ambiguous"] * 5)
-    policy = RetryPolicy(max_attempts=10, base_delay=0.0, max_inline_delay=100)
+    policy = RetryPolicy(attempts_per_send=10, base_delay=0.0, max_inline_delay=100)
     report = send_batch(connector, msgs(1, channel), policy=policy, sleep=lambda s: None)
     assert connector.calls == [["d0"]]
     [result] = report.results
@@ -167,7 +167,7 @@ def test_per_recipient_failures_do_not_halt():
 def test_provider_down_halts_after_bounded_retries():
     connector = Scripted(["refused"] * 100)
     sleeps: list[float] = []
-    policy = RetryPolicy(max_attempts=4, base_delay=0.25)
+    policy = RetryPolicy(attempts_per_send=4, base_delay=0.25)
     report = send_batch(connector, msgs(50), policy=policy, sleep=sleeps.append, rng=lambda: 1.0)
     assert connector.calls == [["d0"]] * 4  # not 50 x 4 attempts against a dead provider
     assert sleeps == [0.25, 0.5, 1.0]
@@ -180,7 +180,7 @@ def test_provider_down_midway_keeps_what_was_sent():
     connector = Scripted(["sent", "sent"] + ["refused"] * 10)
     report = send_batch(connector, msgs(5), policy=FAST, sleep=lambda s: None)
     assert [r.status for r in report.results] == [Status.SENT] * 2 + [Status.RETRYABLE] * 3
-    assert report.halted and len(connector.calls) == 2 + FAST.max_attempts
+    assert report.halted and len(connector.calls) == 2 + FAST.attempts_per_send
 
 
 def test_a_throttling_provider_is_not_down():
@@ -193,7 +193,7 @@ def test_a_throttling_provider_is_not_down():
 def test_an_at_least_once_provider_failing_with_5xx_throughout_is_down():
     connector = Scripted(["ambiguous"] * 100)
     report = send_batch(connector, msgs(3, "webhook"), policy=FAST, sleep=lambda s: None)
-    assert report.halted and len(connector.calls) == FAST.max_attempts
+    assert report.halted and len(connector.calls) == FAST.attempts_per_send
 
 
 @pytest.mark.parametrize("status", [401, 403])

@@ -16,12 +16,13 @@ from connectors import (
     get_connector,
     send_batch,
 )
-from connectors.outbox import OutboxConnector, list_outbox
+from connectors.outbox import OutboxConnector
 from omni.core.settings import Settings
 from profiles.consent import consents_of
 from profiles.db import session_scope
 from profiles.ingest import ingest_payloads
 from profiles.models import Identity
+from profiles.outbox import OutboxRecorder, list_outbox
 from sequences.effects import apply_effects
 
 NOW = datetime(2026, 6, 2, 10, 0, tzinfo=UTC)
@@ -42,9 +43,15 @@ def email(i: int) -> Message:
 
 
 def test_every_channel_defaults_to_the_outbox(engine):
+    writer = OutboxRecorder(engine)
     for channel in ("email", "sms", "push", "ads", "webhook"):
-        connector = get_connector(channel, Settings(), engine=engine)
-        assert isinstance(connector, OutboxConnector)
+        connector = get_connector(channel, Settings(), outbox=writer)
+        assert isinstance(connector, OutboxConnector) and connector.writer is writer
+
+
+def test_the_outbox_needs_a_writer():
+    with pytest.raises(ConnectorConfigError, match="outbox writer"):
+        get_connector("email", Settings())
 
 
 def test_unknown_provider_and_wrong_channel_are_config_errors(engine):
@@ -55,12 +62,14 @@ def test_unknown_provider_and_wrong_channel_are_config_errors(engine):
 
 
 def test_records_messages_exactly_and_idempotently(engine):
-    connector = OutboxConnector(engine=engine, clock=lambda: NOW)
+    connector = OutboxConnector(OutboxRecorder(engine, clock=lambda: NOW))
     report = send_batch(connector, [email(i) for i in range(3)])
     assert report.counts()["sent"] == 3
     assert report.results[0].provider_id == "outbox:d0"
     again = connector.send([email(0), email(3)])
     assert [r.status for r in again] == [Status.SENT, Status.SENT]
+    assert [r.provider_id for r in again] == ["outbox:d0", "outbox:d3"]
+    assert [r.info.get("already_recorded", False) for r in again] == [True, False]
     with session_scope(engine) as session:
         rows = list_outbox(session)
         assert len(rows) == 4
@@ -73,8 +82,27 @@ def test_records_messages_exactly_and_idempotently(engine):
         assert list_outbox(session, channel="sms") == []
 
 
+def test_the_writer_records_only_new_delivery_ids(engine):
+    record = OutboxRecorder(engine, clock=lambda: NOW)
+    row = {
+        "delivery_id": "d1",
+        "channel": "sms",
+        "customer_id": 1,
+        "recipient": "+14155550100",
+        "template": "sms/pickup_reminder",
+        "subject": None,
+        "body": "Ready",
+        "payload": {"delivery_id": "d1"},
+    }
+    assert record([row]) == {"d1"}
+    assert record([{**row, "body": "changed"}, {**row, "delivery_id": "d2"}]) == {"d2"}
+    with session_scope(engine) as session:
+        assert [r["body"] for r in list_outbox(session, channel="sms")] == ["Ready", "Ready"]
+    assert "OutboxRecorder(database=" in repr(OutboxConnector(record))
+
+
 def test_ads_and_push_go_to_the_outbox_too(engine):
-    connector = OutboxConnector(engine=engine, clock=lambda: NOW)
+    connector = OutboxConnector(OutboxRecorder(engine, clock=lambda: NOW))
     connector.send(
         [
             Message(

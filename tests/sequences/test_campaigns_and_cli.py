@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from audiences import DefinitionError
 from omni.cli import app
+from omni.core.settings import Settings
 from sequences.campaigns import UnknownCampaign, send_campaign
 from sequences.definitions import load_campaigns, parse_campaign, parse_sequence
 
@@ -39,35 +40,57 @@ def test_campaign_sends_once_with_consent_and_quiet_hours(store):
         customer(store, n, email=n != 2)  # customer 2 has no email address: not in the audience
     customer(store, 4, store="lis", timezone="Asia/Tokyo")  # 00:00 in Tokyo at T0: quiet
     definitions = campaign()
-    created, report = send_campaign(store, "cart_push", now=T0, campaigns=definitions, sleep=no_sleep)
+    created, report = send_campaign(
+        store, "cart_push", now=T0, settings=Settings(), campaigns=definitions, sleep=no_sleep
+    )
     counts = report.campaigns["cart_push"]
     assert created == 3
     assert (counts.sent, counts.postponed) == (2, 1)
     assert sorted(m.customer_id for m in outbox(store, "email")) == [1, 3]
     # Sending again creates and sends nothing new.
     created, report = send_campaign(
-        store, "cart_push", now=T0 + timedelta(minutes=1), campaigns=definitions, sleep=no_sleep
+        store,
+        "cart_push",
+        now=T0 + timedelta(minutes=1),
+        settings=Settings(),
+        campaigns=definitions,
+        sleep=no_sleep,
     )
     assert created == 0 and report.campaigns["cart_push"].sent == 0
     # The postponed one goes out after quiet hours (09:00 Tokyo = 00:00 UTC).
     send_campaign(
-        store, "cart_push", now=T0 + timedelta(hours=9, minutes=5), campaigns=definitions, sleep=no_sleep
+        store,
+        "cart_push",
+        now=T0 + timedelta(hours=9, minutes=5),
+        settings=Settings(),
+        campaigns=definitions,
+        sleep=no_sleep,
     )
     assert sorted(m.customer_id for m in outbox(store, "email")) == [1, 3, 4]
     assert all(d.campaign == "cart_push" for d in deliveries(store))
 
 
 def test_campaign_respects_the_cross_channel_frequency_cap_with_sequences(store):
-    from sequences.engine import run_tick
+    from sequences.tick import run_tick
 
     customer(store, 1)
-    run_tick(store, now=T0, names=["abandoned_cart"], sleep=no_sleep)  # email 1 (customer 1 is not held out)
-    send_campaign(store, "cart_push", now=T0 + timedelta(hours=1), campaigns=campaign(), sleep=no_sleep)
+    run_tick(
+        store, settings=Settings(), now=T0, names=["abandoned_cart"], sleep=no_sleep
+    )  # email 1 (customer 1 is not held out)
+    send_campaign(
+        store,
+        "cart_push",
+        now=T0 + timedelta(hours=1),
+        settings=Settings(),
+        campaigns=campaign(),
+        sleep=no_sleep,
+    )
     _, report = send_campaign(
         store,
         "cart_push_2",
         now=T0 + timedelta(hours=1),
         sleep=no_sleep,
+        settings=Settings(),
         campaigns=campaign(name="cart_push_2"),
     )
     assert report.campaigns["cart_push_2"].postponed == 1  # third message within 24 h: over the cap of 2
@@ -76,7 +99,7 @@ def test_campaign_respects_the_cross_channel_frequency_cap_with_sequences(store)
 
 def test_unknown_campaign_and_bad_definitions_name_file_and_path(store, tmp_path):
     with pytest.raises(UnknownCampaign):
-        send_campaign(store, "nope", now=T0, campaigns=campaign())
+        send_campaign(store, "nope", now=T0, settings=Settings(), campaigns=campaign())
     with pytest.raises(DefinitionError) as excinfo:
         parse_campaign({"name": "x", "audience": "a", "channel": "fax", "template": "t"}, file="x.yaml")
     assert str(excinfo.value).startswith("x.yaml: channel: unknown channel 'fax'")
@@ -166,7 +189,7 @@ def test_invalid_sequence_definitions_name_the_path_and_reason(raw, path, reason
 
 def test_branch_and_wait_until_steps(store):
     from audiences import load_audiences
-    from sequences.engine import run_tick
+    from sequences.tick import run_tick
 
     definition = parse_sequence(
         {
@@ -186,12 +209,24 @@ def test_branch_and_wait_until_steps(store):
     )
     customer(store, 1, sms=True)
     customer(store, 2, sms=False)
-    run_tick(store, now=T0, sequences={"branchy": definition}, sleep=no_sleep)
+    run_tick(store, settings=Settings(), now=T0, sequences={"branchy": definition}, sleep=no_sleep)
     assert [m.customer_id for m in outbox(store, "sms")] == [1]
     assert [m.customer_id for m in outbox(store, "email")] == [2]
-    run_tick(store, now=T0 + timedelta(hours=20), sequences={"branchy": definition}, sleep=no_sleep)
+    run_tick(
+        store,
+        settings=Settings(),
+        now=T0 + timedelta(hours=20),
+        sequences={"branchy": definition},
+        sleep=no_sleep,
+    )
     assert len(outbox(store, "email")) == 1  # 06:00 in New York: 10:00 has not come yet
-    run_tick(store, now=T0 + timedelta(hours=24), sequences={"branchy": definition}, sleep=no_sleep)
+    run_tick(
+        store,
+        settings=Settings(),
+        now=T0 + timedelta(hours=24),
+        sequences={"branchy": definition},
+        sleep=no_sleep,
+    )
     assert sorted(m.customer_id for m in outbox(store, "email")) == [1, 2, 2]
 
 

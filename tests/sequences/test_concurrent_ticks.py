@@ -1,5 +1,6 @@
 """Two ticks at once never enroll a customer twice, nor send them anything twice: the store's unique index
-on open enrollments decides, whatever the isolation level. On PostgreSQL with real parallel connections."""
+on open enrollments decides, whatever the isolation level. On PostgreSQL with real parallel connections.
+And ticks keep nothing between them: two ticks with different definitions run side by side."""
 
 from __future__ import annotations
 
@@ -7,17 +8,20 @@ import threading
 from datetime import timedelta
 
 import pytest
-from journey_kit import T0, no_sleep, outbox, seed_stores
+from journey_kit import T0, customer, no_sleep, outbox, seed_stores
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from audiences import build_audiences
+from omni.core.settings import Settings
 from profiles.db import session_scope
 from profiles.ingest import ingest_payloads
 from profiles.models import Delivery, Enrollment
 from sequences.definitions import load_sequences
-from sequences.engine import TickReport, enroll, run_tick
+from sequences.enrollment import enroll
+from sequences.reports import TickReport
+from sequences.tick import run_tick
 
 CUSTOMERS = 60
 
@@ -144,7 +148,9 @@ def test_ticks_at_once_enroll_and_send_each_customer_once(shoppers):
     def one_tick() -> None:
         try:
             barrier.wait(timeout=30)
-            reports.append(run_tick(shoppers, now=T0, names=["abandoned_cart"], sleep=no_sleep))
+            reports.append(
+                run_tick(shoppers, now=T0, settings=Settings(), names=["abandoned_cart"], sleep=no_sleep)
+            )
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -168,3 +174,75 @@ def test_ticks_at_once_enroll_and_send_each_customer_once(shoppers):
             select(func.count()).select_from(Delivery.__table__).where(Delivery.__table__.c.status == "sent")
         ).scalar()
     assert sent == len(emails)
+
+
+def _sequence_folder(folder, name: str) -> None:
+    """A sequence ``name`` in ``folder``: the cart email, then at once an SMS."""
+    folder.mkdir()
+    (folder / f"{name}.yaml").write_text(
+        f"name: {name}\ntrigger: {{audience: cart_abandoners}}\nsteps:\n"
+        "  - {id: cart_email, send: {channel: email, template: email/abandoned_cart}}\n"
+        "  - {id: text, send: {channel: sms, template: sms/pickup_reminder}}\n"
+    )
+
+
+def test_ticks_with_different_sequence_folders_each_run_on_their_own_definitions(engine, tmp_path):
+    """Two ticks in one process, each with its own folder of sequences, both past loading their definitions
+    before either dispatches: each moves its own enrollments on from the email to the SMS (a tick that used
+    the other's definitions, or none, would leave them parked after the email)."""
+    seed_stores(engine)
+    for n in (1, 2, 3):
+        customer(engine, n)
+    settings = {}
+    for name in ("welcome_a", "welcome_b"):
+        _sequence_folder(tmp_path / name, name)
+        # Four messages in a day per customer (two per sequence): over the default cap of two.
+        settings[name] = Settings(sequences_dir=tmp_path / name, frequency_cap=4)
+    both_ready = threading.Barrier(2, timeout=60)
+    first_done = threading.Event()
+    reports: dict = {}
+    errors: list[BaseException] = []
+
+    def stage(name, fn, *, first):
+        if name == "recover-interrupted":
+            both_ready.wait()  # both ticks have their definitions, neither has walked nor dispatched
+            if not first:
+                assert first_done.wait(timeout=60)  # then one tick after the other: no cross-dispatch
+        return fn()
+
+    def one_tick(name: str, first: bool) -> None:
+        try:
+            reports[name] = run_tick(
+                engine,
+                now=T0,
+                settings=settings[name],
+                sleep=no_sleep,
+                stage=lambda stage_name, fn: stage(stage_name, fn, first=first),
+            )
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            if first:
+                first_done.set()
+
+    threads = [
+        threading.Thread(target=one_tick, args=("welcome_a", True)),
+        threading.Thread(target=one_tick, args=("welcome_b", False)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    for name in ("welcome_a", "welcome_b"):
+        assert list(reports[name].sequences) == [name]
+        steps = reports[name].sequences[name].steps
+        assert (steps["cart_email"].sent, steps["text"].sent) == (3, 3)
+        assert reports[name].sequences[name].completed == 3
+    table = Enrollment.__table__
+    with session_scope(engine) as session:
+        statuses = session.execute(
+            select(table.c.sequence, table.c.status, func.count()).group_by(table.c.sequence, table.c.status)
+        ).all()
+    assert sorted(statuses) == [("welcome_a", "completed", 3), ("welcome_b", "completed", 3)]
+    assert len(outbox(engine, "email")) == len(outbox(engine, "sms")) == 6

@@ -11,8 +11,10 @@ import pytest
 from journey_kit import T0, cart_campaign, customer, deliveries, seed_stores
 from werkzeug import Response
 
-from sequences.engine import DeliveryHalted, run_tick
-from sequences.policy import is_held_out
+from omni.core.settings import Settings
+from sequences.enrollment import is_held_out
+from sequences.reports import DeliveryHalted
+from sequences.tick import run_tick
 
 FLAGSHIP = ["abandoned_cart"]
 
@@ -36,9 +38,7 @@ def sendgrid(engine, httpserver, monkeypatch):
 
 
 def _tick(engine, at):
-    from omni.core.settings import get_settings
-
-    return run_tick(engine, now=at, names=FLAGSHIP, sleep=lambda _s: None, settings=get_settings())
+    return run_tick(engine, now=at, names=FLAGSHIP, sleep=lambda _s: None, settings=Settings())
 
 
 def _emails(engine):
@@ -208,13 +208,25 @@ def test_a_template_broken_for_everyone_fails_its_deliveries_once_and_the_tick_g
         now=T0,
     )
     try:
-        report = run_tick(engine, now=T0, names=["abandoned_cart", "pickup_ready"], sleep=lambda _s: None)
+        report = run_tick(
+            engine,
+            now=T0,
+            settings=Settings(),
+            names=["abandoned_cart", "pickup_ready"],
+            sleep=lambda _s: None,
+        )
         assert report.sequences["abandoned_cart"].steps["cart_email"].failed == 2
         assert report.sequences["pickup_ready"].steps["ready_email"].sent == 1
         failed = [d for d in deliveries(engine) if d.template == "email/abandoned_cart"]
         assert [d.status for d in failed] == ["failed", "failed"] and all(d.error for d in failed)
         assert [m.template for m in outbox(engine, "email")] == ["email/pickup_ready"]
-        again = run_tick(engine, now=T0 + timedelta(hours=1), names=["abandoned_cart"], sleep=lambda _s: None)
+        again = run_tick(
+            engine,
+            now=T0 + timedelta(hours=1),
+            settings=Settings(),
+            names=["abandoned_cart"],
+            sleep=lambda _s: None,
+        )
         assert again.sequences["abandoned_cart"].steps["cart_email"].failed == 0
     finally:
         get_settings.cache_clear()

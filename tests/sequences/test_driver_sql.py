@@ -9,8 +9,9 @@ from journey_kit import T0, customer, seed_stores
 from sqlalchemy import select
 
 from profiles.db import session_scope
+from profiles.ingest import ingest_payloads
 from profiles.models import Delivery
-from sequences.policy import DeliveryPolicy, load_contacts, recent_messages
+from sequences.gate import DeliveryPolicy, load_contacts, recent_messages
 from sequences.sql import Driver
 
 
@@ -110,20 +111,27 @@ def test_recent_messages_count_what_may_have_gone_out_in_the_window(engine):
     assert 3 not in found
 
 
-def test_contacts_read_timezone_tokens_and_consents(engine):
+def test_contacts_read_timezone_addresses_and_consents(engine):
     seed_stores(engine)
     customer(engine, 1, store="lis", sms=False)
     customer(engine, 2, timezone="Asia/Tokyo", email=False)
+    ingest_payloads(  # opted in to push, but no device to push to
+        engine,
+        [{"type": "identify", "userId": "user-3", "messageId": "id-3", "traits": {"push_opt_in": True}}],
+        now=T0,
+    )
     with session_scope(engine) as session:
-        contacts = load_contacts(session, [1, 2, 99], "UTC")
-    assert set(contacts) == {1, 2}
-    ana, bob = contacts[1], contacts[2]
-    assert (ana.email, ana.phone, ana.first_name, ana.timezone) == (
+        contacts = load_contacts(session, [1, 2, 3, 99], ["email", "sms", "push", "ads", "webhook"], "UTC")
+    assert set(contacts) == {1, 2, 3}
+    ana, bob, cy = contacts[1], contacts[2], contacts[3]
+    assert (ana.email, ana.phone, ana.first_name, ana.zone.key) == (
         "cust1@example.org",
         "+12125551001",
         "Cust1",
         "Europe/Lisbon",
     )
-    assert ana.device_tokens == ("token-1",) and bob.device_tokens == ("token-2",)
-    assert ana.reachable("sms")[0] is False and ana.reachable("push") == (True, "")
-    assert bob.timezone == "Asia/Tokyo" and bob.reachable("email") == (False, "no email address")
+    assert ana.unreachable("sms").startswith("no sms consent") and ana.unreachable("push") is None
+    assert ana.unreachable("ads") is None and ana.unreachable("webhook") is None
+    assert bob.zone.key == "Asia/Tokyo" and bob.unreachable("email") == "no email address"
+    assert cy.zone.key == "UTC" and cy.unreachable("push") == "no device token"
+    assert cy.unreachable("ads") == "no email or phone to match" and cy.unreachable("webhook") is None

@@ -19,15 +19,19 @@ from journey_kit import (
 )
 
 from connectors import Connector
+from omni.core.settings import Settings
+from profiles.outbox import OutboxRecorder
 from sequences.definitions import parse_sequence
-from sequences.engine import run_tick
-from sequences.policy import DeliveryPolicy, holdout_bucket, is_held_out
+from sequences.enrollment import holdout_bucket, is_held_out
+from sequences.gate import DeliveryPolicy
+from sequences.tick import run_tick
 
 FLAGSHIP = ["abandoned_cart"]
 
 
 def tick(engine, at, **kwargs):
     kwargs.setdefault("names", FLAGSHIP)
+    kwargs.setdefault("settings", Settings())
     return run_tick(engine, now=at, sleep=no_sleep, **kwargs)
 
 
@@ -245,7 +249,7 @@ def test_two_ticks_at_once_never_double_send(store):
 
     ids = first_messaged_ids(3)
     make_customers(store, ids)
-    connector = ReentrantOutbox(store, OutboxConnector(engine=store, clock=lambda: T0))
+    connector = ReentrantOutbox(store, OutboxConnector(OutboxRecorder(store, clock=lambda: T0)))
     tick(store, T0, connectors={"email": connector})
     assert connector.nested is not None
     assert connector.nested.sequences["abandoned_cart"].steps["cart_email"].sent == 0
@@ -263,9 +267,7 @@ def test_two_ticks_at_once_never_double_send(store):
     assert sorted(m.customer_id for m in outbox(store, "ads")) == sorted(ids)
 
 
-def test_provider_429_then_success_sends_once(store, httpserver, monkeypatch):
-    from omni.core.settings import get_settings
-
+def test_provider_429_then_success_sends_once(store, httpserver):
     [n] = first_messaged_ids(1)
     make_customers(store, [n])
     calls = []
@@ -283,23 +285,21 @@ def test_provider_429_then_success_sends_once(store, httpserver, monkeypatch):
         return Response("", status=202, headers={"X-Message-Id": "sg-123"})
 
     httpserver.expect_request("/v3/mail/send", method="POST").respond_with_handler(handler)
-    monkeypatch.setenv("OMNI_EMAIL_CONNECTOR", "sendgrid")
-    monkeypatch.setenv("OMNI_SENDGRID_API_KEY", "SG.test-key")
-    monkeypatch.setenv("OMNI_SENDGRID_BASE_URL", httpserver.url_for("/").rstrip("/"))
-    monkeypatch.setenv("OMNI_EMAIL_FROM", "shop@example.org")
-    get_settings.cache_clear()
+    settings = Settings(
+        email_connector="sendgrid",
+        sendgrid_api_key="SG.test-key",
+        sendgrid_base_url=httpserver.url_for("/").rstrip("/"),
+        email_from="shop@example.org",
+    )
     waits = []
-    report = run_tick(store, now=T0, names=FLAGSHIP, sleep=waits.append, settings=get_settings())
+    report = run_tick(store, now=T0, names=FLAGSHIP, sleep=waits.append, settings=settings)
     assert len(calls) == 2  # the 429 was absorbed inside the tick
     assert waits and waits[0] >= 2  # Retry-After honoured
     assert report.sequences["abandoned_cart"].steps["cart_email"].sent == 1
     [delivery] = [d for d in deliveries(store) if d.customer_id == n]
     assert (delivery.status, delivery.provider_message_id, delivery.attempts) == ("sent", "sg-123", 1)
-    run_tick(
-        store, now=T0 + timedelta(minutes=5), names=FLAGSHIP, sleep=waits.append, settings=get_settings()
-    )
+    run_tick(store, now=T0 + timedelta(minutes=5), names=FLAGSHIP, sleep=waits.append, settings=settings)
     assert len(calls) == 2
-    get_settings.cache_clear()
 
 
 def test_messages_omni_sent_are_not_channels_the_customer_used(store):

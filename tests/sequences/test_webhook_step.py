@@ -12,9 +12,10 @@ from journey_kit import T0, customer, deliveries, seed_stores, timeline
 from werkzeug import Response
 
 from connectors.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
+from omni.core.settings import Settings
 from profiles.ingest import ingest_payloads
 from sequences.definitions import parse_sequence
-from sequences.engine import run_tick
+from sequences.tick import run_tick
 
 SECRET = "whsec-test-secret"
 PREPARE = parse_sequence(
@@ -62,7 +63,14 @@ def store_system(engine, httpserver, monkeypatch):
 
 
 def _tick(engine, at):
-    return run_tick(engine, now=at, sequences={"prepare_pickup": PREPARE}, build=False, sleep=lambda _s: None)
+    return run_tick(
+        engine,
+        now=at,
+        settings=Settings(),
+        sequences={"prepare_pickup": PREPARE},
+        build=False,
+        sleep=lambda _s: None,
+    )
 
 
 def test_a_webhook_step_tells_the_store_to_prepare_the_order(store_system, httpserver):

@@ -7,11 +7,12 @@ import resource
 import time
 
 import pytest
-from conftest import NOW, seed
+from conftest import NOW, SETTINGS, seed
 
 from omni.core.settings import Settings
 from profiles.db import session_scope
-from templates.rendering import RenderError, render_context, render_many
+from sequences.contexts import render_many
+from templates.rendering import RenderError, render_context
 
 HOSTILE = {
     "huge range loop": "{% for i in range(10**9) %}x{% endfor %}",
@@ -79,12 +80,12 @@ def _write(tmp_path, channel: str, name: str, part: str, source: str) -> Setting
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_a_hostile_template_fails_that_render_quickly(tmp_path, name):
-    settings = _write(tmp_path, "email", "evil", "txt", HOSTILE[name])
+    _write(tmp_path, "email", "evil", "txt", HOSTILE[name])
     (tmp_path / "email" / "evil.subject.j2").write_text("Hi")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.monotonic()
     with pytest.raises(RenderError) as caught:
-        render_context("email/evil", {"customer": {"id": 1}}, settings=settings)
+        render_context("email/evil", {"customer": {"id": 1}}, directory=tmp_path)
     elapsed = time.monotonic() - started
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert elapsed < 2.0, f"{name}: {elapsed:.2f} s"
@@ -94,13 +95,11 @@ def test_a_hostile_template_fails_that_render_quickly(tmp_path, name):
 
 @pytest.mark.parametrize("channel,part", [("sms", "txt"), ("push", "body")])
 def test_output_is_capped_lower_for_sms_and_push(tmp_path, channel, part):
-    settings = _write(
-        tmp_path, channel, "long", part, "{% for i in range(1000) %}{{ 'y' * 100 }}{% endfor %}"
-    )
+    _write(tmp_path, channel, "long", part, "{% for i in range(1000) %}{{ 'y' * 100 }}{% endfor %}")
     if channel == "push":
         (tmp_path / "push" / "long.title.j2").write_text("Hi")
     with pytest.raises(RenderError, match="over a limit: the output is over the limit"):
-        render_context(f"{channel}/long", {"customer": {"id": 1}}, settings=settings)
+        render_context(f"{channel}/long", {"customer": {"id": 1}}, directory=tmp_path)
 
 
 GOOD = [
@@ -124,13 +123,13 @@ def test_good_templates_render_as_jinja_renders_them(tmp_path, source):
     from jinja2 import StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
-    from templates.rendering import environment
+    from templates.sandbox import environment
 
     stock = SandboxedEnvironment(undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     ours = environment(tmp_path).from_string(source).render({})
     assert ours == stock.from_string(source).render({})
-    settings = _write(tmp_path, "sms", "good", "txt", source)
-    assert render_context("sms/good", {"customer": {"id": 1}}, settings=settings).text == ours.strip()
+    _write(tmp_path, "sms", "good", "txt", source)
+    assert render_context("sms/good", {"customer": {"id": 1}}, directory=tmp_path).text == ours.strip()
 
 
 def test_render_many_never_raises_and_fails_every_customer_of_a_broken_template(engine, tmp_path):
@@ -177,15 +176,15 @@ def test_a_customer_with_odd_data_fails_alone(engine):
             .values(items=[{"name": "Tee", "price": "not a number"}])
         )
     with session_scope(engine) as session:
-        outcomes = render_many(session, "email/abandoned_cart", [ana, bob], now=NOW)
+        outcomes = render_many(session, "email/abandoned_cart", [ana, bob], now=NOW, settings=SETTINGS)
     assert outcomes[ana].subject
     assert isinstance(outcomes[bob], RenderError) and "context" in outcomes[bob].reason
 
 
 def test_a_typo_still_fails(tmp_path):
-    settings = _write(tmp_path, "sms", "typo", "txt", "Hi {{ custmer.first_name }}")
+    _write(tmp_path, "sms", "typo", "txt", "Hi {{ custmer.first_name }}")
     with pytest.raises(RenderError, match="'custmer' is undefined"):
-        render_context("sms/typo", {"customer": {"id": 1}, "store": None}, settings=settings)
-    settings = _write(tmp_path, "sms", "unguarded", "txt", "Come to {{ store.name }}")
+        render_context("sms/typo", {"customer": {"id": 1}, "store": None}, directory=tmp_path)
+    _write(tmp_path, "sms", "unguarded", "txt", "Come to {{ store.name }}")
     with pytest.raises(RenderError, match=r"if store"):
-        render_context("sms/unguarded", {"customer": {"id": 1}, "store": None}, settings=settings)
+        render_context("sms/unguarded", {"customer": {"id": 1}, "store": None}, directory=tmp_path)

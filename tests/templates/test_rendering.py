@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from conftest import NOW, seed
+from conftest import NOW, SETTINGS, seed
 from pydantic import SecretStr
 
 from omni.core.settings import Settings
 from profiles.db import session_scope
+from sequences.contexts import messages_of, render, render_many
 from sequences.unsubscribe import (
     InvalidToken,
     ensure_unsubscribe_secret,
@@ -15,29 +16,23 @@ from sequences.unsubscribe import (
     unsubscribe_secret,
     verify_token,
 )
-from templates.rendering import (
-    RenderError,
-    list_templates,
-    render,
-    render_context,
-    render_many,
-    sms_segments,
-)
+from templates.rendering import RenderError, list_templates, render_context
+from templates.sms import sms_segments
 
 FLAGSHIP = ["email/abandoned_cart", "email/pickup_ready", "push/pickup_reminder", "sms/pickup_reminder"]
 
 
 def test_flagship_templates_are_listed():
-    names = [t.name for t in list_templates(Settings())]
+    names = [t.name for t in list_templates()]
     assert set(FLAGSHIP) <= set(names)  # the flagship journey's; campaigns ship more
-    parts = {t.name: t.parts for t in list_templates(Settings())}
+    parts = {t.name: t.parts for t in list_templates()}
     assert parts["email/abandoned_cart"] == ("subject", "html", "txt")
     assert parts["push/pickup_reminder"] == ("title", "body")
 
 
 def test_abandoned_cart_email_for_a_real_customer(engine, customer_id):
     with session_scope(engine) as session:
-        r = render(session, "email/abandoned_cart", customer_id, now=NOW)
+        r = render(session, "email/abandoned_cart", customer_id, now=NOW, settings=SETTINGS)
     assert r.recipients == ["u-ana@example.org"]
     assert r.subject == "Ana, you left 3 items in your cart"
     assert "Tee x 2: $39.00" in r.text and "Socks: $5.00" in r.text and "Total: $44.00" in r.text
@@ -46,15 +41,15 @@ def test_abandoned_cart_email_for_a_real_customer(engine, customer_id):
     assert "utm_source=omni&amp;utm_medium=email&amp;utm_campaign=abandoned_cart" in r.html
     assert r.unsubscribe_url.startswith("http://localhost:8000/unsubscribe?token=")
     assert r.unsubscribe_url.replace("&", "&amp;") in r.html or r.unsubscribe_url in r.html
-    [message] = r.messages("enrollment:1:cart_email")
+    [message] = messages_of(r, "enrollment:1:cart_email")
     assert message.to == "u-ana@example.org" and message.unsubscribe_url == r.unsubscribe_url
 
 
 def test_pickup_messages_for_a_real_customer(engine, customer_id):
     with session_scope(engine) as session:
-        email = render(session, "email/pickup_ready", customer_id, now=NOW)
-        sms = render(session, "sms/pickup_reminder", customer_id, now=NOW)
-        push = render(session, "push/pickup_reminder", customer_id, now=NOW)
+        email = render(session, "email/pickup_ready", customer_id, now=NOW, settings=SETTINGS)
+        sms = render(session, "sms/pickup_reminder", customer_id, now=NOW, settings=SETTINGS)
+        push = render(session, "push/pickup_reminder", customer_id, now=NOW, settings=SETTINGS)
     assert email.subject == "Your order o-u-ana is ready for pickup at Omni SoHo"
     assert "Tuesday: 09:00-20:00" in email.text
     assert sms.text == (
@@ -71,7 +66,9 @@ def test_missing_data_fails_loudly_per_customer(engine):
     ana = seed(engine)
     bob = seed(engine, user_id="u-bob", first_name=None, token=None, phone="+14155550199")
     with session_scope(engine) as session:
-        outcomes = render_many(session, "push/pickup_reminder", [ana, bob, 999_999], now=NOW)
+        outcomes = render_many(
+            session, "push/pickup_reminder", [ana, bob, 999_999], now=NOW, settings=SETTINGS
+        )
     assert outcomes[ana].title
     assert isinstance(outcomes[bob], RenderError) and "no device token" in str(outcomes[bob])
     assert isinstance(outcomes[999_999], RenderError) and "no such customer" in str(outcomes[999_999])
@@ -100,17 +97,16 @@ def test_no_open_cart_is_a_clear_error(engine):
         with pytest.raises(
             RenderError, match=r"cannot render email/abandoned_cart for customer \d+: .*'cart' is undefined"
         ):
-            render(session, "email/abandoned_cart", customer, now=NOW)
+            render(session, "email/abandoned_cart", customer, now=NOW, settings=SETTINGS)
 
 
 def test_a_missing_first_name_never_renders_blank(tmp_path):
     (tmp_path / "sms").mkdir()
     (tmp_path / "sms" / "hello.txt.j2").write_text("Hi {{ customer.first_name }}!")
-    settings = Settings(templates_dir=tmp_path)
     with pytest.raises(RenderError, match="first_name"):
-        render_context("sms/hello", {"customer": {"id": 1}}, settings=settings)
+        render_context("sms/hello", {"customer": {"id": 1}}, directory=tmp_path)
     assert (
-        render_context("sms/hello", {"customer": {"id": 1, "first_name": "Ana"}}, settings=settings).text
+        render_context("sms/hello", {"customer": {"id": 1, "first_name": "Ana"}}, directory=tmp_path).text
         == "Hi Ana!"
     )
 
@@ -118,7 +114,7 @@ def test_a_missing_first_name_never_renders_blank(tmp_path):
 def test_customer_data_is_html_escaped(engine):
     customer = seed(engine, user_id="u-x", first_name='<script>alert("x")</script>', phone="+14155550188")
     with session_scope(engine) as session:
-        r = render(session, "email/abandoned_cart", customer, now=NOW)
+        r = render(session, "email/abandoned_cart", customer, now=NOW, settings=SETTINGS)
     assert "<script>" not in r.html
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in r.html
     assert '<script>alert("x")</script>' in r.text  # plain text is not HTML
@@ -137,7 +133,7 @@ def test_sandbox_escapes_are_blocked(tmp_path, source):
     (tmp_path / "sms").mkdir()
     (tmp_path / "sms" / "evil.txt.j2").write_text(source)
     with pytest.raises(RenderError, match="unsafe template|missing data|template error"):
-        render_context("sms/evil", {"customer": {"id": 1}}, settings=Settings(templates_dir=tmp_path))
+        render_context("sms/evil", {"customer": {"id": 1}}, directory=tmp_path)
 
 
 def test_sms_segments_and_warning(tmp_path):
@@ -147,11 +143,10 @@ def test_sms_segments_and_warning(tmp_path):
     (tmp_path / "sms").mkdir()
     (tmp_path / "sms" / "long.txt.j2").write_text("x" * 200)
     (tmp_path / "sms" / "huge.txt.j2").write_text("x" * 1601)
-    settings = Settings(templates_dir=tmp_path)
-    rendered = render_context("sms/long", {"customer": {"id": 1}}, settings=settings)
+    rendered = render_context("sms/long", {"customer": {"id": 1}}, directory=tmp_path)
     assert rendered.sms_segments == 2 and "2 segments" in rendered.warnings[0]
     with pytest.raises(RenderError, match="over 1600"):
-        render_context("sms/huge", {"customer": {"id": 1}}, settings=settings)
+        render_context("sms/huge", {"customer": {"id": 1}}, directory=tmp_path)
 
 
 def test_unknown_template():
@@ -178,7 +173,7 @@ def test_generated_secret_is_created_once_and_used_for_links(engine, customer_id
         first = unsubscribe_secret(session, Settings()).get_secret_value()
         ensure_unsubscribe_secret(session)
         assert unsubscribe_secret(session, Settings()).get_secret_value() == first
-        url = render(session, "email/abandoned_cart", customer_id, now=NOW).unsubscribe_url
+        url = render(session, "email/abandoned_cart", customer_id, now=NOW, settings=SETTINGS).unsubscribe_url
     assert verify_token(first, url.split("token=")[1]) == (customer_id, "email")
 
 
@@ -212,7 +207,8 @@ def test_attribute_lookups_render_as_in_jinjas_own_sandbox(tmp_path, source):
     from jinja2 import FileSystemLoader, StrictUndefined
     from jinja2.sandbox import SandboxedEnvironment
 
-    from templates.rendering import environment, money
+    from templates.filters import money
+    from templates.sandbox import environment
 
     stock = SandboxedEnvironment(loader=FileSystemLoader(str(tmp_path)), undefined=StrictUndefined)
     stock.filters["money"] = money
@@ -229,7 +225,7 @@ def test_a_missing_key_fails_as_in_jinjas_own_sandbox(tmp_path):
     from jinja2 import StrictUndefined, UndefinedError
     from jinja2.sandbox import SandboxedEnvironment
 
-    from templates.rendering import environment
+    from templates.sandbox import environment
 
     source = "{{ customer.nickname }}"
     with pytest.raises(UndefinedError) as ours:
@@ -283,7 +279,7 @@ def test_the_open_cart_is_used_not_an_earlier_converted_one(engine):
         now=NOW,
     )
     with session_scope(engine) as session:
-        r = render(session, "email/abandoned_cart", customer, now=NOW)
+        r = render(session, "email/abandoned_cart", customer, now=NOW, settings=SETTINGS)
     assert r.subject == "Ana, you left 1 item in your cart"
     assert "- Cap: $12.00" in r.text and "Tee" not in r.text
 

@@ -1,0 +1,90 @@
+"""The store side of the outbox connector: the ``outbox`` table, written and read.
+
+:class:`OutboxRecorder` is the writer ``connectors.outbox.OutboxConnector`` records through (a
+``connectors.outbox.OutboxWriter``): the engine builds one per tick, ``OutboxRecorder(engine, clock=...)``,
+and hands it to ``connectors.get_connector(..., outbox=...)``. :func:`list_outbox` reads the table for
+``omni outbox list``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from omni.core.clock import utcnow
+from profiles.bulk import insert_rows
+from profiles.db import session_scope
+from profiles.models import OutboxMessage
+
+
+class OutboxRecorder:
+    """Records outbox rows (``connectors.outbox.OutboxRow``) idempotently by delivery id, ``sent_at``
+    from ``clock`` (the engine's ``now``)."""
+
+    def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self.engine = engine
+        self.clock = clock
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:
+        """Insert the rows whose delivery id is not recorded yet; returns those delivery ids."""
+        now = self.clock()
+        try:
+            return self._insert_new(rows, now)
+        except IntegrityError:
+            # Another writer recorded some of them between our SELECT and INSERT: look again once.
+            return self._insert_new(rows, now)
+
+    def _insert_new(self, rows: Sequence[Mapping[str, Any]], now: datetime) -> set[str]:
+        with session_scope(self.engine) as session:
+            existing = _recorded(session, [r["delivery_id"] for r in rows])
+            new = [{**r, "sent_at": now} for r in rows if r["delivery_id"] not in existing]
+            # Driver-level executemany: SQLAlchemy's per-row processing cost more than the INSERT.
+            insert_rows(session, OutboxMessage.__table__, new)
+        return {r["delivery_id"] for r in new}
+
+    def __repr__(self) -> str:
+        return f"OutboxRecorder(database={self.engine.url.render_as_string(hide_password=True)!r})"
+
+
+def _recorded(session: Session, ids: list[str]) -> set[str]:
+    """The delivery ids among ``ids`` already in the outbox (one query, written for the driver)."""
+    connection = session.connection()
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        query = "SELECT delivery_id FROM outbox WHERE delivery_id = ANY(%s::text[])"
+        return {row[0] for row in connection.exec_driver_sql(query, (ids,))}
+    if dialect == "sqlite":
+        query = f"SELECT delivery_id FROM outbox WHERE delivery_id IN ({', '.join('?' * len(ids))})"
+        return {row[0] for row in connection.exec_driver_sql(query, tuple(ids))}
+    table = OutboxMessage.__table__
+    return set(session.execute(select(table.c.delivery_id).where(table.c.delivery_id.in_(ids))).scalars())
+
+
+def list_outbox(
+    session: Session, *, channel: str | None = None, limit: int = 100, offset: int = 0
+) -> list[dict[str, Any]]:
+    """Outbox rows, newest first, as ``{"channel", "customer_id", "to", "template", "subject", "body",
+    "sent_at", "delivery_id", "payload"}``."""
+    table = OutboxMessage.__table__
+    query = select(table).order_by(table.c.sent_at.desc(), table.c.id.desc()).limit(limit).offset(offset)
+    if channel:
+        query = query.where(table.c.channel == channel)
+    return [
+        {
+            "channel": row.channel,
+            "customer_id": row.customer_id,
+            "to": row.recipient,
+            "template": row.template,
+            "subject": row.subject,
+            "body": row.body,
+            "sent_at": row.sent_at,
+            "delivery_id": row.delivery_id,
+            "payload": row.payload,
+        }
+        for row in session.execute(query)
+    ]

@@ -1,0 +1,207 @@
+"""Step walking: due enrollments go through their sequence's steps, a batch at a time.
+
+``wait`` sets the next run time (a duration, or the next time the customer's clock shows ``until``),
+``branch`` evaluates an audience condition for the whole batch in SQL, ``send`` creates a ``pending``
+delivery (unique per enrollment and step) and parks the enrollment until the delivery is resolved
+(:func:`sequences.deliveries.advance`). Past the last step the enrollment completes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from audiences import compile_condition
+from omni.core.batching import chunked
+from omni.core.settings import Settings
+from omni.core.statuses import DeliveryStatus, EnrollmentStatus
+from profiles.db import session_scope
+from profiles.models import Delivery, Enrollment
+from profiles.timezones import customer_timezones, zone
+from sequences.definitions import BranchStep, SendStep, SequenceDefinition, WaitStep
+from sequences.deliveries import advance, insert_new, keyset_after, new_delivery, provider_of
+from sequences.gate import DeliveryPolicy
+from sequences.reports import TickReport
+from sequences.sql import Driver
+
+
+def next_local_time(after: datetime, at: time, customer_zone: ZoneInfo) -> datetime:
+    """The first moment after ``after`` when the customer's clock shows ``at``."""
+    local = after.astimezone(customer_zone)
+    candidate = datetime.combine(local.date(), at, tzinfo=customer_zone)
+    if candidate <= local:
+        candidate = datetime.combine(local.date() + timedelta(days=1), at, tzinfo=customer_zone)
+    return candidate.astimezone(after.tzinfo)
+
+
+def walk_due(
+    engine: Engine,
+    sequences: Mapping[str, SequenceDefinition],
+    *,
+    now: datetime,
+    policy: DeliveryPolicy,
+    report: TickReport,
+    audience_definitions: Mapping[str, Any],
+    settings: Settings,
+) -> int:
+    """Advance every due enrollment of ``sequences`` as far as it can go now; returns how many moved."""
+    enrollments = Enrollment.__table__
+    moved = 0
+    after: tuple[datetime, int] | None = None
+    while True:
+        with session_scope(engine) as session:
+            rows = session.execute(
+                select(
+                    enrollments.c.id,
+                    enrollments.c.sequence,
+                    enrollments.c.customer_id,
+                    enrollments.c.step_index,
+                    enrollments.c.next_run_at,
+                )
+                .where(
+                    enrollments.c.sequence.in_(list(sequences)),
+                    enrollments.c.status == EnrollmentStatus.ACTIVE.value,
+                    enrollments.c.next_run_at <= now,
+                    keyset_after(enrollments.c.next_run_at, enrollments.c.id, after),
+                )
+                .order_by(enrollments.c.next_run_at, enrollments.c.id)
+                .limit(policy.batch_size)
+            ).all()
+            if not rows:
+                return moved
+            after = (rows[-1].next_run_at, rows[-1].id)
+            moved += _walk_batch(
+                session,
+                rows,
+                sequences,
+                now=now,
+                policy=policy,
+                report=report,
+                audience_definitions=audience_definitions,
+                settings=settings,
+            )
+
+
+def _walk_batch(
+    session: Session,
+    rows: Sequence[Any],
+    sequences: Mapping[str, SequenceDefinition],
+    *,
+    now: datetime,
+    policy: DeliveryPolicy,
+    report: TickReport,
+    audience_definitions: Mapping[str, Any],
+    settings: Settings,
+) -> int:
+    """Walk one batch of due enrollments as far as each can go now; returns how many were walked."""
+    enrollments = Enrollment.__table__
+    zones: dict[int, str] | None = None
+    branch_members: dict[tuple[str, str], set[int]] = {}
+    customer_ids = [r.customer_id for r in rows]
+    updates: list[tuple[Any, ...]] = []
+    new_deliveries: list[dict[str, Any]] = []
+    providers: dict[str, str] = {}
+    for row in rows:
+        sequence = sequences[row.sequence]
+        index, due = row.step_index, row.next_run_at
+        status, next_run = EnrollmentStatus.ACTIVE.value, due
+        for _ in range(len(sequence.steps) * 2 + 1):
+            if index >= len(sequence.steps):
+                status, next_run = EnrollmentStatus.COMPLETED.value, None
+                report.sequences[sequence.name].completed += 1
+                break
+            step = sequence.steps[index]
+            if isinstance(step, WaitStep):
+                if step.duration is not None:
+                    next_run = due + step.duration
+                else:
+                    if zones is None:
+                        zones = customer_timezones(session, customer_ids, policy.default_timezone)
+                    customer_zone = zone(zones.get(row.customer_id), policy.default_timezone)
+                    next_run = next_local_time(due, step.until, customer_zone)
+                index += 1
+                if next_run > now:
+                    break
+                due = next_run
+                continue
+            if isinstance(step, BranchStep):
+                key = (sequence.name, step.id)
+                if key not in branch_members:
+                    selected = compile_condition(step.condition, now=now, definitions=audience_definitions)
+                    ids = selected.subquery()
+                    branch_members[key] = set(
+                        session.execute(select(ids.c[0]).where(ids.c[0].in_(customer_ids))).scalars()
+                    )
+                if row.customer_id in branch_members[key]:
+                    index = sequence.step_index(step.then)
+                elif step.otherwise:
+                    index = sequence.step_index(step.otherwise)
+                else:
+                    index += 1
+                continue
+            assert isinstance(step, SendStep)
+            if step.channel not in providers:
+                providers[step.channel] = provider_of(step.channel, settings)
+            new_deliveries.append(
+                new_delivery(
+                    key=f"enrollment:{row.id}:{step.id}",
+                    enrollment_id=row.id,
+                    campaign=None,
+                    step_id=step.id,
+                    customer_id=row.customer_id,
+                    channel=step.channel,
+                    connector=providers[step.channel],
+                    template=step.template,
+                    ad_audience=step.audience,
+                    now=now,
+                )
+            )
+            next_run = None  # parked until the delivery is resolved
+            break
+        updates.append((row.id, index, next_run, status, now))
+    Driver(session).update_many(
+        enrollments, ("id",), ("step_index", "next_run_at", "status", "updated_at"), updates
+    )
+    inserted = insert_new(session, new_deliveries)
+    report.written["enrollments"] += len(updates)
+    report.written["deliveries"] += inserted
+    if inserted != len(new_deliveries):
+        _advance_resolved(
+            session, [d["dedupe_key"] for d in new_deliveries], sequences, now=now, report=report
+        )
+    return len(rows)
+
+
+def _advance_resolved(
+    session: Session,
+    keys: list[str],
+    sequences: Mapping[str, SequenceDefinition],
+    *,
+    now: datetime,
+    report: TickReport,
+) -> None:
+    """A delivery that already existed and is resolved (a re-walk after an interruption): its enrollment
+    advances at once."""
+    deliveries = Delivery.__table__
+    resolved = []
+    for chunk in chunked(keys):
+        resolved.extend(
+            session.execute(
+                select(deliveries.c.enrollment_id, deliveries.c.step_id).where(
+                    deliveries.c.dedupe_key.in_(chunk), deliveries.c.status.in_(DeliveryStatus.final())
+                )
+            ).all()
+        )
+    advance(
+        session,
+        [(r.enrollment_id, r.step_id, None) for r in resolved],
+        sequences=sequences,
+        now=now,
+        report=report,
+        walked=sequences.keys(),
+    )
