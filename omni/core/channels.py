@@ -159,12 +159,23 @@ CHANNELS: Mapping[Channel, ChannelSpec] = MappingProxyType(
 )
 
 
+# By name: a Channel member hashes as its value, so both find their entry with one dict lookup (spec() is
+# called several times per delivery in a tick).
+_BY_NAME: dict[str, ChannelSpec] = {channel.value: facts for channel, facts in CHANNELS.items()}
+
+
 def spec(channel: str | Channel) -> ChannelSpec:
     """The facts of ``channel``; KeyError naming the known channels when it is none of them."""
     try:
-        return CHANNELS[Channel(str(getattr(channel, "value", channel)).strip().lower())]
-    except ValueError:
-        raise KeyError(f"unknown channel {channel!r} (expected one of {', '.join(CHANNELS)})") from None
+        facts = _BY_NAME.get(channel)  # type: ignore[call-overload]
+    except TypeError:  # unhashable: not a channel name
+        facts = None
+    if facts is not None:
+        return facts
+    facts = _BY_NAME.get(str(getattr(channel, "value", channel)).strip().lower())
+    if facts is None:
+        raise KeyError(f"unknown channel {channel!r} (expected one of {', '.join(CHANNELS)})")
+    return facts
 
 
 def at_most_once(channel: str | Channel) -> bool:
