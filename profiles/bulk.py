@@ -1,9 +1,17 @@
-"""Driver-level bulk inserts for the high-volume tables (events, identities, carts, orders, rejections).
+"""Driver-level bulk writes for the high-volume tables (events, identities, customers, carts, orders).
 
 SQLAlchemy's per-parameter processing cost more than the database's own insert work at ingest volumes,
 so rows are serialised here once (JSON with orjson, timestamps in each backend's form) and handed to
-the driver's ``executemany``. Only used for plain INSERTs of known columns; everything else goes through
-SQLAlchemy as usual.
+the driver below SQLAlchemy. Each backend gets the bulk path it is built for:
+
+- SQLite (in-process, no round trips): the driver's ``executemany`` of one prepared statement.
+- PostgreSQL: ``COPY ... FROM STDIN`` for inserts (psycopg 3 ``cursor.copy``) and one ``UPDATE ... FROM
+  jsonb_to_recordset(rows)`` for updates, so a batch of any size is one statement and one round trip
+  per table, instead of one statement per row that the server parses, plans and executes apart
+  (measured on 200,000 events: inserting them took 2.5 times the client's CPU and 1.6 times the
+  server's by ``executemany``).
+
+Only used for plain INSERTs and UPDATEs of known columns; everything else goes through SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import JSON, Table
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from profiles.db import UTCDateTime, sqlite_timestamp
@@ -97,7 +106,11 @@ def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) 
         connection.execute(table.insert(), list(rows))
         return
     sql, converters = _plan(table, columns, dialect)
-    _executemany(connection, sql, _driver_values(rows, columns, converters))
+    values = _driver_values(rows, columns, converters)
+    if dialect == "postgresql":
+        _copy(connection, table, columns, values)
+    else:
+        _executemany(connection, sql, values)
 
 
 def update_rows(session: Session, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
@@ -107,7 +120,18 @@ def update_rows(session: Session, table: Table, key: str, rows: Sequence[dict[st
         return
     columns = tuple(name for name in rows[0] if name != key)
     connection = session.connection()
-    sql, converters = _update_plan(table, columns, key, connection.dialect.name)
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        # One statement joins the table to the rows: a key given twice would update from either row,
+        # so the last one given wins, as it does when the rows are updated one after the other.
+        last = list({row[key]: row for row in rows}.values())
+        sql, timestamps = _recordset_update_plan(table, columns, key)
+        for name in timestamps:
+            for row in last:
+                aware(row[name])
+        execute_sql(session, sql, (orjson.dumps(last, option=orjson.OPT_NON_STR_KEYS).decode(),))
+        return
+    sql, converters = _update_plan(table, columns, key, dialect)
     _executemany(connection, sql, _driver_values(rows, (*columns, key), converters))
 
 
@@ -117,6 +141,9 @@ def insert_values(session: Session, table: Table, columns: tuple[str, ...], valu
     if not values:
         return
     connection = session.connection()
+    if connection.dialect.name == "postgresql":
+        _copy(connection, table, columns, values)
+        return
     sql, _ = _plan(table, columns, connection.dialect.name)
     _executemany(connection, sql, values)
 
@@ -127,6 +154,42 @@ def _executemany(connection: Any, sql: str, values: Sequence[tuple]) -> None:
         cursor.executemany(sql, values)
     finally:
         cursor.close()
+
+
+def _copy(connection: Any, table: Table, columns: Sequence[str], values: Sequence[tuple]) -> None:
+    """COPY rows in driver form into ``columns`` of ``table`` (PostgreSQL, text format: JSON arrives as
+    its text and the server parses it into jsonb, as it does for an INSERT's parameter). Constraints,
+    defaults and triggers apply as for INSERT: a duplicate key fails the statement the same way."""
+    quoted = ", ".join(f'"{name}"' for name in columns)
+    cursor = connection.connection.cursor()
+    try:
+        with cursor.copy(f'COPY "{table.name}" ({quoted}) FROM STDIN') as copy:
+            for row in values:
+                copy.write_row(row)
+    finally:
+        cursor.close()
+
+
+@lru_cache(maxsize=64)
+def _recordset_update_plan(table: Table, columns: tuple[str, ...], key: str) -> tuple[str, tuple[str, ...]]:
+    """PostgreSQL: one UPDATE of every row, the rows bound as one JSON array (written by orjson in C;
+    psycopg dumps array parameters value by value in Python, which cost more than the update itself)
+    that the server reads back into typed columns. Returns the SQL and the timestamp columns."""
+    dialect = postgresql.dialect()
+    names = (*columns, key)
+    record = ", ".join(f'"{name}" {table.c[name].type.compile(dialect=dialect)}' for name in names)
+    # A JSON null comes out of the record as SQL NULL: written back as JSON null, as an INSERT writes it.
+    assignments = ", ".join(
+        f'"{name}" = coalesce(v."{name}", \'null\'::jsonb)'
+        if isinstance(table.c[name].type, JSON)
+        else f'"{name}" = v."{name}"'
+        for name in columns
+    )
+    sql = (
+        f'UPDATE "{table.name}" SET {assignments} FROM jsonb_to_recordset(?::jsonb) AS v({record}) '
+        f'WHERE "{table.name}"."{key}" = v."{key}"'
+    )
+    return sql, tuple(name for name in names if isinstance(table.c[name].type, UTCDateTime))
 
 
 # --- Driver-level reads and set-based statements over a list of values.

@@ -7,14 +7,15 @@ queue on the busy timeout instead of failing half-way); PostgreSQL is reached th
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import JSON, Connection, DateTime, Engine, create_engine, event, text
+from sqlalchemy import JSON, Connection, DateTime, Engine, Table, create_engine, event, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -87,6 +88,55 @@ def sqlite_timestamp(value: datetime | None) -> str | None:
     if zone is not UTC:
         value = value.astimezone(UTC)
     return value.replace(tzinfo=None).isoformat(" ", "microseconds")
+
+
+# --- PostgreSQL: many values as one parameter ------------------------------------------------------------
+#
+# psycopg dumps a list parameter (an array) value by value in Python, and an ``executemany`` row by row:
+# for the 1,000-row statements of a tick that cost more of the process's time than the database's work.
+# These forms hand the server one text parameter instead, built in C (``str.join``, orjson), which the
+# server parses itself.
+
+_PG_DIALECT = postgresql.dialect()
+
+
+def pg_array_literal(values: Iterable[Any]) -> str:
+    """``values`` (ints or strings, None for NULL) as a PostgreSQL array literal (``{1,2}``,
+    ``{"a","b"}``): one text parameter to cast to the array type (``%s::bigint[]``)."""
+    values = list(values)
+    if all(type(value) is int for value in values):
+        return "{" + ",".join(map(str, values)) + "}"
+    return "{" + ",".join(map(_pg_array_element, values)) + "}"
+
+
+def _pg_array_element(value: Any) -> str:
+    if value is None:
+        return "NULL"
+    if type(value) is int:
+        return str(value)
+    if not isinstance(value, str):
+        raise TypeError(f"an array literal holds ints and strings, not {type(value).__name__}")
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def pg_recordset(table: Table, names: Sequence[str], alias: str = "v") -> str:
+    """``json_to_recordset(%s::json) AS v(v0 type, v1 type, ...)``: the rows of :func:`pg_json_rows`
+    (values of ``table``'s columns ``names``, in that order) as a relation to select, join or insert from.
+    ``%s`` is the JSON parameter. Rows that carry JSON documents are read as ``jsonb`` instead: each
+    document is then parsed once, not lexed as ``json`` and parsed again into its ``jsonb`` column (half
+    the server's time for a batch of outbox emails)."""
+    types = [table.c[name].type.compile(dialect=_PG_DIALECT) for name in names]
+    columns = ", ".join(f"{alias}{i} {column_type}" for i, column_type in enumerate(types))
+    kind = "jsonb" if any(isinstance(table.c[name].type, JSON) for name in names) else "json"
+    return f"{kind}_to_recordset(%s::{kind}) AS {alias}({columns})"
+
+
+def pg_json_rows(columns: Sequence[Sequence[Any]], alias: str = "v") -> str:
+    """Column-wise values as the JSON parameter of :func:`pg_recordset`: timestamps must be aware (they
+    travel as ISO 8601 with their offset), JSON columns' values as the documents themselves."""
+    keys = [f"{alias}{i}" for i in range(len(columns))]
+    rows = [dict(zip(keys, row, strict=True)) for row in zip(*columns, strict=True)]
+    return orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

@@ -4,6 +4,11 @@
 ``connectors.outbox.OutboxWriter``): the engine builds one per tick, ``OutboxRecorder(engine, clock=...)``,
 and hands it to ``connectors.get_connector(..., outbox=...)``. :func:`list_outbox` reads the table for
 ``omni outbox list``.
+
+Recording a batch is one statement on PostgreSQL: ``INSERT ... SELECT FROM json_to_recordset(%s) ON
+CONFLICT (delivery_id) DO NOTHING RETURNING delivery_id`` (the batch as one JSON parameter; a concurrent
+writer of the same delivery id waits for the other and skips it). On SQLite (in-process: no round trips
+to save, and executemany runs in C) the ids already recorded are read first and the new rows inserted.
 """
 
 from __future__ import annotations
@@ -17,9 +22,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from omni.core.clock import utcnow
-from profiles.bulk import insert_rows
-from profiles.db import session_scope
+from profiles.bulk import aware, insert_rows
+from profiles.db import pg_json_rows, pg_recordset, session_scope
 from profiles.models import OutboxMessage
+
+# The columns a recorder writes, in the order of its PostgreSQL statement.
+_COLUMNS = ("delivery_id", "channel", "customer_id", "recipient", "template", "subject", "body", "payload")
 
 
 class OutboxRecorder:
@@ -33,6 +41,11 @@ class OutboxRecorder:
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:
         """Insert the rows whose delivery id is not recorded yet; returns those delivery ids."""
         now = self.clock()
+        if not rows:
+            return set()
+        if self.engine.dialect.name == "postgresql":
+            with session_scope(self.engine) as session:
+                return _insert_new_pg(session, rows, now)
         try:
             return self._insert_new(rows, now)
         except IntegrityError:
@@ -51,14 +64,27 @@ class OutboxRecorder:
         return f"OutboxRecorder(database={self.engine.url.render_as_string(hide_password=True)!r})"
 
 
+def _insert_new_pg(session: Session, rows: Sequence[Mapping[str, Any]], now: datetime) -> set[str]:
+    """PostgreSQL: insert the rows whose delivery id is not recorded yet, in one statement; returns those
+    delivery ids."""
+    table = OutboxMessage.__table__
+    names = (*_COLUMNS, "sent_at")
+    columns = [[row[name] for row in rows] for name in _COLUMNS]
+    columns.append([aware(now)] * len(rows))
+    quoted = ", ".join(f'"{name}"' for name in names)
+    inserted = session.connection().exec_driver_sql(
+        f"INSERT INTO outbox ({quoted}) SELECT * FROM {pg_recordset(table, names)} "
+        "ON CONFLICT (delivery_id) DO NOTHING RETURNING delivery_id",
+        (pg_json_rows(columns),),
+    )
+    return {row[0] for row in inserted}
+
+
 def _recorded(session: Session, ids: list[str]) -> set[str]:
-    """The delivery ids among ``ids`` already in the outbox (one query, written for the driver)."""
+    """The delivery ids among ``ids`` already in the outbox (one query; on SQLite written for the
+    driver)."""
     connection = session.connection()
-    dialect = connection.dialect.name
-    if dialect == "postgresql":
-        query = "SELECT delivery_id FROM outbox WHERE delivery_id = ANY(%s::text[])"
-        return {row[0] for row in connection.exec_driver_sql(query, (ids,))}
-    if dialect == "sqlite":
+    if connection.dialect.name == "sqlite":
         query = f"SELECT delivery_id FROM outbox WHERE delivery_id IN ({', '.join('?' * len(ids))})"
         return {row[0] for row in connection.exec_driver_sql(query, tuple(ids))}
     table = OutboxMessage.__table__

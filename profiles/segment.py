@@ -262,21 +262,20 @@ def _parse_phone(value: str, default_region: str) -> str | None:
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
-_ZONES: dict[str, bool] = {}
-
-
 def valid_timezone(name: Any) -> str | None:
     if not isinstance(name, str) or not name or len(name) > 64:
         return None
-    known = _ZONES.get(name)
-    if known is None:
-        try:
-            ZoneInfo(name)
-            known = True
-        except (ZoneInfoNotFoundError, ValueError):
-            known = False
-        _ZONES[name] = known
-    return name if known else None
+    return name if _is_zone(name) else None
+
+
+@lru_cache(maxsize=4096)
+def _is_zone(name: str) -> bool:
+    # Bounded: the names come from the feed, and a feed can hold any number of different wrong ones.
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
 
 
 def derive_message_id(payload: dict) -> str:

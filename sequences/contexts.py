@@ -41,6 +41,7 @@ from omni.core.settings import Settings
 from profiles.models import Cart, Customer, Identity, IdentityKind, Order
 from profiles.stores import DAY_NAMES, DAYS, customer_stores, load_stores, stored_hours
 from profiles.timezones import customer_timezone_sql, with_home_store, zone
+from sequences.sql import Driver
 from sequences.unsubscribe import make_token, unsubscribe_secret, unsubscribe_url
 from templates.filters import add_utm
 from templates.rendering import (
@@ -247,20 +248,23 @@ def build_contexts(
     ]
     cart_columns = [carts_t.c[name] for name in CART_COLUMNS]
     order_columns = [orders_t.c[name] for name in ORDER_COLUMNS]
+    sql = Driver(session)
     for chunk in chunked(list(customer_ids)):
         customers = {
             r.id: r
             for r in session.execute(
                 select(*customer_columns)
                 .select_from(with_home_store(customers_t))
-                .where(customers_t.c.id.in_(chunk))
+                .where(sql.among(customers_t.c.id, chunk))
             ).all()
         }
         carts: dict[int, Any] = {}
         # The status is checked here, not in SQL: with "status = 'open'" SQLite would walk the (status,
         # updated_at) index through every open cart in the store instead of looking up these customers.
         for row in session.execute(
-            select(*cart_columns).where(carts_t.c.customer_id.in_(chunk)).order_by(carts_t.c.updated_at)
+            select(*cart_columns)
+            .where(sql.among(carts_t.c.customer_id, chunk))
+            .order_by(carts_t.c.updated_at)
         ).all():
             if row.status == "open":
                 carts[row.customer_id] = row  # the latest open cart wins
@@ -268,7 +272,7 @@ def build_contexts(
         for row in session.execute(
             select(*order_columns)
             .where(
-                orders_t.c.customer_id.in_(chunk),
+                sql.among(orders_t.c.customer_id, chunk),
                 orders_t.c.fulfillment == "pickup",
                 orders_t.c.status != "picked_up",
             )
@@ -286,7 +290,7 @@ def build_contexts(
             # device token in the store instead of looking up these customers).
             for row in session.execute(
                 select(identities_t.c.customer_id, identities_t.c.kind, identities_t.c.value)
-                .where(identities_t.c.customer_id.in_(chunk))
+                .where(sql.among(identities_t.c.customer_id, chunk))
                 .order_by(identities_t.c.created_at.desc(), identities_t.c.id.desc())
             ):
                 if row.kind == IdentityKind.DEVICE_TOKEN.value:

@@ -104,7 +104,9 @@ def keyset_after(at_column: Any, id_column: Any, after: tuple[datetime, int] | N
     if after is None:
         return literal(True)
     at, row_id = after
-    return or_(at_column > at, and_(at_column == at, id_column > row_id))
+    # "at_column >= at" is implied by the rest; written out, it bounds the scan of a (..., time) index
+    # to the rows not walked yet (within an OR, neither SQLite nor PostgreSQL take it as a range).
+    return and_(at_column >= at, or_(at_column > at, and_(at_column == at, id_column > row_id)))
 
 
 def sequence_names(session: Session, enrollment_ids: Iterable[int]) -> dict[int, str]:

@@ -66,6 +66,7 @@ from sequences.deliveries import (
 from sequences.effects import apply_effects
 from sequences.gate import Contact, DeliveryPolicy, Gate
 from sequences.reports import StepCounts, TickReport
+from sequences.shards import Shard
 from templates.rendering import RenderError
 
 
@@ -119,9 +120,9 @@ class _Due:
     sequence: str | None
 
 
-def dispatch_due(dispatcher: Dispatcher, *, campaign: str | None = None) -> int:
-    """Send every due pending delivery (or only ``campaign``'s), a batch at a time; returns how many were
-    resolved or postponed."""
+def dispatch_due(dispatcher: Dispatcher, *, campaign: str | None = None, shard: Shard | None = None) -> int:
+    """Send every due pending delivery (or only ``campaign``'s, or only those of ``shard``'s customers), a
+    batch at a time; returns how many were resolved or postponed."""
     deliveries = Delivery.__table__
     enrollments = Enrollment.__table__
     moved = 0
@@ -153,6 +154,7 @@ def dispatch_due(dispatcher: Dispatcher, *, campaign: str | None = None) -> int:
                     deliveries.c.next_attempt_at <= dispatcher.now,
                     keyset_after(deliveries.c.next_attempt_at, deliveries.c.id, after),
                     deliveries.c.campaign == campaign if campaign else literal(True),
+                    shard.owns(deliveries.c.customer_id) if shard else literal(True),
                 )
                 .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
                 .limit(dispatcher.policy.batch_size)

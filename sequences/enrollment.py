@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from omni.core.statuses import EnrollmentStatus
 from profiles.bulk import dialect_insert
+from profiles.db import refresh_statistics, stale_statistics
 from profiles.models import AudienceMembership, Customer, Enrollment, Event
 from sequences.definitions import SequenceDefinition
 from sequences.reports import TickReport
@@ -91,6 +92,7 @@ def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, rep
     )
     threshold = round(sequence.holdout_percent * 100)
     held = holdout_bucket_sql(entrants.c.customer_id, sequence.name) < threshold
+    enrolled = 0
     for status, condition in ((EnrollmentStatus.HOLDOUT, held), (EnrollmentStatus.ACTIVE, ~held)):
         if status is EnrollmentStatus.HOLDOUT and threshold == 0:
             continue
@@ -124,9 +126,16 @@ def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, rep
             .on_conflict_do_nothing()
             .returning(enrollments.c.id)
         ).all()
+        enrolled += len(created)
         report.written["enrollments"] += len(created)
         counts = report.sequences[sequence.name]
         if active:
             counts.enrolled += len(created)
         else:
             counts.held_out += len(created)
+    # A first tick after a bulk load enrolls everyone into a table whose statistics say it is empty, and
+    # the exits, the walk and the dispatch of this very tick plan on them: refresh them now, not at the
+    # end of the tick (nothing relies on autovacuum, which may be off).
+    stale = stale_statistics(session, {"enrollments": enrolled})
+    if stale:
+        refresh_statistics(session, stale)

@@ -138,6 +138,51 @@ class TickReport:
             "halted": dict(self.halted),
         }
 
+    def shard_dict(self) -> dict[str, Any]:
+        """What a shard of a tick hands back to the tick (JSON-safe, see :meth:`from_shard_dict`): the
+        counts and the rows written, not the list of messages sent (100,000 tuples for a large tick)."""
+        return {**self.as_dict(), "now": self.now.isoformat(), "written": dict(self.written)}
+
+    @classmethod
+    def from_shard_dict(cls, data: dict[str, Any]) -> TickReport:
+        now = data["now"]
+        report = cls(now=datetime.fromisoformat(now) if isinstance(now, str) else now)
+        report.audiences = dict(data.get("audiences") or {})
+        for name, values in (data.get("sequences") or {}).items():
+            sequence = report.sequences[name]
+            for key in ENTRY_COLUMNS:
+                setattr(sequence, key, values.get(key, 0))
+            sequence.exit_reasons.update(values.get("exit_reasons") or {})
+            for step, counts in (values.get("steps") or {}).items():
+                sequence.steps[step] = StepCounts(**counts)
+        for name, counts in (data.get("campaigns") or {}).items():
+            report.campaigns[name] = StepCounts(**counts)
+        report.halted.update(data.get("halted") or {})
+        report.written.update(data.get("written") or {})
+        return report
+
+    def merge(self, other: TickReport) -> None:
+        """Add what ``other`` (a shard of this tick) did to this report. The sequences and steps this report
+        lists keep their order; the audiences are the tick's own (built once, before the shards)."""
+        for name, theirs in other.sequences.items():
+            ours = self.sequences[name]
+            for key in ENTRY_COLUMNS:
+                setattr(ours, key, getattr(ours, key) + getattr(theirs, key))
+            ours.exit_reasons.update(theirs.exit_reasons)
+            for step, counts in theirs.steps.items():
+                _add_counts(ours.steps[step], counts)
+        for name, counts in other.campaigns.items():
+            _add_counts(self.campaigns[name], counts)
+        self.sent.extend(other.sent)
+        for channel, reason in other.halted.items():
+            self.halted.setdefault(channel, reason)
+        self.written.update(other.written)
+
+
+def _add_counts(into: StepCounts, counts: StepCounts) -> None:
+    for key, value in counts.as_dict().items():
+        setattr(into, key, getattr(into, key) + value)
+
 
 class DeliveryHalted(RuntimeError):
     """A channel could not send at all this tick (a revoked key, a provider down after retries): its
@@ -151,4 +196,21 @@ class DeliveryHalted(RuntimeError):
         super().__init__(
             f"nothing could be sent on {', '.join(sorted(report.halted))} ({reasons}); "
             "those deliveries stay due and go out once the cause is fixed"
+        )
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards of a sharded tick failed (a worker died, a database error): the other shards went on
+    and ``report`` holds what they and the tick's own stages did. What the failed shards left due goes out
+    on the next tick; deliveries they left ``sending`` are recovered then (never resent on an at-most-once
+    channel)."""
+
+    def __init__(self, report: TickReport, failures: dict[str, BaseException]) -> None:
+        self.report = report
+        self.failures = failures  # shard ("shard 2/4") -> what went wrong
+        count = len(failures)
+        reasons = "; ".join(f"{shard}: {exc}" for shard, exc in failures.items())
+        super().__init__(
+            f"{count} shard{'s' if count != 1 else ''} of the tick failed ({reasons}); what they left due "
+            "goes out on the next tick"
         )

@@ -15,6 +15,9 @@ Steps 4 and 5 repeat until nothing moves, so a tick that finds a send followed b
 completes both. Two ticks at once never double-send: the unique delivery row and the atomic claim
 decide who sends (the ``run-sequences`` deployment also has a concurrency limit of 1). A tick keeps
 nothing between calls: its definitions travel with it.
+
+With ``shards=n`` (PostgreSQL), steps 4 and 5 run per shard of the customers, in as many workers as the
+caller's ``run_shards`` spreads them over (:func:`run_shard`; the design is :mod:`sequences.shards`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from __future__ import annotations
 import time as time_module
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -46,13 +51,17 @@ from sequences.dispatch import Dispatcher, dispatch_due
 from sequences.enrollment import enroll
 from sequences.exits import exit_enrollments
 from sequences.gate import DeliveryPolicy
-from sequences.reports import DeliveryHalted, TickReport
+from sequences.reports import DeliveryHalted, ShardsFailed, TickReport
+from sequences.shards import Shard, ShardBusy, shard_count, shard_lease, walk_shard
 from sequences.walking import walk_due
 
 # Walk-then-dispatch rounds in one tick at most (each round moves every enrollment one send further).
 MAX_ROUNDS = 20
 
 Stage = Callable[[str, Callable[[], Any]], Any]
+# Runs the shards of a tick (each with :func:`run_shard`), wherever the caller runs work; returns per shard
+# its report, or what it raised (:class:`~sequences.shards.ShardBusy` when another worker holds it).
+ShardRunner = Callable[[list[Shard]], list[TickReport | BaseException]]
 
 
 class UnknownSequence(KeyError):
@@ -74,6 +83,8 @@ def run_tick(
     build: bool = True,
     connectors: Mapping[str, Connector] | None = None,
     stage: Stage | None = None,
+    shards: int = 1,
+    run_shards: ShardRunner | None = None,
 ) -> TickReport:
     """One tick of every sequence (or ``names``) at ``now``; see the module docstring.
 
@@ -86,95 +97,223 @@ def run_tick(
         connectors: connectors to use by channel instead of the configured ones.
         stage: runs each stage (``stage(name, fn)``); the ``run_sequences`` flow makes each a Prefect
             task. Default: call it.
+        shards: split walking and dispatching into this many shards of the customers (PostgreSQL; on
+            SQLite the tick runs as one shard). 1 (the default): the tick as it always ran.
+        run_shards: runs the shards (the ``run_sequences`` flow fans them out to Prefect workers).
+            Default: one thread per shard in this process, each on its own connections.
     """
     stage = stage or (lambda _name, fn: fn())
-    policy = policy or DeliveryPolicy.from_settings(settings)
-    audience_definitions = load_audiences(settings.audiences_dir)
-    all_sequences = (
-        dict(sequences)
-        if sequences is not None
-        else load_sequences(settings.sequences_dir, audiences=audience_definitions)
+    tick = _TickSetup.load(
+        now=now,
+        settings=settings,
+        names=names,
+        policy=policy,
+        sequences=sequences,
+        campaigns=campaigns,
     )
-    selected = {name: all_sequences[name] for name in (names or all_sequences) if name in all_sequences}
-    missing = [name for name in (names or ()) if name not in all_sequences]
-    if missing:
-        raise UnknownSequence(missing[0], sorted(all_sequences))
-    report = TickReport(now=now)
-    for name, sequence in selected.items():
-        report.sequences[name]  # noqa: B018 - every selected sequence appears in the report
-        for step in sequence.steps:  # every selected sequence and send step appears, in the sequence's order
-            if isinstance(step, SendStep):
-                report.sequences[name].steps[step.id]  # noqa: B018
+    report = tick.new_report()
     if build:
-        needed = sorted({s.trigger_audience for s in selected.values() if s.trigger_audience})
+        needed = sorted({s.trigger_audience for s in tick.selected.values() if s.trigger_audience})
         if needed:
             built = stage(
                 "build-audiences",
-                lambda: build_audiences(engine, names=needed, now=now, definitions=audience_definitions),
+                lambda: build_audiences(engine, names=needed, now=now, definitions=tick.audience_definitions),
             )
             report.audiences = {name: result.as_dict() for name, result in built.items()}
-    dispatcher = Dispatcher(
-        engine=engine,
-        now=now,
-        settings=settings,
-        policy=policy,
-        sequences=all_sequences,
-        campaigns=campaigns if campaigns is not None else load_campaigns(settings.campaigns_dir),
-        report=report,
-        retry_policy=retry_policy,
-        sleep=sleep,
-        connectors=dict(connectors or {}),
-        walked=frozenset(selected),
+    count = shard_count(engine, shards)
+    if count > 1:
+        _run_sharded(
+            engine,
+            stage,
+            tick,
+            report,
+            count,
+            run_shards=run_shards,
+            retry_policy=retry_policy,
+            sleep=sleep,
+            connectors=connectors,
+        )
+        return report
+    dispatcher = tick.dispatcher(
+        engine, report, retry_policy=retry_policy, sleep=sleep, connectors=connectors
     )
     try:
         with frozen_heap():
-            _run_stages(stage, dispatcher, selected, audience_definitions=audience_definitions)
+            _once_per_tick(stage, engine, tick, report)
+            _walk_and_dispatch(stage, dispatcher, tick)
+            _finish(stage, engine, report)
     finally:
         dispatcher.close()
     return report
 
 
-def _run_stages(
-    stage: Stage,
-    dispatcher: Dispatcher,
-    selected: Mapping[str, SequenceDefinition],
+def run_shard(
+    engine: Engine,
     *,
-    audience_definitions: Mapping[str, Any],
-) -> None:
-    """Steps 2 to 5 of a tick (see the module docstring), each through ``stage``."""
-    engine, now, policy, report = dispatcher.engine, dispatcher.now, dispatcher.policy, dispatcher.report
-    settings = dispatcher.settings
+    shard: Shard,
+    now: datetime,
+    settings: Settings,
+    names: Sequence[str] | None = None,
+    policy: DeliveryPolicy | None = None,
+    retry_policy: RetryPolicy | None = None,
+    sleep: Callable[[float], None] = time_module.sleep,
+    sequences: Mapping[str, SequenceDefinition] | None = None,
+    campaigns: Mapping[str, CampaignDefinition] | None = None,
+    connectors: Mapping[str, Connector] | None = None,
+    stage: Stage | None = None,
+) -> TickReport:
+    """The per-shard part of a tick at ``now`` (walking and dispatching, round after round) for the
+    customers of ``shard``, under its lease; returns what this shard did. Raises
+    :class:`~sequences.shards.ShardBusy` at once when another worker holds the shard. A channel that
+    halted is in ``report.halted`` (the tick fails on it once all shards are back)."""
+    stage = stage or (lambda _name, fn: fn())
+    tick = _TickSetup.load(
+        now=now, settings=settings, names=names, policy=policy, sequences=sequences, campaigns=campaigns
+    )
+    report = tick.new_report()
+    with shard_lease(engine, shard):
+        dispatcher = tick.dispatcher(
+            engine, report, retry_policy=retry_policy, sleep=sleep, connectors=connectors
+        )
+        try:
+            with frozen_heap():
+                _walk_and_dispatch(stage, dispatcher, tick, shard=shard)
+        finally:
+            dispatcher.close()
+    return report
+
+
+@dataclass(frozen=True)
+class _TickSetup:
+    """What a tick (or a shard of it) runs on, loaded once: the policy and the definitions."""
+
+    now: datetime
+    settings: Settings
+    policy: DeliveryPolicy
+    audience_definitions: Mapping[str, Any]
+    sequences: Mapping[str, SequenceDefinition]  # every sequence (deliveries of any may be due)
+    selected: Mapping[str, SequenceDefinition]  # the sequences this tick walks
+    campaigns: Mapping[str, CampaignDefinition]
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        now: datetime,
+        settings: Settings,
+        names: Sequence[str] | None,
+        policy: DeliveryPolicy | None,
+        sequences: Mapping[str, SequenceDefinition] | None,
+        campaigns: Mapping[str, CampaignDefinition] | None,
+    ) -> _TickSetup:
+        audience_definitions = load_audiences(settings.audiences_dir)
+        all_sequences = (
+            dict(sequences)
+            if sequences is not None
+            else load_sequences(settings.sequences_dir, audiences=audience_definitions)
+        )
+        missing = [name for name in (names or ()) if name not in all_sequences]
+        if missing:
+            raise UnknownSequence(missing[0], sorted(all_sequences))
+        return cls(
+            now=now,
+            settings=settings,
+            policy=policy or DeliveryPolicy.from_settings(settings),
+            audience_definitions=audience_definitions,
+            sequences=all_sequences,
+            selected={name: all_sequences[name] for name in (names or all_sequences)},
+            campaigns=campaigns if campaigns is not None else load_campaigns(settings.campaigns_dir),
+        )
+
+    def new_report(self) -> TickReport:
+        """An empty report listing every selected sequence and its send steps, in the sequence's order."""
+        report = TickReport(now=self.now)
+        for name, sequence in self.selected.items():
+            report.sequences[name]  # noqa: B018 - every selected sequence appears in the report
+            for step in sequence.steps:
+                if isinstance(step, SendStep):
+                    report.sequences[name].steps[step.id]  # noqa: B018
+        return report
+
+    def dispatcher(
+        self,
+        engine: Engine,
+        report: TickReport,
+        *,
+        retry_policy: RetryPolicy | None,
+        sleep: Callable[[float], None],
+        connectors: Mapping[str, Connector] | None,
+    ) -> Dispatcher:
+        return Dispatcher(
+            engine=engine,
+            now=self.now,
+            settings=self.settings,
+            policy=self.policy,
+            sequences=self.sequences,
+            campaigns=self.campaigns,
+            report=report,
+            retry_policy=retry_policy,
+            sleep=sleep,
+            connectors=dict(connectors or {}),
+            walked=frozenset(self.selected),
+        )
+
+
+def _once_per_tick(stage: Stage, engine: Engine, tick: _TickSetup, report: TickReport) -> None:
+    """Steps 2 and 3 of a tick (see the module docstring), each through ``stage``."""
+    now, policy, settings = tick.now, tick.policy, tick.settings
 
     def recover() -> None:
         with session_scope(engine) as session:
-            recover_interrupted(
-                session, now=now, policy=policy, report=report, sequences=dispatcher.sequences
-            )
+            recover_interrupted(session, now=now, policy=policy, report=report, sequences=tick.sequences)
 
     def enroll_and_exit(sequence: SequenceDefinition) -> None:
         with session_scope(engine) as session:
             enroll(session, sequence, now=now, report=report)
             exit_enrollments(session, sequence, now=now, report=report, settings=settings)
 
+    stage("recover-interrupted", recover)
+    for sequence in tick.selected.values():
+        stage(f"enroll-and-exit-{sequence.name.replace('_', '-')}", lambda s=sequence: enroll_and_exit(s))
+
+
+def _walk_and_dispatch(
+    stage: Stage, dispatcher: Dispatcher, tick: _TickSetup, *, shard: Shard | None = None
+) -> None:
+    """Steps 4 and 5 of a tick (of one shard), round after round until nothing moves."""
+    engine, now, policy, report = dispatcher.engine, tick.now, tick.policy, dispatcher.report
+
     def walk() -> int:
+        if shard is not None:
+            return walk_shard(
+                engine,
+                tick.selected,
+                shard,
+                now=now,
+                policy=policy,
+                report=report,
+                audience_definitions=tick.audience_definitions,
+                settings=tick.settings,
+            )
         return walk_due(
             engine,
-            selected,
+            tick.selected,
             now=now,
             policy=policy,
             report=report,
-            audience_definitions=audience_definitions,
-            settings=settings,
+            audience_definitions=tick.audience_definitions,
+            settings=tick.settings,
         )
 
-    stage("recover-interrupted", recover)
-    for sequence in selected.values():
-        stage(f"enroll-and-exit-{sequence.name.replace('_', '-')}", lambda s=sequence: enroll_and_exit(s))
     for _ in range(MAX_ROUNDS):
         walked = stage("advance-enrollments", walk)
-        dispatched = stage("dispatch-deliveries", lambda: dispatch_due(dispatcher))
+        dispatched = stage("dispatch-deliveries", lambda: dispatch_due(dispatcher, shard=shard))
         if not walked and not dispatched:
             break
+
+
+def _finish(stage: Stage, engine: Engine, report: TickReport) -> None:
+    """The end of a tick: fresh statistics when it wrote a lot; failed when a channel halted."""
     stale = stale_statistics(engine, report.written)
     if stale:
         # A tick that enrolled or sent to many customers changes the tables the next one plans on.
@@ -182,6 +321,62 @@ def _run_stages(
     if report.halted:
         # Everything else in the tick went on; the stage that could not send ends failed with the reason.
         stage("dispatch-deliveries", lambda: _raise(DeliveryHalted(report)))
+
+
+def _run_sharded(
+    engine: Engine,
+    stage: Stage,
+    tick: _TickSetup,
+    report: TickReport,
+    count: int,
+    *,
+    run_shards: ShardRunner | None,
+    retry_policy: RetryPolicy | None,
+    sleep: Callable[[float], None],
+    connectors: Mapping[str, Connector] | None,
+) -> None:
+    """A tick in ``count`` shards: its own stages once, the shards (``run_shards``), their reports added up
+    into ``report``, then the end of the tick once."""
+    _once_per_tick(stage, engine, tick, report)
+    stale = stale_statistics(engine, report.written)
+    if stale:
+        # The shards plan on the enrollments the tick just created: with statistics taken before them, every
+        # worker would repeat the same bad plan.
+        stage("refresh-statistics", lambda: refresh_statistics(engine, stale))
+
+    def in_threads(shards: list[Shard]) -> list[TickReport | BaseException]:
+        def one(shard: Shard) -> TickReport | BaseException:
+            try:
+                return run_shard(
+                    engine,
+                    shard=shard,
+                    now=tick.now,
+                    settings=tick.settings,
+                    names=list(tick.selected),
+                    policy=tick.policy,
+                    retry_policy=retry_policy,
+                    sleep=sleep,
+                    sequences=tick.sequences,
+                    campaigns=tick.campaigns,
+                    connectors=connectors,
+                )
+            except Exception as exc:  # noqa: BLE001 - handed back: the other shards go on
+                return exc
+
+        with ThreadPoolExecutor(max_workers=len(shards), thread_name_prefix="omni-shard") as pool:
+            return list(pool.map(one, shards))
+
+    shards = Shard.all(count)
+    outcomes = (run_shards or in_threads)(shards)
+    failures: dict[str, BaseException] = {}
+    for shard, outcome in zip(shards, outcomes, strict=True):
+        if isinstance(outcome, TickReport):
+            report.merge(outcome)
+        elif not isinstance(outcome, ShardBusy):  # busy: its holder works on it; the next tick sees the rest
+            failures[str(shard)] = outcome
+    _finish(stage, engine, report)
+    if failures:
+        stage("dispatch-shards", lambda: _raise(ShardsFailed(report, failures)))
 
 
 def _raise(exc: BaseException) -> None:

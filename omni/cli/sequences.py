@@ -156,11 +156,19 @@ def sequences_run(
     database_url: DatabaseUrlOption = None,
     json: JsonOption = False,
     now: NowOption = None,
+    shards: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Walk and send in this many shards of the customers at once, one thread each "
+            "(PostgreSQL; SQLite always runs one).",
+        ),
+    ] = 1,
 ) -> None:
     """Run one tick now (what the run-sequences deployment does every 5 minutes), without Prefect."""
     from connectors import ConnectorConfigError
     from flows.common import load_settings
-    from sequences.reports import DeliveryHalted
+    from sequences.reports import DeliveryHalted, ShardsFailed
     from sequences.tick import UnknownSequence, run_tick
 
     settings = load_settings()
@@ -169,12 +177,14 @@ def sequences_run(
     engine = open_store(database_url)
     halted = None
     try:
-        report = run_tick(engine, now=at, settings=settings, names=names or None, sequences=definitions)
+        report = run_tick(
+            engine, now=at, settings=settings, names=names or None, sequences=definitions, shards=shards
+        )
     except UnknownSequence as exc:
         raise BadInput(str(exc)) from None
     except ConnectorConfigError as exc:
         raise Failure(f"connector not configured: {exc}") from None
-    except DeliveryHalted as exc:  # the rest of the tick ran: show it, then fail
+    except (DeliveryHalted, ShardsFailed) as exc:  # the rest of the tick ran: show it, then fail
         report, halted = exc.report, exc
     if json:
         print_json(report.as_dict())
