@@ -285,3 +285,14 @@ def test_a_long_run_refreshes_the_statistics_between_transactions(fresh_engine):
     # Checked after the first transaction, then each time the payloads read double.
     assert {"events", "customers", "identities", "carts", "orders"} <= seen[1]
     assert {"events", "customers", "identities"} <= analyzed_tables(fresh_engine)
+
+
+def test_the_timezone_names_remembered_are_bounded_whatever_the_feed_holds():
+    """A feed can carry any number of different wrong timezone names: validating them keeps a fixed
+    number in memory, not one per name."""
+    from profiles.segment import _is_zone, valid_timezone
+
+    for i in range(5000):
+        assert valid_timezone(f"Mars/Crater_{i}") is None
+    assert valid_timezone("Europe/Lisbon") == "Europe/Lisbon"
+    assert _is_zone.cache_info().currsize <= _is_zone.cache_info().maxsize == 4096
