@@ -118,12 +118,23 @@ def unreachable_reason(channel: str, *, has_address: bool, consent_status: str |
 OPTED_OUT = ConsentStatus.OPTED_OUT.value
 
 
+# --- precedence: which of two decisions stands -----------------------------------------------------------
+# The newest by the time it was made; at the same time, an opt-out. Written here twice, once per form:
+# for one decision against the recorded one (ingest, ``omni consent set``), and as the ORDER BY that ranks
+# many at once (merging customers, ``profiles.identity``).
+
+
 def _supersedes(decision: ConsentDecision, status: str, at: datetime) -> bool:
     """Whether ``decision`` replaces a recorded ``status`` made at ``at``: it is newer, or as new and
     an opt-out (an opt-out wins a tie)."""
     if decision.at != at:
         return decision.at > at
     return decision.status == OPTED_OUT or status != OPTED_OUT
+
+
+def precedence_order_sql(alias: str) -> str:
+    """SQL ORDER BY terms ranking the ``consents`` rows ``alias`` by precedence, the standing one first."""
+    return f"{alias}.updated_at DESC, CASE WHEN {alias}.status = '{OPTED_OUT}' THEN 0 ELSE 1 END"
 
 
 def apply_consents(

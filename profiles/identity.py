@@ -29,7 +29,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from omni.core.batching import chunked
-from omni.core.statuses import ConsentStatus
 from profiles.bulk import (
     delete_in,
     dialect_of,
@@ -39,10 +38,10 @@ from profiles.bulk import (
     list_param,
     read_json,
     read_timestamp,
-    sql_string,
     timestamp_param,
     update_rows,
 )
+from profiles.consent import precedence_order_sql
 from profiles.models import (
     Customer,
     Identity,
@@ -317,11 +316,9 @@ def _drop_superseded_consents(session: Session, groups: dict[int, list[int]]) ->
     members = [
         (customer, survivor) for survivor, losers in groups.items() for customer in (survivor, *losers)
     ]
-    opted_out = sql_string(ConsentStatus.OPTED_OUT.value)
     ranked = (
         "SELECT c.id AS id, ROW_NUMBER() OVER (PARTITION BY m.survivor, c.channel "
-        "ORDER BY c.updated_at DESC, "
-        f"CASE WHEN c.status = {opted_out} THEN 0 ELSE 1 END, "
+        f"ORDER BY {precedence_order_sql('c')}, "
         "CASE WHEN c.customer_id = m.survivor THEN 0 ELSE 1 END, c.id) AS standing "
         f"FROM {_mapping(dialect, ('member', 'survivor'))} CROSS JOIN consents AS c "
         "WHERE c.customer_id = m.member"
