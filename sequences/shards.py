@@ -16,7 +16,8 @@ would only queue behind each other's locks.
   statistics when those stages changed enough rows, so that no worker plans on tables as they were
   before the tick enrolled thousands of customers;
 - per shard, in any number of workers at once (:func:`sequences.tick.run_shard`): walking due
-  enrollments (:func:`walk_shard`) and dispatching due deliveries (``dispatch_due(..., shard=...)``),
+  enrollments (``walk_due(..., shard=...)``) and dispatching due deliveries
+  (``dispatch_due(..., shard=...)``),
   round after round until nothing moves, as a one-shard tick does: the part that grows with the
   messages sent, renders templates and calls providers;
 - once, after the shards: the planner's statistics (:func:`profiles.db.refresh_statistics`) when the
@@ -50,23 +51,12 @@ report it started with the audiences, enrollments and exits (``TickReport.merge`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, func, select
-
-from omni.core.settings import Settings
-from omni.core.statuses import EnrollmentStatus
-from profiles.db import session_scope
-from profiles.models import Enrollment
-from sequences.definitions import SequenceDefinition
-from sequences.deliveries import keyset_after
-from sequences.gate import DeliveryPolicy
-from sequences.reports import TickReport
-from sequences.walking import _walk_batch
 
 # The first key of a shard's advisory lock: "om" and the number of shards (the second key is the shard).
 _LEASE_NAMESPACE = 0x6F6D0000
@@ -137,59 +127,3 @@ def shard_lease(engine: Engine, shard: Shard) -> Iterator[None]:
             except Exception:
                 raw.invalidate()  # a connection that may still hold the lock never goes back to the pool
                 raise
-
-
-def walk_shard(
-    engine: Engine,
-    sequences: Mapping[str, SequenceDefinition],
-    shard: Shard,
-    *,
-    now: datetime,
-    policy: DeliveryPolicy,
-    report: TickReport,
-    audience_definitions: Mapping[str, Any],
-    settings: Settings,
-) -> int:
-    """:func:`sequences.walking.walk_due` for the customers of ``shard``: their due enrollments, a batch at
-    a time, each batch read ``FOR UPDATE ... SKIP LOCKED`` on PostgreSQL and walked in the transaction
-    that locked it. Returns how many moved."""
-    enrollments = Enrollment.__table__
-    postgres = engine.dialect.name == "postgresql"
-    moved = 0
-    after: tuple[datetime, int] | None = None
-    while True:
-        with session_scope(engine) as session:
-            query = (
-                select(
-                    enrollments.c.id,
-                    enrollments.c.sequence,
-                    enrollments.c.customer_id,
-                    enrollments.c.step_index,
-                    enrollments.c.next_run_at,
-                )
-                .where(
-                    enrollments.c.sequence.in_(list(sequences)),
-                    enrollments.c.status == EnrollmentStatus.ACTIVE.value,
-                    enrollments.c.next_run_at <= now,
-                    shard.owns(enrollments.c.customer_id),
-                    keyset_after(enrollments.c.next_run_at, enrollments.c.id, after),
-                )
-                .order_by(enrollments.c.next_run_at, enrollments.c.id)
-                .limit(policy.batch_size)
-            )
-            if postgres:
-                query = query.with_for_update(skip_locked=True, of=enrollments)
-            rows = session.execute(query).all()
-            if not rows:
-                return moved
-            after = (rows[-1].next_run_at, rows[-1].id)
-            moved += _walk_batch(
-                session,
-                rows,
-                sequences,
-                now=now,
-                policy=policy,
-                report=report,
-                audience_definitions=audience_definitions,
-                settings=settings,
-            )

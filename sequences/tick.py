@@ -52,7 +52,7 @@ from sequences.enrollment import enroll
 from sequences.exits import exit_enrollments
 from sequences.gate import DeliveryPolicy
 from sequences.reports import DeliveryHalted, ShardsFailed, TickReport
-from sequences.shards import Shard, ShardBusy, shard_count, shard_lease, walk_shard
+from sequences.shards import Shard, ShardBusy, shard_count, shard_lease
 from sequences.walking import walk_due
 
 # Walk-then-dispatch rounds in one tick at most (each round moves every enrollment one send further).
@@ -284,17 +284,6 @@ def _walk_and_dispatch(
     engine, now, policy, report = dispatcher.engine, tick.now, tick.policy, dispatcher.report
 
     def walk() -> int:
-        if shard is not None:
-            return walk_shard(
-                engine,
-                tick.selected,
-                shard,
-                now=now,
-                policy=policy,
-                report=report,
-                audience_definitions=tick.audience_definitions,
-                settings=tick.settings,
-            )
         return walk_due(
             engine,
             tick.selected,
@@ -303,6 +292,7 @@ def _walk_and_dispatch(
             report=report,
             audience_definitions=tick.audience_definitions,
             settings=tick.settings,
+            shard=shard,
         )
 
     for _ in range(MAX_ROUNDS):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime, time, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Engine, select
@@ -28,6 +28,9 @@ from sequences.deliveries import advance, insert_new, keyset_after, new_delivery
 from sequences.gate import DeliveryPolicy
 from sequences.reports import TickReport
 from sequences.sql import Driver
+
+if TYPE_CHECKING:  # sequences.shards builds on this module
+    from sequences.shards import Shard
 
 
 def next_local_time(after: datetime, at: time, customer_zone: ZoneInfo) -> datetime:
@@ -48,14 +51,20 @@ def walk_due(
     report: TickReport,
     audience_definitions: Mapping[str, Any],
     settings: Settings,
+    shard: Shard | None = None,
 ) -> int:
-    """Advance every due enrollment of ``sequences`` as far as it can go now; returns how many moved."""
+    """Advance every due enrollment of ``sequences`` (of the customers of ``shard``, when given) as far as
+    it can go now; returns how many moved.
+
+    A shard's batches are read ``FOR UPDATE ... SKIP LOCKED`` on PostgreSQL and walked in the transaction
+    that locked them: another worker, or an overlapping tick, skips what this one holds."""
     enrollments = Enrollment.__table__
+    lock_rows = shard is not None and engine.dialect.name == "postgresql"
     moved = 0
     after: tuple[datetime, int] | None = None
     while True:
         with session_scope(engine) as session:
-            rows = session.execute(
+            query = (
                 select(
                     enrollments.c.id,
                     enrollments.c.sequence,
@@ -67,11 +76,15 @@ def walk_due(
                     enrollments.c.sequence.in_(list(sequences)),
                     enrollments.c.status == EnrollmentStatus.ACTIVE.value,
                     enrollments.c.next_run_at <= now,
+                    *([shard.owns(enrollments.c.customer_id)] if shard is not None else []),
                     keyset_after(enrollments.c.next_run_at, enrollments.c.id, after),
                 )
                 .order_by(enrollments.c.next_run_at, enrollments.c.id)
                 .limit(policy.batch_size)
-            ).all()
+            )
+            if lock_rows:
+                query = query.with_for_update(skip_locked=True, of=enrollments)
+            rows = session.execute(query).all()
             if not rows:
                 return moved
             after = (rows[-1].next_run_at, rows[-1].id)
