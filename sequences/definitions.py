@@ -120,6 +120,13 @@ def fallback_template(fallback: str, template: str | None, given: str | None) ->
 # --- steps ------------------------------------------------------------------------------------------
 
 
+def fallback_on_another_channel(value: str | None, info: ValidationInfo) -> str | None:
+    """A send's fallback channel is not the channel it falls back from (steps and campaigns alike)."""
+    if value is not None and value == info.data.get("channel"):
+        raise ValueError("the fallback is the same channel")
+    return value
+
+
 class Send(DefinitionModel):
     """The ``send`` of a step as written: a template of the channel's folder (a channel that syncs an
     audience names the audience instead), and an optional fallback channel and its template."""
@@ -148,12 +155,7 @@ class Send(DefinitionModel):
             raise ValueError(f"an {channel} step names the ad audience")
         return value
 
-    @field_validator("fallback")
-    @classmethod
-    def _other_channel(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and value == info.data.get("channel"):
-            raise ValueError("the fallback is the same channel")
-        return value
+    _other_channel = field_validator("fallback")(fallback_on_another_channel)
 
     @field_validator("fallback_template")
     @classmethod
@@ -349,12 +351,7 @@ class Campaign(DefinitionModel):
         channel = info.data.get("channel")
         return value if channel is None else template_of(channel, value)
 
-    @field_validator("fallback")
-    @classmethod
-    def _other_channel(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and value == info.data.get("channel"):
-            raise ValueError("the fallback is the same channel")
-        return value
+    _other_channel = field_validator("fallback")(fallback_on_another_channel)
 
 
 class CampaignDefinition(Campaign):

@@ -91,6 +91,24 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+@pytest.fixture(params=BACKENDS)
+def fresh_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """A store migrated just now, never analyzed (a fresh PostgreSQL database, not the shared one)."""
+    if request.param == "sqlite":
+        engine = create_store_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
+        upgrade_schema(engine)
+        yield engine
+        engine.dispose()
+        return
+    if not PG_URL:
+        pytest.skip("OMNI_TEST_DATABASE_URL is not set")
+    with scratch_database(PG_URL, prefix="omni_test") as url:
+        engine = create_store_engine(url)
+        upgrade_schema(engine)
+        yield engine
+        engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
     """A temporary Prefect API for the whole run, started on first use (about 10 s)."""

@@ -250,24 +250,6 @@ def analyzed_tables(engine) -> set[str]:
         }
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
-def fresh_engine(request, tmp_path):
-    """A store migrated just now and never analyzed."""
-    if request.param == "sqlite":
-        engine = create_store_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
-        upgrade_schema(engine)
-        yield engine
-        engine.dispose()
-        return
-    if not PG_URL:
-        pytest.skip("OMNI_TEST_DATABASE_URL is not set")
-    with scratch_database(PG_URL, prefix="omni_test") as url:
-        engine = create_store_engine(url)
-        upgrade_schema(engine)
-        yield engine
-        engine.dispose()
-
-
 def test_a_long_run_refreshes_the_statistics_between_transactions(fresh_engine):
     """The lookups of the later batches of a run plan on statistics of what the earlier ones wrote (on a
     server with autovacuum off nothing else takes them), and only a few times a run."""

@@ -10,12 +10,9 @@ import pytest
 from sqlalchemy import text
 
 from profiles.db import (
-    create_store_engine,
     refresh_statistics,
-    scratch_database,
     session_scope,
     stale_statistics,
-    upgrade_schema,
 )
 from profiles.ingest import ingest_payloads
 
@@ -64,24 +61,6 @@ def analyzed(engine) -> dict[str, float]:
             )
             if last is not None and reltuples >= 0
         }
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
-def fresh_engine(request, tmp_path):
-    """A store migrated just now, never analyzed (a fresh PostgreSQL database, not the shared one)."""
-    if request.param == "sqlite":
-        engine = create_store_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
-        upgrade_schema(engine)
-        yield engine
-        engine.dispose()
-        return
-    if not PG_URL:
-        pytest.skip("OMNI_TEST_DATABASE_URL is not set")
-    with scratch_database(PG_URL, prefix="omni_test") as url:
-        engine = create_store_engine(url)
-        upgrade_schema(engine)
-        yield engine
-        engine.dispose()
 
 
 def test_an_ingest_into_a_fresh_store_refreshes_the_statistics_of_the_tables_it_changed(fresh_engine):

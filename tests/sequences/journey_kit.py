@@ -150,3 +150,29 @@ def cart_campaign(tmp_path, monkeypatch, name: str = "cart_push") -> None:
     )
     monkeypatch.setenv("OMNI_CAMPAIGNS_DIR", str(folder))
     get_settings.cache_clear()
+
+
+def delivery(key: str, customer_id: int, **values) -> dict:
+    """A ``deliveries`` row of a campaign email, due at T0; ``values`` override its columns."""
+    row = {
+        "dedupe_key": key,
+        "enrollment_id": None,
+        "campaign": "c",
+        "step_id": "send",
+        "customer_id": customer_id,
+        "channel": "email",
+        "connector": "outbox",
+        "template": "email/x",
+        "ad_audience": None,
+        "action": None,
+        "status": "pending",
+        "attempts": 0,
+        "marketing": True,
+        "next_attempt_at": T0,
+        "created_at": T0,
+        "updated_at": T0,
+        "sent_at": None,
+        "error": None,
+    }
+    row.update(values)
+    return row

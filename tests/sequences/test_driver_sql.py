@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, timedelta
 
-from journey_kit import T0, customer, seed_stores
+from journey_kit import T0, customer, delivery, seed_stores
 from sqlalchemy import select
 
 from profiles.db import session_scope
@@ -13,31 +13,6 @@ from profiles.ingest import ingest_payloads
 from profiles.models import Delivery
 from sequences.gate import DeliveryPolicy, load_contacts, recent_messages
 from sequences.sql import Driver
-
-
-def delivery(key: str, customer_id: int, **values) -> dict:
-    row = {
-        "dedupe_key": key,
-        "enrollment_id": None,
-        "campaign": "c",
-        "step_id": "send",
-        "customer_id": customer_id,
-        "channel": "email",
-        "connector": "outbox",
-        "template": "email/x",
-        "ad_audience": None,
-        "action": None,
-        "status": "pending",
-        "attempts": 0,
-        "marketing": True,
-        "next_attempt_at": T0,
-        "created_at": T0,
-        "updated_at": T0,
-        "sent_at": None,
-        "error": None,
-    }
-    row.update(values)
-    return row
 
 
 def stored(engine) -> dict[str, dict]:

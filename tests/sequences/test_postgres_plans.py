@@ -9,7 +9,7 @@ import json
 from datetime import timedelta, timezone
 
 import pytest
-from journey_kit import T0, customer, seed_stores
+from journey_kit import T0, customer, delivery, seed_stores
 from sqlalchemy import event, select
 
 from profiles.db import pg_array_literal, refresh_statistics, session_scope, stale_statistics
@@ -22,31 +22,6 @@ from sequences.sql import Driver
 
 # Text that must survive any quoting: quotes, backslashes, JSON and array-literal punctuation, unicode.
 ODD = 'a "quoted" \\ back,slash {braces} [x] \' é 😀\nnew line\ttab NULL'
-
-
-def _delivery(key: str, customer_id: int, **values) -> dict:
-    row = {
-        "dedupe_key": key,
-        "enrollment_id": None,
-        "campaign": "c",
-        "step_id": "send",
-        "customer_id": customer_id,
-        "channel": "email",
-        "connector": "outbox",
-        "template": "email/x",
-        "ad_audience": None,
-        "action": None,
-        "status": "pending",
-        "attempts": 0,
-        "marketing": True,
-        "next_attempt_at": T0,
-        "created_at": T0,
-        "updated_at": T0,
-        "sent_at": None,
-        "error": None,
-    }
-    row.update(values)
-    return row
 
 
 def _statements(engine) -> list[str]:
@@ -62,7 +37,7 @@ def test_batch_statements_per_database_round_trip_odd_values(engine):
     later = (T0 + timedelta(hours=3, microseconds=7)).astimezone(timezone(timedelta(hours=-5)))
     with session_scope(engine) as session:
         sql = Driver(session)
-        assert sql.insert_ignore(Delivery.__table__, [_delivery(ODD, 1, error=ODD), _delivery("b", 1)]) == 2
+        assert sql.insert_ignore(Delivery.__table__, [delivery(ODD, 1, error=ODD), delivery("b", 1)]) == 2
     pg = engine.dialect.name == "postgresql"
     written = [s for s in statements if s.startswith('INSERT INTO "deliveries"')]
     assert len(written) == 1 and ("json_to_recordset" in written[0]) == pg
