@@ -205,9 +205,9 @@ def test_four_shard_workers_send_each_delivery_once_and_leave_nothing_due(engine
 @pytest.mark.postgresql
 @pytest.mark.xfail(
     strict=False,
-    reason="known bug (issue 15 note): about one run in four under load, two overlapping ticks with different "
-    "shard counts leave one enrolled customer of 2,699 unsent even after a follow-up tick; never a duplicate. "
-    "Production runs one tick at a time (run-sequences has a concurrency limit of 1).",
+    reason="known bug (issue 15 note): about one run in four under load, two overlapping ticks with "
+    "different shard counts leave one enrolled customer of 2,699 unsent even after a follow-up tick; never "
+    "a duplicate. Production runs one tick at a time (run-sequences has a concurrency limit of 1).",
 )
 def test_ticks_with_different_shard_counts_at_once_still_send_each_delivery_once(engine, monkeypatch):
     """Leases of 4 and of 3 shards do not exclude each other: the row claims (enrollments read FOR UPDATE
