@@ -395,4 +395,27 @@ class StoreMetadata(SQLModel, table=True):
     updated_at: datetime | None = _ts(nullable=False)
 
 
+class ApiKey(SQLModel, table=True):
+    """A key for ``omni serve``: ``write`` keys send events (each names the source its events come from),
+    ``read`` keys read profiles. Only the key's sha256 is stored; ``prefix`` (its first characters) names it
+    in listings."""
+
+    __tablename__ = "api_keys"
+
+    id: int | None = _id_column()
+    prefix: str = Field(sa_column=Column(String(16), nullable=False))
+    key_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    source: str = Field(sa_column=Column(String(100), nullable=False))
+    scope: str = Field(sa_column=Column(String(16), nullable=False))
+    created_at: datetime | None = _ts(nullable=False)
+    revoked_at: datetime | None = _ts()
+
+
+# (helper A: the intake table goes here)
+
+# (helper C: suppression / feedback tables go here)
+
+# (helper E: global control group table goes here)
+
+
 metadata = SQLModel.metadata

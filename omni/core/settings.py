@@ -160,6 +160,19 @@ class Settings(BaseSettings):
     )
     site_url: str = Field(default="https://shop.example.com", description="Shop URL for links in messages.")
     brand_name: str = Field(default="Omni Shop", description="Brand name shown in messages.")
+    # omni serve
+    server_host: str = Field(default="127.0.0.1", description="Address `omni serve` listens on.")
+    server_port: int = Field(default=8000, ge=1, le=65535, description="Port `omni serve` listens on.")
+    server_workers: int = Field(default=1, ge=1, description="Worker processes of `omni serve`.")
+    public_url: str | None = Field(
+        default=None,
+        description="The URL clients and providers reach `omni serve` at (behind a proxy); default: "
+        "http://<host>:<port>.",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins allowed to call the tracking API (analytics.js); none by default.",
+    )
 
     @field_validator("database_url")
     @classmethod
