@@ -73,15 +73,34 @@ class LimitExceeded(SecurityError):
 
 
 class Budget:
-    """What one render (all parts of a template, for one customer) may still spend."""
+    """What one render (all parts of a template, for one customer) may still spend.
 
-    __slots__ = ("deadline", "output", "output_limit", "seconds")
+    The time limit is on the CPU time of the rendering thread: wall-clock time also counts waiting for
+    the GIL or the CPU, which on a busy machine (several shard workers in one process, a garbage
+    collection) made well-behaved templates fail. ``deadline`` is a cheap wall-clock bound checked
+    first; when it passes, :meth:`out_of_time` reads the thread's CPU time and moves the deadline by the
+    time spent waiting."""
+
+    __slots__ = ("cpu_start", "deadline", "output", "output_limit", "seconds")
 
     def __init__(self, seconds: float, output_limit: int) -> None:
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
+        self.cpu_start = time.thread_time()
         self.output = 0
         self.output_limit = output_limit
+
+    def out_of_time(self) -> bool:
+        """Called once the wall-clock deadline passed: True when the render used up its CPU time."""
+        left = self.seconds - (time.thread_time() - self.cpu_start)
+        if left <= 0:
+            return True
+        self.deadline = time.monotonic() + left
+        return False
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline and self.out_of_time():
+            raise LimitExceeded("time", f"the render took longer than {self.seconds:g} s")
 
 
 BUDGET: ContextVar[Budget | None] = ContextVar("omni_render_budget", default=None)
@@ -89,8 +108,8 @@ BUDGET: ContextVar[Budget | None] = ContextVar("omni_render_budget", default=Non
 
 def _tick() -> None:
     budget = BUDGET.get()
-    if budget is not None and time.monotonic() > budget.deadline:
-        raise LimitExceeded("time", f"the render took longer than {budget.seconds:g} s")
+    if budget is not None:
+        budget.check_time()
 
 
 def _size(value: Any, limit: int) -> int:
@@ -289,10 +308,9 @@ def _guard_iter(iterable: Any) -> Iterator[Any]:
     if budget is None:
         yield from iterable
         return
-    deadline = budget.deadline
     for item in iterable:
-        if time.monotonic() > deadline:
-            raise LimitExceeded("time", f"the render took longer than {budget.seconds:g} s")
+        if time.monotonic() > budget.deadline:
+            budget.check_time()
         yield item
 
 
@@ -421,8 +439,8 @@ def _guard_filter(function: Any) -> Any:
     @wraps(function)  # keeps Jinja's pass_context / pass_eval_context marks
     def guarded(*args: Any, **kwargs: Any) -> Any:
         budget = BUDGET.get()
-        if budget is not None and time.monotonic() > budget.deadline:
-            raise LimitExceeded("time", f"the render took longer than {budget.seconds:g} s")
+        if budget is not None:
+            budget.check_time()
         for value in args:
             if type(value) not in _SCALARS:
                 _check_value(value, "a filter's input")

@@ -13,7 +13,18 @@ import typer
 from omni.cli.common import GuardedGroup, set_debug
 
 # Command modules, in the order their commands are listed in `omni --help`.
-COMMAND_MODULES = ("store", "audiences", "sequences", "campaigns", "templates", "outbox", "demo")
+COMMAND_MODULES = (
+    "store",
+    "audiences",
+    "sequences",
+    "campaigns",
+    "templates",
+    "outbox",
+    "report",
+    "serve",
+    "keys",
+    "demo",
+)
 
 app = typer.Typer(
     name="omni",
