@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, exists, insert, not_, or_, select, true, update
+from sqlalchemy import ColumnElement, and_, bindparam, exists, false, insert, not_, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from omni.core.batching import chunked
-from omni.core.channels import CONSENT_CHANNELS, spec
+from omni.core.channels import CONSENT_CHANNELS, SEND_CHANNELS, spec
 from omni.core.statuses import ConsentStatus
-from profiles.models import Consent, Customer, Identity, IdentityKind
+from profiles.models import Consent, Customer, Identity, IdentityKind, Suppression
 from profiles.sqlexpr import has_text, in_set
 
 
@@ -43,8 +43,14 @@ class ConsentDecision:
 # Consent: a channel that needs an opt-in (SMS, push) is allowed only after one; the others (email, ads)
 # until the customer opts out; a channel without consent (webhook: operational, to another system) always.
 # Reachable: consent and the address the channel sends to (``omni.core.channels``: email address, phone
-# number, a device token, email or phone for ad matching). The audience compiler (``reachable`` and
-# ``consent`` conditions), the dispatcher and the renderer all read it from here.
+# number, a device token, email or phone for ad matching), unless that address is suppressed (a hard
+# bounce, ``profiles.suppression``: the address cannot receive, whoever holds it). The audience compiler
+# (``reachable`` and ``consent`` conditions), the dispatcher, the renderer and the profile API all read it
+# from here.
+
+# The address kinds a suppression applies to: those a channel sends a message to. Ads match on email or
+# phone and send nothing there, so a bounced address still matches.
+SUPPRESSIBLE = ("email", "phone")
 
 
 def is_allowed(channel: str, status: str | None) -> bool:
@@ -98,21 +104,71 @@ def has_address_sql(channel: str, customers: Any = None, *, per_customer: bool =
     return true()
 
 
-def reachable_sql(channel: str, customers: Any = None) -> ColumnElement:
-    """SQL: the customer (a row of ``customers``) can be messaged on ``channel``: address and consent."""
+def suppressed_sql(channel: str, customers: Any = None) -> ColumnElement:
+    """SQL: the address ``channel`` sends to (a row of ``customers``) is suppressed (a hard bounce)."""
     customers = Customer.__table__ if customers is None else customers
-    return and_(has_address_sql(channel, customers), consent_allowed_sql(channel, customers.c.id))
+    kind = spec(channel).address
+    if kind not in SUPPRESSIBLE:
+        return false()
+    table = Suppression.__table__
+    column = customers.c.email if kind == "email" else customers.c.phone
+    return in_set(column, select(table.c.address).where(table.c.kind == kind))
 
 
-def unreachable_reason(channel: str, *, has_address: bool, consent_status: str | None) -> str | None:
+def reachable_sql(channel: str, customers: Any = None) -> ColumnElement:
+    """SQL: the customer (a row of ``customers``) can be messaged on ``channel``: an address that is not
+    suppressed, and consent."""
+    customers = Customer.__table__ if customers is None else customers
+    return and_(
+        has_address_sql(channel, customers),
+        not_(suppressed_sql(channel, customers)),
+        consent_allowed_sql(channel, customers.c.id),
+    )
+
+
+def unreachable_reason(
+    channel: str, *, has_address: bool, consent_status: str | None, suppressed: bool = False
+) -> str | None:
     """Why a customer cannot be messaged on ``channel`` (None: they can), from what
-    :func:`has_address_sql` and the ``consents`` table said about them."""
+    :func:`has_address_sql`, :func:`suppressed_sql` and the ``consents`` table said about them."""
     facts = spec(channel)
     if not has_address:
         return facts.no_address
+    if suppressed:
+        return f"{facts.address} address suppressed (hard bounce)"
     if not is_allowed(channel, consent_status):
         return f"no {facts.name.value} consent ({consent_status or 'never opted in'})"
     return None
+
+
+def reachability_of(session: Session, customer_id: int) -> dict[str, str | None]:
+    """channel -> why one customer cannot be messaged on it (None: they can), for every channel: the rule
+    above, read in one statement (the profile API, the preference centre)."""
+    customers = Customer.__table__
+    columns = [
+        column
+        for channel in SEND_CHANNELS
+        for column in (
+            has_address_sql(channel, customers, per_customer=True).label(f"address_{channel}"),
+            suppressed_sql(channel, customers).label(f"suppressed_{channel}"),
+        )
+    ]
+    row = session.execute(select(*columns).where(customers.c.id == customer_id)).one_or_none()
+    if row is None:
+        return {channel: "no such customer" for channel in SEND_CHANNELS}
+    table = Consent.__table__
+    query = select(table.c.channel, table.c.status).where(table.c.customer_id == customer_id)
+    statuses = {channel: status for channel, status in session.execute(query)}
+    values = row._mapping
+    return {
+        channel: unreachable_reason(
+            channel,
+            has_address=bool(values[f"address_{channel}"]),
+            consent_status=statuses.get(channel),
+            suppressed=bool(values[f"suppressed_{channel}"]),
+        )
+        for channel in SEND_CHANNELS
+    }
 
 
 OPTED_OUT = ConsentStatus.OPTED_OUT.value

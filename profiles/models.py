@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlmodel import Field, SQLModel
 
-from omni.core.channels import SENT_EVENTS
+from omni.core.channels import OMNI_EVENTS
 from omni.core.statuses import EnrollmentStatus
 from profiles.db import JSONType, UTCDateTime
 
@@ -35,10 +35,11 @@ BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def is_touchpoint(event_name: Any) -> Any:
-    """SQL: the event is one of the customer's own touchpoints, not a message Omni sent them (the
-    events Omni writes when it sends show on the timeline, but the ``channels_used`` condition and the
-    profile's channels read the customer's channels only)."""
-    return or_(event_name.is_(None), event_name.not_in(list(SENT_EVENTS.values())))
+    """SQL: the event is one of the customer's own touchpoints, not one Omni wrote about them: a message
+    it sent them, or staff looking them up (``omni.core.channels.OMNI_EVENTS``). Those show on the
+    timeline, but the ``channels_used`` condition, the profile's channels and the reports read the
+    customer's channels only."""
+    return or_(event_name.is_(None), event_name.not_in(list(OMNI_EVENTS)))
 
 
 class IdentityKind(StrEnum):
@@ -354,6 +355,8 @@ class Delivery(SQLModel, table=True):
         UniqueConstraint("enrollment_id", "step_id", name="uq_deliveries_enrollment_step"),
         Index("ix_deliveries_customer_created", "customer_id", "created_at"),
         Index("ix_deliveries_status_next", "status", "next_attempt_at"),
+        # Twilio's status callbacks name the message by its SID (migration 0009).
+        Index("ix_deliveries_provider_message_id", "provider_message_id"),
     )
 
     id: int | None = _id_column()
@@ -383,6 +386,10 @@ class Delivery(SQLModel, table=True):
     created_at: datetime | None = _ts(nullable=False)
     updated_at: datetime | None = _ts(nullable=False)
     sent_at: datetime | None = _ts()
+    # What the provider said last (feedback webhooks, ``profiles.feedback``): delivered, deferred, bounced,
+    # blocked, dropped (SendGrid); queued, sent, delivered, undelivered, failed (Twilio). Never backwards.
+    delivered_at: datetime | None = _ts()
+    provider_status: str | None = Field(default=None, sa_column=Column(String(32)))
 
 
 class StoreMetadata(SQLModel, table=True):
@@ -412,10 +419,88 @@ class ApiKey(SQLModel, table=True):
 
 
 # (helper A: the intake table goes here)
+class IntakeRequest(SQLModel, table=True):
+    """A request the tracking API of ``omni serve`` accepted, kept until it is ingested: committed before
+    the 200, deleted in the transaction that stores its events (``profiles.intake``)."""
+
+    __tablename__ = "intake"
+    # Ids never reused (SQLite would reuse them once the queue empties): "<source> request <id>" names
+    # one request for good in rejected_events.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: int | None = _id_column()
+    received_at: datetime | None = _ts(nullable=False)
+    # The write key's source (web, app, pos-lisbon ...): recorded on each event as context.omni.source.
+    source: str = Field(sa_column=Column(String(100), nullable=False))
+    # The call: identify, track, page, screen, group, alias, or batch.
+    kind: str = Field(sa_column=Column(String(16), nullable=False))
+    # The JSON body as accepted (decompressed, without writeKey), and its size in bytes.
+    size: int = Field(sa_column=Column(Integer, nullable=False))
+    body: str = Field(sa_column=Column(Text, nullable=False))
+
 
 # (helper C: suppression / feedback tables go here)
 
-# (helper E: global control group table goes here)
+
+class Suppression(SQLModel, table=True):
+    """An address no message may go to, whoever holds it: a hard bounce (``profiles.suppression``).
+    Keyed by the address, not the customer, so a customer who gives a new address is reachable again."""
+
+    __tablename__ = "suppressions"
+    __table_args__ = (UniqueConstraint("kind", "address", name="uq_suppressions_kind_address"),)
+
+    id: int | None = _id_column()
+    # The kind of address (``omni.core.channels`` ``address``: email, phone), normalised as stored.
+    kind: str = Field(sa_column=Column(String(16), nullable=False))
+    address: str = Field(sa_column=Column(String(512), nullable=False))
+    reason: str = Field(sa_column=Column(String(32), nullable=False))  # hard_bounce
+    source: str = Field(sa_column=Column(String(200), nullable=False))  # sendgrid:bounce
+    detail: str | None = Field(default=None, sa_column=Column(Text))  # the provider's words
+    created_at: datetime | None = _ts(nullable=False)
+
+
+class ProviderEvent(SQLModel, table=True):
+    """Every event a provider posted to a feedback webhook, kept as it came (``profiles.feedback``): each
+    is processed once (``event_key``), and those Omni could not match (an unknown delivery id or phone
+    number) stay here for inspection."""
+
+    __tablename__ = "provider_events"
+    __table_args__ = (Index("ix_provider_events_outcome_received", "outcome", "received_at"),)
+
+    id: int | None = _id_column()
+    provider: str = Field(sa_column=Column(String(32), nullable=False))  # sendgrid / twilio
+    kind: str = Field(sa_column=Column(String(64), nullable=False))  # bounce, status, inbound ...
+    # sendgrid:<sg_event_id>, twilio:<MessageSid>:<status>, twilio:<MessageSid> (inbound)
+    event_key: str = Field(sa_column=Column(String(300), nullable=False, unique=True))
+    delivery_id: str | None = Field(default=None, sa_column=Column(String(500)))  # as matched
+    address: str | None = Field(default=None, sa_column=Column(String(512)))  # email / phone
+    outcome: str = Field(sa_column=Column(String(32), nullable=False))  # applied, unknown_delivery ...
+    payload: dict = _json(dict)
+    occurred_at: datetime | None = _ts()
+    received_at: datetime | None = _ts(nullable=False)
+
+
+class GlobalControlMember(SQLModel, table=True):
+    """The global control group's record (``profiles.control``): a customer in the group under ``salt``
+    from ``entered_at`` until ``exited_at`` (open: still in it). At most one open row per customer."""
+
+    __tablename__ = "global_control"
+    __table_args__ = (
+        Index(
+            "uq_global_control_open",
+            "customer_id",
+            unique=True,
+            sqlite_where=text("exited_at IS NULL"),
+            postgresql_where=text("exited_at IS NULL"),
+        ),
+    )
+
+    id: int | None = _id_column()
+    customer_id: int | None = _customer_fk()
+    salt: str = Field(sa_column=Column(String(200), nullable=False))
+    share: float = Field(sa_column=Column(Float, nullable=False))
+    entered_at: datetime | None = _ts(nullable=False)
+    exited_at: datetime | None = _ts()
 
 
 metadata = SQLModel.metadata

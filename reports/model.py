@@ -153,8 +153,13 @@ class FunnelStep:
 
 @dataclass
 class ExitCount:
+    """Customers whose enrollment of the period exited for ``reason``; ``rule`` is the exit rule as the
+    engine recorded it (``enrollments.exit_reason``; for an exit on Order Completed the reason says how
+    they bought)."""
+
     reason: str
     customers: int = 0
+    rule: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,6 +4,8 @@
 and customer, so sending twice sends nothing new) and dispatches them through the same dispatcher as
 sequences: the same consent, quiet-hours, frequency-cap and exactly-once guarantees. Messages postponed
 by quiet hours or the cap go out with a later ``run-sequences`` tick (or the next ``send_campaign``).
+Members of the global control group (:mod:`profiles.control`) get a delivery recorded as ``skipped``
+with the reason ``global_control``, and nothing is sent to them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time as time_module
 from collections.abc import Callable, Mapping
 from datetime import datetime
 
-from sqlalchemy import Engine, String, and_, cast, literal, select
+from sqlalchemy import Engine, String, and_, case, cast, literal, select
 from sqlalchemy.orm import Session
 
 from audiences import build_audiences, load_audiences
@@ -22,6 +24,7 @@ from omni.core.collector import frozen_heap
 from omni.core.settings import Settings
 from omni.core.statuses import DeliveryStatus
 from profiles.bulk import dialect_insert
+from profiles.control import GLOBAL_CONTROL, GlobalControl, in_control_sql, record_control
 from profiles.db import session_scope
 from profiles.models import AudienceMembership, Customer, Delivery
 from sequences.definitions import CampaignDefinition, SequenceDefinition, load_campaigns, load_sequences
@@ -38,12 +41,21 @@ class UnknownCampaign(KeyError):
 
 
 def create_campaign_deliveries(
-    session: Session, campaign: CampaignDefinition, *, now: datetime, settings: Settings
+    session: Session,
+    campaign: CampaignDefinition,
+    *,
+    now: datetime,
+    settings: Settings,
+    control: GlobalControl | None = None,
 ) -> int:
-    """One pending delivery per current member of the campaign's audience; existing ones are kept."""
+    """One pending delivery per current member of the campaign's audience; existing ones are kept. A
+    member of the global ``control`` group gets a ``skipped`` one (reason ``global_control``) instead.
+    Returns the pending deliveries created."""
     members = AudienceMembership.__table__
     customers = Customer.__table__
     deliveries = Delivery.__table__
+    controlled = in_control_sql(members.c.customer_id, control)
+    pending = DeliveryStatus.PENDING.value
     chosen = (
         select(
             literal(f"campaign:{campaign.name}:") + cast(members.c.customer_id, String),
@@ -53,7 +65,8 @@ def create_campaign_deliveries(
             literal(campaign.channel),
             literal(provider_of(campaign.channel, settings)),
             literal(campaign.template),
-            literal(DeliveryStatus.PENDING.value),
+            case((controlled, literal(DeliveryStatus.SKIPPED.value)), else_=literal(pending)),
+            case((controlled, literal(GLOBAL_CONTROL)), else_=literal(None, type_=deliveries.c.error.type)),
             literal(0),
             literal(spec(campaign.channel).marketing),
             literal(now, type_=deliveries.c.next_attempt_at.type),
@@ -75,6 +88,7 @@ def create_campaign_deliveries(
                 "connector",
                 "template",
                 "status",
+                "error",
                 "attempts",
                 "marketing",
                 "next_attempt_at",
@@ -84,9 +98,9 @@ def create_campaign_deliveries(
             chosen,
         )
         .on_conflict_do_nothing()
-        .returning(deliveries.c.id)
+        .returning(deliveries.c.status)
     )
-    return len(session.execute(statement).all())
+    return sum(1 for (status,) in session.execute(statement).all() if status == pending)
 
 
 def send_campaign(
@@ -126,7 +140,9 @@ def send_campaign(
     report.campaigns[name]  # noqa: B018 - the campaign appears in the report even with nothing to send
     with session_scope(engine) as session:
         recover_interrupted(session, now=now, policy=policy, report=report, sequences=sequences)
-        created = create_campaign_deliveries(session, campaign, now=now, settings=settings)
+        control = GlobalControl.of(settings)
+        record_control(session, control, now=now)
+        created = create_campaign_deliveries(session, campaign, now=now, settings=settings, control=control)
     dispatcher = Dispatcher(
         engine=engine,
         now=now,

@@ -273,6 +273,8 @@ class _Sequence(DefinitionModel):
     exit: ExitRule = ExitRule()
     reenter_after: PositiveDuration | None = None
     holdout: Percent = 0.0
+    # false: a service journey (an order ready for pickup) that the global control group receives too
+    global_control: bool = True
     steps: list[_Step]
 
     @field_validator("steps", mode="before")
@@ -292,6 +294,7 @@ class SequenceDefinition(DefinitionModel):
     exit: ExitRule = ExitRule()
     reenter_after: timedelta | None = None
     holdout_percent: float = 0.0
+    global_control: bool = True
     steps: tuple[Step, ...]
 
     def step_index(self, step_id: str) -> int:
@@ -327,6 +330,7 @@ def parse_sequence(
         exit=written.exit,
         reenter_after=written.reenter_after,
         holdout_percent=written.holdout,
+        global_control=written.global_control,
         steps=steps,
     )
 

@@ -4,7 +4,9 @@ Connectors never touch the database; they put :class:`connectors.base.Effect` va
 The caller (the sequence engine, ``omni templates test-send``) hands them here inside its transaction:
 
 - ``EffectKind.SMS_OPTED_OUT`` (Twilio 21610: the customer replied STOP): an SMS ``opted_out`` consent
-  decision with source ``twilio:21610``, so nobody who opted out is texted again;
+  decision with source ``twilio:21610`` through the one suppression rule
+  (:func:`profiles.suppression.record_consents`, as Twilio's status and inbound webhooks do), so nobody
+  who opted out is texted again;
 - ``EffectKind.DEVICE_TOKEN_INVALID`` (FCM ``UNREGISTERED`` / ``SENDER_ID_MISMATCH`` / invalid token):
   the ``device_token`` identity is deleted, so the token is not used again.
 """
@@ -18,10 +20,11 @@ from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
 from connectors.base import Effect, EffectKind, Result
-from omni.core.channels import Channel
+from omni.core.channels import Channel, Touchpoint
 from omni.core.statuses import ConsentStatus
-from profiles.consent import ConsentDecision, apply_consents
+from profiles.consent import ConsentDecision
 from profiles.models import Identity, IdentityKind
+from profiles.suppression import record_consents
 
 
 def apply_effects(session: Session, results: Iterable[Result | Effect], *, now: datetime) -> dict[str, int]:
@@ -36,7 +39,7 @@ def apply_effects(session: Session, results: Iterable[Result | Effect], *, now: 
     ]
     if decisions:
         # The customer opted out at the provider (replied STOP): it always takes effect.
-        apply_consents(session, decisions, now=now, operator=True)
+        record_consents(session, decisions, now=now, touchpoint=Touchpoint.SMS.value, operator=True)
     tokens = sorted({e.value for e in effects if e.kind == EffectKind.DEVICE_TOKEN_INVALID})
     removed = 0
     if tokens:

@@ -4,6 +4,10 @@
 **Holdout**: a deterministic bucket of (customer, sequence), identical in SQL on SQLite and PostgreSQL
 and in Python, so a held-out customer is held out on every run. Held-out customers are recorded with
 status ``holdout`` and never messaged.
+
+**Global control group** (:mod:`profiles.control`): a member is enrolled as held out too, with
+``exit_reason`` ``global_control`` (a holdout never exits, so the reason stays), unless the sequence is a
+service journey (``global_control: false``).
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import hashlib
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, literal, or_, select
+from sqlalchemy import ColumnElement, and_, exists, false, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from omni.core.statuses import EnrollmentStatus
 from profiles.bulk import dialect_insert
+from profiles.control import GLOBAL_CONTROL, GlobalControl, in_control_sql
 from profiles.db import refresh_statistics, stale_statistics
 from profiles.models import AudienceMembership, Customer, Enrollment, Event
 from sequences.definitions import SequenceDefinition
@@ -44,8 +49,16 @@ def is_held_out(customer_id: int, sequence: str, percent: float) -> bool:
     return holdout_bucket(customer_id, sequence) < round(percent * HOLDOUT_MODULUS / 100)
 
 
-def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, report: TickReport) -> None:
-    """Enroll the sequence's new entrants at ``now`` (active, or held out), each once."""
+def enroll(
+    session: Session,
+    sequence: SequenceDefinition,
+    *,
+    now: datetime,
+    report: TickReport,
+    control: GlobalControl | None = None,
+) -> None:
+    """Enroll the sequence's new entrants at ``now`` (active, or held out: the sequence's holdout or the
+    global ``control`` group), each once."""
     enrollments = Enrollment.__table__
     customers = Customer.__table__
     if sequence.trigger_audience:
@@ -91,11 +104,19 @@ def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, rep
         or_(*previous),
     )
     threshold = round(sequence.holdout_percent * 100)
-    held = holdout_bucket_sql(entrants.c.customer_id, sequence.name) < threshold
+    held = holdout_bucket_sql(entrants.c.customer_id, sequence.name) < threshold if threshold else false()
+    if control is not None and control.enabled and sequence.global_control:
+        controlled = in_control_sql(entrants.c.customer_id, control)
+        held = and_(held, ~controlled)
+    else:
+        controlled = None
     enrolled = 0
-    for status, condition in ((EnrollmentStatus.HOLDOUT, held), (EnrollmentStatus.ACTIVE, ~held)):
-        if status is EnrollmentStatus.HOLDOUT and threshold == 0:
-            continue
+    groups = [(EnrollmentStatus.HOLDOUT, None, held)] if threshold else []
+    if controlled is not None:
+        groups.append((EnrollmentStatus.HOLDOUT, GLOBAL_CONTROL, controlled))
+    not_active = [condition for _, _, condition in groups]
+    groups.append((EnrollmentStatus.ACTIVE, None, ~or_(*not_active) if not_active else literal(True)))
+    for status, reason, condition in groups:
         active = status is EnrollmentStatus.ACTIVE
         chosen = select(
             literal(sequence.name),
@@ -105,7 +126,8 @@ def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, rep
             literal(now if active else None, type_=enrollments.c.next_run_at.type),
             literal(now, type_=enrollments.c.enrolled_at.type),
             literal(now, type_=enrollments.c.updated_at.type),
-        ).where(~already, condition if threshold else literal(True))
+            literal(reason, type_=enrollments.c.exit_reason.type),
+        ).where(~already, condition)
         # RETURNING, not rowcount: psycopg reports -1 for INSERT ... SELECT here. ON CONFLICT DO NOTHING:
         # a concurrent tick that enrolled the same customer first wins (uq_enrollments_open), and this
         # one enrolls nobody twice, whatever the isolation level.
@@ -120,6 +142,7 @@ def enroll(session: Session, sequence: SequenceDefinition, *, now: datetime, rep
                     "next_run_at",
                     "enrolled_at",
                     "updated_at",
+                    "exit_reason",
                 ],
                 chosen,
             )

@@ -1,7 +1,8 @@
 """The delivery gate: whether a due delivery may go out now, whichever sequence or campaign it belongs to.
 
 - **Consent and reachability**: the one rule of :mod:`profiles.consent`: the address the channel sends
-  to (:func:`~profiles.consent.has_address_sql`, read per batch) and the customer's recorded consent
+  to (:func:`~profiles.consent.has_address_sql`, read per batch), not suppressed (a hard bounce,
+  :func:`~profiles.consent.suppressed_sql`), and the customer's recorded consent
   (:func:`~profiles.consent.unreachable_reason`). A webhook (operational, to another system) needs
   neither.
 - **Quiet hours** in the customer's timezone (the one rule of :mod:`profiles.timezones`; default
@@ -29,7 +30,7 @@ from omni.core.batching import chunked
 from omni.core.channels import MESSAGE_CHANNELS
 from omni.core.settings import Settings
 from omni.core.statuses import DeliveryStatus
-from profiles.consent import has_address_sql, unreachable_reason
+from profiles.consent import has_address_sql, suppressed_sql, unreachable_reason
 from profiles.models import Customer, Store
 from profiles.timezones import customer_timezone_sql, with_home_store, zone
 from sequences.sql import Driver
@@ -135,13 +136,18 @@ class Contact:
     zone: ZoneInfo
     # channel -> whether the customer has the address it sends to (for the channels of the batch)
     addresses: dict[str, bool]
+    # channel -> whether that address is suppressed (a hard bounce)
+    suppressed: dict[str, bool] = field(default_factory=dict)
     # channel -> recorded consent status (absent: never asked)
     consents: dict[str, str] = field(default_factory=dict)
 
     def unreachable(self, channel: str) -> str | None:
         """Why the customer cannot be sent ``channel`` now (None: they can)."""
         return unreachable_reason(
-            channel, has_address=self.addresses[channel], consent_status=self.consents.get(channel)
+            channel,
+            has_address=self.addresses[channel],
+            consent_status=self.consents.get(channel),
+            suppressed=self.suppressed[channel],
         )
 
 
@@ -158,6 +164,7 @@ def _contacts_sql(pg: bool, channels: tuple[str, ...]) -> str:
         customers.c.last_name,
         customer_timezone_sql(customers, home_stores),
         *(has_address_sql(channel, customers, per_customer=True) for channel in channels),
+        *(suppressed_sql(channel, customers) for channel in channels),
     ).select_from(with_home_store(customers, home_stores))
     dialect = postgresql.dialect() if pg else sqlite.dialect()
     return str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
@@ -176,9 +183,10 @@ def load_contacts(
     contacts: dict[int, Contact] = {}
     for chunk in chunked(ids):
         among, params = sql.in_(chunk)
-        for customer_id, email, phone, first_name, last_name, timezone, *addresses in sql.rows(
+        for customer_id, email, phone, first_name, last_name, timezone, *flags in sql.rows(
             f"{query} WHERE customers.id {among}", params
         ):
+            addresses, suppressed = flags[: len(channels)], flags[len(channels) :]
             contacts[customer_id] = Contact(
                 customer_id,
                 email,
@@ -187,6 +195,7 @@ def load_contacts(
                 last_name,
                 zone(timezone, default_timezone),
                 dict(zip(channels, map(bool, addresses), strict=True)),
+                dict(zip(channels, map(bool, suppressed), strict=True)),
             )
         for customer_id, channel, status in sql.rows(
             f"SELECT customer_id, channel, status FROM consents WHERE customer_id {among}", params

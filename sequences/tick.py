@@ -37,6 +37,7 @@ from connectors import Connector, RetryPolicy
 from omni.core.collector import frozen_heap
 from omni.core.settings import Settings
 from omni.core.statuses import EnrollmentStatus
+from profiles.control import GlobalControl, record_control
 from profiles.db import refresh_statistics, session_scope, stale_statistics
 from profiles.models import Delivery, Enrollment
 from sequences.definitions import (
@@ -267,12 +268,19 @@ def _once_per_tick(stage: Stage, engine: Engine, tick: _TickSetup, report: TickR
         with session_scope(engine) as session:
             recover_interrupted(session, now=now, policy=policy, report=report, sequences=tick.sequences)
 
+    control = GlobalControl.of(settings)
+
+    def record_global_control() -> None:
+        with session_scope(engine) as session:
+            record_control(session, control, now=now)
+
     def enroll_and_exit(sequence: SequenceDefinition) -> None:
         with session_scope(engine) as session:
-            enroll(session, sequence, now=now, report=report)
+            enroll(session, sequence, now=now, report=report, control=control)
             exit_enrollments(session, sequence, now=now, report=report, settings=settings)
 
     stage("recover-interrupted", recover)
+    stage("record-global-control", record_global_control)
     for sequence in tick.selected.values():
         stage(f"enroll-and-exit-{sequence.name.replace('_', '-')}", lambda s=sequence: enroll_and_exit(s))
 

@@ -17,6 +17,8 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -78,7 +80,14 @@ def demo(
     from sqlalchemy import func, select
 
     from flows.common import load_settings
-    from omni.cli.demo_data import engine_tick, run_demo, summary_paragraph
+    from omni.cli.demo_data import (
+        BUY_IF_HELD_OUT,
+        BUY_IF_MESSAGED,
+        closing_report,
+        engine_tick,
+        run_demo,
+        summary_paragraph,
+    )
     from profiles.db import create_store_engine, session_scope, upgrade_schema
     from profiles.models import Customer
     from sequences.unsubscribe import ensure_unsubscribe_secret
@@ -123,6 +132,12 @@ def demo(
                 tick=tick,
                 on_tick=None if json else _print_tick,
             )
+            at = datetime.fromisoformat(document["ticks"][-1]["at"])
+            directory = _report_directory(engine, settings)
+            if using.startswith("the run_sequences"):
+                document["report"] = _flow_report(engine, at, directory)
+            else:
+                document["report"] = closing_report(engine, settings, now=at, directory=directory)
         seconds = time.perf_counter() - started
         document["ran_with"] = "prefect" if using.startswith("the run_sequences") else "engine"
         document["seconds"] = round(seconds, 2)
@@ -132,11 +147,51 @@ def demo(
         console.print()
         console.print(Panel(summary_paragraph(document, seconds), title="Summary", title_align="left"))
         console.print(
+            f"[bold]Did the journeys pay?[/] (the shoppers are simulated: messaged ones buy with probability "
+            f"{' then '.join(f'{p:.0%}' for p in BUY_IF_MESSAGED)}, held-out ones "
+            f"{' then '.join(f'{p:.0%}' for p in BUY_IF_HELD_OUT)}, between the ticks)",
+            highlight=False,
+        )
+        for sentence in document["report"]["sentences"]:
+            console.print(f"  • {escape(sentence)}", highlight=False)
+        console.print(
+            f"The report with charts: [bold]{escape(document['report']['html'])}[/] (also: [bold]omni report"
+            "[/], and [bold]omni serve[/] shows the newest at /reports/latest).",
+            highlight=False,
+        )
+        console.print(
             "Look closer: [bold]omni outbox list --channel sms[/], [bold]omni sequences status "
             "abandoned_cart[/], [bold]omni profile show[/] [italic]EMAIL[/]."
         )
     finally:
         engine.dispose()
+
+
+def _report_directory(engine: Any, settings: Any) -> Path:
+    """Where the demo writes its HTML report: ``report_dir``, beside the demo's store when it is a SQLite
+    file and the folder is relative (the demo's own folder), else as configured."""
+    from reports.html import report_dir
+
+    directory = report_dir(settings)
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not directory.is_absolute() and database and database != ":memory:":
+        return Path(database).resolve().parent / directory
+    return directory
+
+
+def _flow_report(engine: Any, at: datetime, directory: Path) -> dict[str, Any]:
+    """The closing report through the ``build-report`` flow (its artifacts under the ``demo`` prefix)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        from flows.report import build_report
+
+        document = build_report(
+            database_url=engine.url.render_as_string(hide_password=False),
+            now=at,
+            report_dir=str(directory),
+            artifact_prefix="demo",
+        )
+    return {key: document[key] for key in ("html", "sentences", "journeys")}
 
 
 def _flow_available() -> bool:

@@ -12,9 +12,15 @@ The story:
   about 45 % leave a cart online between 2 and 40 hours before T (``cart_abandoners``), a few add to
   a cart in the last hour (they become abandoners by the next tick), and about 6 % have a pickup order
   that the store marked ready (``pickup_ready``).
+- **Service** (before T): about 12 % of shoppers contacted the service desk by phone (call centre) or
+  chat about a ticket (``Support Contact`` with ``ticket_id``), some twice, some after contacting it on
+  the other channel a few days before; every ticket is resolved (``Support Ticket Resolved``), and for
+  half the desk looked the shopper up through the profile API (``Profile Viewed``).
 - **Tick at T**, **T + 1 day**, **T + 3 days** (15:00 UTC: daytime in all three cities) run the
-  ``abandoned_cart`` and ``pickup_ready`` sequences. In between, some abandoners buy online or at the
-  till, and pickup orders are collected: every one of them exits, whatever the channel.
+  ``abandoned_cart`` and ``pickup_ready`` sequences. In between, abandoners buy online or at the till
+  with a simulated probability that is higher for those the journey messaged than for those it held
+  out (:data:`BUY_IF_MESSAGED`, :data:`BUY_IF_HELD_OUT`), and pickup orders are collected: every one
+  of them exits, whatever the channel.
 """
 
 from __future__ import annotations
@@ -45,6 +51,19 @@ CHANNELS = tuple(channel for channel in SEND_CHANNELS if spec(channel).marketing
 AUDIENCE_CHANNELS = tuple(channel for channel in CHANNELS if spec(channel).delivery == "audience")
 DEFAULT_CUSTOMERS = 300
 DEFAULT_SEED = 42
+# Simulated shoppers (not a model of anyone's): the chance that a shopper with an abandoned cart buys
+# (online or at the till) between T and T + 1 day, and between T + 1 day and T + 3 days, when the
+# abandoned-cart journey messaged them, and the lower base rate when it held them out. The report at the
+# end measures the difference as the journey's lift.
+BUY_IF_MESSAGED = (0.30, 0.16)
+BUY_IF_HELD_OUT = (0.12, 0.06)
+# Service tickets: the share of shoppers with one, of those a second contact before it was resolved,
+# an earlier contact on the other channel, and a desk that looked the shopper up (the profile API).
+RETURNING = 0.35  # shoppers with an order last season (90 to 180 days before T)
+TICKET_SHARE, SECOND_CONTACT, EARLIER_CONTACT, LOOKED_UP = 0.12, 0.3, 0.3, 0.5
+SUPPORT_CONTACT, SUPPORT_RESOLVED, TICKET_ID = "Support Contact", "Support Ticket Resolved", "ticket_id"
+SERVICE_CHANNELS = (Touchpoint.CALL_CENTER.value, Touchpoint.CHAT.value)
+TOPICS = ("where is my order", "return", "size exchange", "store hours", "loyalty points")
 
 STORES = [
     {
@@ -181,10 +200,14 @@ def seed_retailer(
 ) -> World:
     """Stores and ``customers`` shoppers with web, app and store histories, all before ``now``."""
     rng = random.Random(seed)
+    # Last season's orders and service tickets draw from their own stream: the rest of the story (carts,
+    # pickups, who buys) is the same as without them.
+    more = random.Random(seed + 7)
     with session_scope(engine) as session:
         upsert_stores(session, [parse_store(s) for s in STORES], now=now - timedelta(days=90))
     world = World()
     feed = _Feed()
+    lookups: list[tuple[str, datetime]] = []
     stores = list(STORE_MIX)
     weights = [STORE_MIX[s][0] for s in stores]
     for n in range(1, customers + 1):
@@ -210,7 +233,11 @@ def seed_retailer(
         if app_user:
             traits["push_opt_in"] = rng.random() < 0.7
             context["device"] = {"token": f"fcm-demo-{n:05d}-{rng.randrange(16**8):08x}", "type": "ios"}
+        # A third are customers of last season too: signed up earlier, with an order then (retention).
+        returning = more.random() < RETURNING
         signed_up = _when(rng, now - timedelta(days=60), now - timedelta(days=20))
+        if returning:
+            signed_up = _when(more, now - timedelta(days=300), now - timedelta(days=200))
         feed.add("identify", user, signed_up, signup_channel, traits=traits, context=context)
         # Browsing: web pages and app screens over the last month.
         for _ in range(rng.randint(1, 4)):
@@ -234,6 +261,17 @@ def seed_retailer(
                     name="Product",
                     properties={"url": f"https://shop.example.com/p/{product[0]}", "title": product[1]},
                 )
+        if returning:  # last season (the report's previous period): an order, and a visit elsewhere
+            at = _when(more, now - timedelta(days=170), now - timedelta(days=100))
+            placed_on = more.choice([Touchpoint.WEB.value, Touchpoint.STORE.value])
+            product = more.choice(PRODUCTS)
+            extra = {"store_id": store} if placed_on == Touchpoint.STORE.value else {"fulfillment": "ship"}
+            feed.order(user, at, placed_on, f"L{n:05d}", [product], **extra)
+            # Browsed before buying at the till, or in the app before buying on the web.
+            elsewhere = Touchpoint.WEB.value if placed_on == Touchpoint.STORE.value else Touchpoint.APP.value
+            if more.random() < 0.5 and (app_user or elsewhere == Touchpoint.WEB.value):
+                kind = "page" if elsewhere == Touchpoint.WEB.value else "screen"
+                feed.add(kind, user, at - timedelta(days=2), elsewhere, name="Product", properties={})
         # Past orders, online and at the till.
         if rng.random() < 0.3:
             at = _when(rng, now - timedelta(days=19), now - timedelta(days=5))
@@ -303,9 +341,57 @@ def seed_retailer(
             )
             shopper.pickup_order = order_id
         world.shoppers.append(shopper)
+        if more.random() < TICKET_SHARE:
+            lookups.extend(_service_ticket(feed, more, user, n, now=now))
     ingest_payloads(engine, feed.payloads, source="demo", now=now - timedelta(minutes=1))
-    world.payloads = len(feed.payloads)
+    world.payloads = len(feed.payloads) + len(lookups)
+    _record_lookups(engine, lookups)
     return world
+
+
+def _service_ticket(
+    feed: _Feed, rng: random.Random, user: str, n: int, *, now: datetime
+) -> list[tuple[str, datetime]]:
+    """A ticket of shopper ``n``: its contacts (call centre or chat) and its resolution, all before
+    ``now``; returns the desk's lookups of the shopper (user id, when) during the first contact."""
+    channel = rng.choice(SERVICE_CHANNELS)
+    other = SERVICE_CHANNELS[1 - SERVICE_CHANNELS.index(channel)]
+    first = _when(rng, now - timedelta(days=30), now - timedelta(days=3))
+    ticket = f"T{n:05d}"
+    topic = rng.choice(TOPICS)
+    if rng.random() < EARLIER_CONTACT:  # asked on the other channel a few days before (its own ticket)
+        earlier = first - timedelta(hours=rng.randint(6, 96))
+        feed.add("track", user, earlier, other, event=SUPPORT_CONTACT, properties={TICKET_ID: f"{ticket}-0"})
+        feed.add(
+            "track",
+            user,
+            earlier + timedelta(minutes=20),
+            other,
+            event=SUPPORT_RESOLVED,
+            properties={TICKET_ID: f"{ticket}-0"},
+        )
+    feed.add(
+        "track", user, first, channel, event=SUPPORT_CONTACT, properties={TICKET_ID: ticket, "topic": topic}
+    )
+    last = first
+    if rng.random() < SECOND_CONTACT:
+        last = first + timedelta(hours=rng.randint(2, 40))
+        feed.add(
+            "track", user, last, other, event=SUPPORT_CONTACT, properties={TICKET_ID: ticket, "topic": topic}
+        )
+    resolved = last + timedelta(minutes=rng.randint(5, 600))
+    feed.add("track", user, resolved, channel, event=SUPPORT_RESOLVED, properties={TICKET_ID: ticket})
+    return [(user, first + timedelta(minutes=2))] if rng.random() < LOOKED_UP else []
+
+
+def _record_lookups(engine: Engine, lookups: list[tuple[str, datetime]]) -> None:
+    """The desk's lookups, recorded as the profile API records them (``Profile Viewed``)."""
+    from profiles.lookup import record_view
+
+    ids = _customer_ids(engine, [user for user, _ in lookups])
+    with session_scope(engine) as session:
+        for user, at in lookups:
+            record_view(session, ids[user], source="service-desk", via="api", now=at)
 
 
 @dataclass
@@ -317,15 +403,25 @@ class Happening:
 
 
 def simulate_between(
-    engine: Engine, world: World, *, start: datetime, end: datetime, rng: random.Random, share: float
+    engine: Engine,
+    world: World,
+    *,
+    start: datetime,
+    end: datetime,
+    rng: random.Random,
+    share: float,
+    held_out_share: float | None = None,
 ) -> list[Happening]:
-    """Between two ticks: a share of open carts convert online or at the till, pickups are collected."""
+    """Between two ticks: open carts convert online or at the till (with probability ``share``, or
+    ``held_out_share`` for shoppers the abandoned-cart journey held out), pickups are collected."""
     feed = _Feed()
     feed.payloads = []
     happened: list[tuple[datetime, Shopper, str]] = []
+    held_out = _held_out_users(engine) if held_out_share is not None else set()
     for shopper in world.shoppers:
         at = _when(rng, start + timedelta(hours=1), end - timedelta(hours=2))
-        if shopper.cart_at is not None and rng.random() < share:
+        chance = held_out_share if shopper.user_id in held_out else share
+        if shopper.cart_at is not None and rng.random() < chance:
             in_store = rng.random() < 0.55
             product = rng.choice(PRODUCTS)
             if in_store:
@@ -362,6 +458,25 @@ def simulate_between(
     return [
         Happening(at, ids.get(s.user_id), s, what) for at, s, what in sorted(happened, key=lambda h: h[0])
     ]
+
+
+def _held_out_users(engine: Engine) -> set[str]:
+    """User ids of the shoppers the abandoned-cart journey held out."""
+    from profiles.models import Identity
+
+    identities, enrollments = Identity.__table__, Enrollment.__table__
+    with session_scope(engine) as session:
+        return set(
+            session.execute(
+                select(identities.c.value)
+                .join(enrollments, enrollments.c.customer_id == identities.c.customer_id)
+                .where(
+                    identities.c.kind == IdentityKind.USER_ID.value,
+                    enrollments.c.sequence == "abandoned_cart",
+                    enrollments.c.status == EnrollmentStatus.HOLDOUT.value,
+                )
+            ).scalars()
+        )
 
 
 def _customer_ids(engine: Engine, user_ids: list[str]) -> dict[str, int]:
@@ -498,13 +613,15 @@ def run_demo(
     world = seed_retailer(engine, customers=customers, now=start, seed=seed)
     ticks: list[dict[str, Any]] = []
     previous: datetime | None = None
-    shares = iter((0.0, 0.22, 0.12))
+    chances = iter(((0.0, 0.0), *zip(BUY_IF_MESSAGED, BUY_IF_HELD_OUT, strict=True)))
     for label, offset in TICK_OFFSETS:
         at = start + offset
-        share = next(shares)
+        share, held_out_share = next(chances)
         happened: list[Happening] = []
         if previous is not None:
-            happened = simulate_between(engine, world, start=previous, end=at, rng=rng, share=share)
+            happened = simulate_between(
+                engine, world, start=previous, end=at, rng=rng, share=share, held_out_share=held_out_share
+            )
         last_id = _max_outbox_id(engine)
         report = tick(at)
         messages = _outbox_since(engine, last_id)
@@ -646,3 +763,21 @@ def summary_paragraph(document: dict[str, Any], seconds: float | None = None) ->
         "the retargeting audience). "
         f"Nothing was sent twice, to anyone without consent, or during anyone's quiet hours."
     )
+
+
+def closing_report(engine: Engine, settings: Settings, *, now: datetime, directory: Any) -> dict[str, Any]:
+    """The report at the end of the demo (:func:`reports.build_report` at ``now``), written as HTML into
+    ``directory``: ``{"html": path, "sentences": [...], "journeys": [...]}``, each journey's lift in one
+    sentence with its interval."""
+    from reports import build_report
+    from reports.html import report_file, write_html
+    from reports.text import lift_sentence
+
+    report = build_report(engine, settings=settings, now=now)
+    path = report_file(directory, now).resolve()
+    write_html(report, path)
+    return {
+        "html": str(path),
+        "sentences": [lift_sentence(j, report.window_days) for j in report.journeys],
+        "journeys": [j.to_dict() for j in report.journeys],
+    }

@@ -199,3 +199,25 @@ SENT_EVENTS: Mapping[str, str] = MappingProxyType({c.value: s.sent_event for c, 
 SENT_TOUCHPOINTS: Mapping[str, str] = MappingProxyType(
     {c.value: s.sent_touchpoint.value for c, s in CHANNELS.items()}
 )
+
+# How people read each touchpoint (the customer page of `omni serve`, the reports).
+TOUCHPOINT_LABELS: Mapping[str, str] = MappingProxyType(
+    {
+        Touchpoint.WEB.value: "Web",
+        Touchpoint.APP.value: "App",
+        Touchpoint.STORE.value: "Store",
+        Touchpoint.CALL_CENTER.value: "Call centre",
+        Touchpoint.CHAT.value: "Chat",
+        Touchpoint.EMAIL.value: "Email",
+        Touchpoint.SMS.value: "SMS",
+        Touchpoint.PUSH.value: "Push",
+        Touchpoint.SOCIAL.value: "Social",
+    }
+)
+# Events Omni itself writes on a customer's timeline, none of them a touchpoint of the customer's: what it
+# sent them (each channel's sent_event, on its sent_touchpoint) and staff looking them up through the
+# profile API or the customer page of `omni serve` (PROFILE_VIEWED, on OMNI_CHANNEL, which is no
+# touchpoint).
+PROFILE_VIEWED = "Profile Viewed"
+OMNI_CHANNEL = "omni"
+OMNI_EVENTS: tuple[str, ...] = (*SENT_EVENTS.values(), PROFILE_VIEWED)

@@ -10,7 +10,7 @@ from datetime import time
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -156,7 +156,8 @@ class Settings(BaseSettings):
         description="HMAC key of unsubscribe links; default: a random secret `omni init` keeps in the store.",
     )
     unsubscribe_base_url: str = Field(
-        default="http://localhost:8000/unsubscribe", description="Where unsubscribe links point (?token=...)."
+        default="http://localhost:8000/unsubscribe",
+        description="Where unsubscribe links point (?token=...); default: the server's own /unsubscribe.",
     )
     site_url: str = Field(default="https://shop.example.com", description="Shop URL for links in messages.")
     brand_name: str = Field(default="Omni Shop", description="Brand name shown in messages.")
@@ -172,6 +173,77 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Browser origins allowed to call the tracking API (analytics.js); none by default.",
+    )
+    intake_max_inflight: int = Field(
+        default=128,
+        ge=1,
+        description="Tracking requests being received or committed at once per server process; more get 429.",
+    )
+    intake_max_backlog: int = Field(
+        default=10_000, ge=1, description="Accepted tracking requests not yet ingested; more get 429."
+    )
+    intake_max_lag_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="429 while the oldest queued tracking request has waited longer than this (0: no limit).",
+    )
+    # --- Provider feedback (omni serve: /webhooks/...): see the README's "Deliverability" section.
+    sendgrid_webhook_public_key: SecretStr | None = Field(
+        default=None,
+        description="Verification key of SendGrid's signed Event Webhook, as its console shows it (base64 "
+        "DER public key); unset: /webhooks/sendgrid refuses every post (503).",
+    )
+    webhook_max_age_seconds: int = Field(
+        default=300,
+        ge=1,
+        description="A signed SendGrid post whose timestamp is further than this from now is refused "
+        "(replays); Twilio posts carry no timestamp (their events are processed once).",
+    )
+
+    @property
+    def server_url(self) -> str:
+        """Where `omni serve` is reached: ``public_url``, else ``http://<host>:<port>`` (``localhost`` for
+        a loopback or wildcard host)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = self.server_host
+        if host in ("", "0.0.0.0", "::", "127.0.0.1", "::1"):
+            host = "localhost"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.server_port}"
+
+    @model_validator(mode="after")
+    def _unsubscribe_default(self) -> Settings:
+        # OMNI_UNSUBSCRIBE_BASE_URL, when not set, is the server's own page.
+        if "unsubscribe_base_url" not in self.model_fields_set:
+            # Through __dict__: a derived value, not one the user set (model_fields_set stays as given).
+            self.__dict__["unsubscribe_base_url"] = f"{self.server_url}/unsubscribe"
+        return self
+
+    # --- Reports (omni report, the build-report flow): see the README's "Reports" section.
+    report_period_days: float = Field(
+        default=90, gt=0, description="Reporting period: the last this many days up to now (--since/--until)."
+    )
+    report_window_days: float = Field(
+        default=7, gt=0, description="Attribution window: an order this long after a message or entry counts."
+    )
+    report_min_control: int = Field(
+        default=100,
+        ge=1,
+        description='Smallest held-out group whose lift is judged (else "too few to tell").',
+    )
+    report_recent_contact_days: float = Field(
+        default=7, gt=0, description="FCR: a contact this soon after one on another channel follows it."
+    )
+    support_contact_event: str = Field(
+        default="Support Contact", description="Event of one service contact (properties: the ticket id)."
+    )
+    support_resolved_event: str = Field(
+        default="Support Ticket Resolved", description="Event of a resolved service ticket (the ticket id)."
+    )
+    support_ticket_property: str = Field(
+        default="ticket_id", description="Property of both support events that holds the ticket id."
     )
 
     @field_validator("database_url")

@@ -37,7 +37,8 @@ INVALID_SEQUENCES = [
     (
         {"colour": "red"},
         "colour",
-        "unknown key (expected name, description, trigger, exit, reenter_after, holdout, steps)",
+        "unknown key (expected name, description, trigger, exit, reenter_after, holdout, global_control, "
+        "steps)",
     ),
     (
         {"trigger": {"audience": "cart_abandoners", "at": 1}},
