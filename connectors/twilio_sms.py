@@ -2,7 +2,9 @@
 
 Auth: HTTP Basic ``OMNI_TWILIO_ACCOUNT_SID:OMNI_TWILIO_AUTH_TOKEN``. Body form-encoded: ``To`` (E.164),
 ``From`` (``OMNI_TWILIO_FROM``; a ``MG…`` value is sent as ``MessagingServiceSid``), ``Body`` (≤ 1,600
-characters), optional ``StatusCallback``. Base URL ``OMNI_TWILIO_BASE_URL``.
+characters), optional ``StatusCallback`` (``OMNI_TWILIO_STATUS_CALLBACK_URL`` with ``delivery_id=<the
+delivery>`` added to its query, which ``omni serve``'s ``/webhooks/twilio/status`` matches). Base URL
+``OMNI_TWILIO_BASE_URL``.
 
 Limits: one recipient per request (no bulk endpoint). Success: ``201`` with the Message JSON; its
 ``sid`` (``SM…``) is the provider id.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import requests
 from pydantic import SecretStr
@@ -122,8 +125,20 @@ class TwilioSms(HttpConnector):
         else:
             form["From"] = self.sender
         if self.status_callback_url:
-            form["StatusCallback"] = self.status_callback_url
+            form["StatusCallback"] = self.callback_url(message)
         return form
+
+    def callback_url(self, message: Message) -> str:
+        """``OMNI_TWILIO_STATUS_CALLBACK_URL`` with ``delivery_id=<the message's delivery id>`` appended to
+        its query, so that ``omni serve``'s status webhook finds the delivery without a lookup by
+        ``MessageSid`` (Twilio calls, and signs, the URL exactly as given)."""
+        url = (self.status_callback_url or "").strip()
+        base, hash_, fragment = url.partition("#")
+        if "?" not in base:
+            base += "?"
+        elif not base.endswith(("?", "&")):
+            base += "&"
+        return base + urlencode({"delivery_id": message.delivery_id}) + hash_ + fragment
 
     def send(self, batch: Sequence[Message]) -> list[Result]:
         self.check_batch(batch)

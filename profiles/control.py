@@ -60,8 +60,8 @@ class GlobalControl:
     @classmethod
     def of(cls, settings: Settings) -> GlobalControl:
         """From the settings (``global_control_share``, ``global_control_salt``)."""
-        share = float(getattr(settings, "global_control_share", 0.0) or 0.0)
-        return cls(share=share, salt=str(getattr(settings, "global_control_salt", "") or ""))
+        share = float(settings.global_control_share)
+        return cls(share=share, salt=settings.global_control_salt)
 
     def __post_init__(self) -> None:
         if not 0 <= self.share < 1:

@@ -1,10 +1,12 @@
 """Provider feedback: what SendGrid and Twilio tell Omni after a send, applied to the profile store.
 
 The webhooks of ``omni serve`` (``omni.server.webhooks``) verify a post's signature and hand its events
-here, inside one transaction per post. Every event is kept in ``provider_events`` as it came, unique by
-its key (``sendgrid:<sg_event_id>``, ``twilio:<MessageSid>:<status>``, ``twilio:<MessageSid>``), so a
-provider's retry or duplicate is processed once; events Omni cannot match stay there for inspection with
-``outcome`` ``unknown_delivery`` or ``unknown_number``.
+here, inside one transaction per post; a SendGrid post (thousands of events) is applied set-based, a few
+statements whatever its size, with the outcome of applying its events one after the other. Every event is
+kept in ``provider_events`` as it came, unique by its key (``sendgrid:<sg_event_id>``,
+``twilio:<MessageSid>:<status>``, ``twilio:<MessageSid>``), so a provider's retry or duplicate is processed
+once; events Omni cannot match stay there for inspection (``omni feedback unmatched``) with ``outcome``
+``unknown_delivery``, ``unknown_number`` or ``invalid``.
 
 What each event changes:
 
@@ -36,17 +38,29 @@ import string
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
+import orjson
 from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from omni.core.batching import chunked
 from omni.core.channels import Channel, Touchpoint
-from profiles.bulk import dialect_insert
+from omni.core.statuses import ConsentStatus
+from profiles.bulk import aware, dialect_insert, dialect_of, execute_sql, update_rows
+from profiles.consent import ConsentDecision
 from profiles.models import Delivery, Event, ProviderEvent
 from profiles.segment import normalize_email, normalize_phone
-from profiles.suppression import customers_with, opt_in, opt_out, suppress_address
+from profiles.suppression import (
+    customers_with,
+    customers_with_each,
+    opt_in,
+    opt_out,
+    record_consents,
+    suppress_addresses,
+)
 
 SENDGRID = "sendgrid"
 TWILIO = "twilio"
@@ -118,6 +132,7 @@ class _Delivery:
     channel: str
     provider_status: str | None
     error: str | None
+    delivered_at: datetime | None = None
 
 
 # --- shared steps ------------------------------------------------------------------------------------
@@ -171,13 +186,34 @@ def _deliveries(session: Session, column: Any, values: Iterable[str]) -> dict[st
                 table.c.channel,
                 table.c.provider_status,
                 table.c.error,
+                table.c.delivered_at,
             ).where(column.in_(chunk))
         )
         for row in rows:
             found[row.match] = _Delivery(
-                row.id, row.dedupe_key, row.customer_id, row.channel, row.provider_status, row.error
+                row.id,
+                row.dedupe_key,
+                row.customer_id,
+                row.channel,
+                row.provider_status,
+                row.error,
+                row.delivered_at,
             )
     return found
+
+
+def _advance(delivery: _Delivery, status: str, *, at: datetime, error: str | None) -> dict[str, Any] | None:
+    """Move ``delivery`` (in memory) forward to ``status``: the columns that change, None when ``status``
+    is not later than what the delivery has (the provider's word never moves it back)."""
+    if PROVIDER_RANK.get(status, 0) <= PROVIDER_RANK.get(delivery.provider_status or "", 0):
+        return None
+    values: dict[str, Any] = {"provider_status": status}
+    delivery.provider_status = status
+    if status == "delivered":
+        values["delivered_at"] = delivery.delivered_at = at
+    if status in FAILURES and error and not delivery.error:
+        values["error"] = delivery.error = error[:2000]
+    return values
 
 
 def _update_delivery(
@@ -190,17 +226,11 @@ def _update_delivery(
     error: str | None = None,
 ) -> bool:
     """Move the delivery's ``provider_status`` forward to ``status``; False when it is not later."""
-    if PROVIDER_RANK.get(status, 0) <= PROVIDER_RANK.get(delivery.provider_status or "", 0):
+    values = _advance(delivery, status, at=at, error=error)
+    if values is None:
         return False
-    values: dict[str, Any] = {"provider_status": status, "updated_at": now}
-    if status == "delivered":
-        values["delivered_at"] = at
-    if status in FAILURES and error and not delivery.error:
-        values["error"] = error[:2000]
-        delivery.error = values["error"]
     table = Delivery.__table__
-    session.execute(update(table).where(table.c.id == delivery.id).values(**values))
-    delivery.provider_status = status
+    session.execute(update(table).where(table.c.id == delivery.id).values(**values, updated_at=now))
     return True
 
 
@@ -260,100 +290,239 @@ def _sendgrid_key(event: Any) -> str:
     return f"sendgrid:sha256:{hashlib.sha256(canonical.encode()).hexdigest()}"
 
 
-def apply_sendgrid_events(session: Session, events: list[Any], *, now: datetime) -> FeedbackReport:
-    """Apply a SendGrid Event Webhook post (its JSON array), each event once."""
-    report = FeedbackReport()
-    wanted = [
-        e.get(DELIVERY_ARG) for e in events if isinstance(e, dict) and isinstance(e.get(DELIVERY_ARG), str)
-    ]
-    deliveries = _deliveries(session, Delivery.__table__.c.dedupe_key, wanted)
-    timeline: list[dict[str, Any]] = []
+@dataclass(slots=True)
+class _SendGridEvent:
+    key: str
+    kind: str
+    event: Any
+    delivery_key: str | None = None
+    email: str | None = None
+    at: datetime | None = None
+
+
+def _parse_sendgrid(events: list[Any], now: datetime, report: FeedbackReport) -> list[_SendGridEvent]:
+    """The post's events, each key once (a repeat inside the post is a duplicate)."""
+    parsed: list[_SendGridEvent] = []
+    seen: set[str] = set()
     for event in events:
         key = _sendgrid_key(event)
-        if not isinstance(event, dict) or not _text(event.get("event")):
-            if _record(
-                session, provider=SENDGRID, kind="?", key=key, outcome=INVALID, payload=event, now=now
-            ):
-                report.count(INVALID)
-            else:
-                report.duplicates += 1
-            continue
-        kind = event["event"].strip()
-        delivery_key = _text(event.get(DELIVERY_ARG))
-        delivery = deliveries.get(delivery_key) if delivery_key else None
-        email = normalize_email(event.get("email"))
-        at = _sendgrid_time(event.get("timestamp"), now)
-        outcome = APPLIED if delivery is not None else UNKNOWN_DELIVERY
-        if not _record(
-            session,
-            provider=SENDGRID,
-            kind=kind,
-            key=key,
-            outcome=outcome,
-            payload=event,
-            now=now,
-            delivery_id=delivery_key,
-            address=email,
-            occurred_at=at,
-        ):
+        if key in seen:
             report.duplicates += 1
             continue
-        report.count(outcome)
-        _apply_sendgrid(session, kind, event, delivery, email, at, now, key, timeline)
-    _insert_events(session, timeline)
+        seen.add(key)
+        if not isinstance(event, dict) or not _text(event.get("event")):
+            parsed.append(_SendGridEvent(key, "?", event))
+            continue
+        parsed.append(
+            _SendGridEvent(
+                key,
+                event["event"].strip(),
+                event,
+                _text(event.get(DELIVERY_ARG)),
+                normalize_email(event.get("email")),
+                _sendgrid_time(event.get("timestamp"), now),
+            )
+        )
+    return parsed
+
+
+_RECORD_COLUMNS = (
+    "provider",
+    "kind",
+    "event_key",
+    "delivery_id",
+    "address",
+    "outcome",
+    "payload",
+    "occurred_at",
+    "received_at",
+)
+
+
+@lru_cache(maxsize=1)
+def _record_sql_postgresql() -> str:
+    """PostgreSQL: the rows bound as ONE jsonb array (psycopg would otherwise parse a statement with a
+    placeholder per value, which cost more than the insert), read back into typed columns."""
+    table, dialect = ProviderEvent.__table__, postgresql.dialect()
+    record = ", ".join(f'"{c}" {table.c[c].type.compile(dialect=dialect)}' for c in _RECORD_COLUMNS)
+    names = ", ".join(f'"{c}"' for c in _RECORD_COLUMNS)
+    return (
+        f'INSERT INTO "{table.name}" ({names}) SELECT {names} '
+        f"FROM jsonb_to_recordset(?::jsonb) AS v({record}) "
+        'ON CONFLICT ("event_key") DO NOTHING RETURNING "event_key"'
+    )
+
+
+def _record_many(session: Session, rows: list[dict[str, Any]]) -> set[str]:
+    """Keep the events (:func:`_record`'s rows) in one statement; returns the keys new to the store."""
+    if not rows:
+        return set()
+    if dialect_of(session) == "postgresql":
+        for row in rows:
+            aware(row["occurred_at"])
+            aware(row["received_at"])
+        document = orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS, default=str).decode()
+        return {key for (key,) in execute_sql(session, _record_sql_postgresql(), (document,))}
+    table = ProviderEvent.__table__
+    statement = (
+        dialect_insert(session, table)
+        .on_conflict_do_nothing(index_elements=["event_key"])
+        .returning(table.c.event_key)
+    )
+    # RETURNING, not rowcount: psycopg reports a row for an INSERT that ON CONFLICT skipped.
+    return set(session.execute(statement, rows).scalars())
+
+
+def apply_sendgrid_events(session: Session, events: list[Any], *, now: datetime) -> FeedbackReport:
+    """Apply a SendGrid Event Webhook post (its JSON array), each event once.
+
+    Set-based: a few statements per post whatever its size (SendGrid posts thousands of events at a
+    time), with the outcome of applying the events one after the other in the post's order: each
+    delivery's status moves forward only, each customer's consent decisions are applied in order (an
+    ``Unsubscribed`` then a ``Subscribed`` event when a post has both), a hard-bounced address is
+    suppressed once with its first reason."""
+    report = FeedbackReport()
+    parsed = _parse_sendgrid(events, now, report)
+    deliveries = _deliveries(
+        session, Delivery.__table__.c.dedupe_key, [p.delivery_key for p in parsed if p.delivery_key]
+    )
+    rows = []
+    for p in parsed:
+        if p.at is None:
+            outcome = INVALID
+        else:
+            outcome = APPLIED if p.delivery_key in deliveries else UNKNOWN_DELIVERY
+        rows.append(
+            {
+                "provider": SENDGRID,
+                "kind": p.kind[:64],
+                "event_key": p.key[:300],
+                "delivery_id": p.delivery_key[:500] if p.delivery_key else None,
+                "address": p.email[:512] if p.email else None,
+                "outcome": outcome,
+                "payload": p.event if isinstance(p.event, dict) else {"value": p.event},
+                "occurred_at": p.at,
+                "received_at": now,
+            }
+        )
+    new = _record_many(session, rows)
+    fresh = []
+    for p, row in zip(parsed, rows, strict=True):
+        if row["event_key"] not in new:
+            report.duplicates += 1
+            continue
+        report.count(row["outcome"])
+        if p.at is not None:
+            fresh.append(p)
+    _sendgrid_deliveries(session, fresh, deliveries, now)
+    _sendgrid_timeline(session, fresh, deliveries, now)
+    _sendgrid_consents(session, fresh, deliveries, now)
     return report
 
 
-def _apply_sendgrid(
-    session: Session,
-    kind: str,
-    event: dict,
-    delivery: _Delivery | None,
-    email: str | None,
-    at: datetime,
-    now: datetime,
-    key: str,
-    timeline: list[dict[str, Any]],
+def _sendgrid_deliveries(
+    session: Session, fresh: list[_SendGridEvent], deliveries: dict[str, _Delivery], now: datetime
 ) -> None:
-    reason = _text(event.get("reason")) or _text(event.get("response"))
-    if kind in SENDGRID_DELIVERY_EVENTS:
-        status = {"bounce": "blocked" if event.get("type") == "blocked" else "bounced"}.get(kind, kind)
-        hard = (kind == "bounce" and status == "bounced") or (
-            kind == "dropped" and (reason or "").lower() == SENDGRID_BOUNCED_ADDRESS.lower()
+    """Delivery events: update the deliveries (one statement) and suppress hard-bounced addresses (one)."""
+    changed: set[int] = set()
+    bounced: list[tuple[str, str, str | None]] = []
+    for p in fresh:
+        if p.kind not in SENDGRID_DELIVERY_EVENTS:
+            continue
+        event = p.event
+        reason = _text(event.get("reason")) or _text(event.get("response"))
+        status = {"bounce": "blocked" if event.get("type") == "blocked" else "bounced"}.get(p.kind, p.kind)
+        hard = (p.kind == "bounce" and status == "bounced") or (
+            p.kind == "dropped" and (reason or "").lower() == SENDGRID_BOUNCED_ADDRESS.lower()
         )
-        if hard and email:
-            suppress_address(session, "email", email, source=f"sendgrid:{kind}", now=now, detail=reason)
-        if delivery is not None:
-            error = f"SendGrid {kind}" + (f": {reason}" if reason else "")
-            _update_delivery(session, delivery, status, at=at, now=now, error=error)
-        return
-    if kind in ("open", "click"):
+        if hard and p.email:
+            bounced.append((p.email, f"sendgrid:{p.kind}", reason))
+        delivery = deliveries.get(p.delivery_key) if p.delivery_key else None
         if delivery is None:
-            return
+            continue
+        error = f"SendGrid {p.kind}" + (f": {reason}" if reason else "")
+        if _advance(delivery, status, at=p.at, error=error) is not None:
+            changed.add(delivery.id)
+    if changed:
+        rows = [
+            {
+                "id": delivery.id,
+                "provider_status": delivery.provider_status,
+                "delivered_at": delivery.delivered_at,
+                "error": delivery.error,
+                "updated_at": now,
+            }
+            for delivery in deliveries.values()
+            if delivery.id in changed
+        ]
+        update_rows(session, Delivery.__table__, "id", rows)
+    suppress_addresses(session, "email", bounced, now=now)
+
+
+def _sendgrid_timeline(
+    session: Session, fresh: list[_SendGridEvent], deliveries: dict[str, _Delivery], now: datetime
+) -> None:
+    """``open`` / ``click`` of a known delivery: ``Email Opened`` / ``Email Link Clicked``."""
+    timeline: list[dict[str, Any]] = []
+    for p in fresh:
+        delivery = deliveries.get(p.delivery_key) if p.delivery_key else None
+        if p.kind not in ("open", "click") or delivery is None:
+            continue
         properties: dict[str, Any] = {"delivery_id": delivery.dedupe_key}
-        if kind == "click":
-            properties["url"] = _text(event.get("url"))
-        if event.get("sg_machine_open") is True:
+        if p.kind == "click":
+            properties["url"] = _text(p.event.get("url"))
+        if p.event.get("sg_machine_open") is True:
             properties["machine_open"] = True
-        name = EMAIL_OPENED if kind == "open" else EMAIL_LINK_CLICKED
-        timeline.append(_event(delivery.customer_id, key, name, Touchpoint.EMAIL.value, properties, at, now))
+        name = EMAIL_OPENED if p.kind == "open" else EMAIL_LINK_CLICKED
+        timeline.append(
+            _event(delivery.customer_id, p.key, name, Touchpoint.EMAIL.value, properties, p.at, now)
+        )
+    _insert_events(session, timeline)
+
+
+def _sendgrid_consents(
+    session: Session, fresh: list[_SendGridEvent], deliveries: dict[str, _Delivery], now: datetime
+) -> None:
+    """Opt-outs and opt-ins: the delivery's customer, else every customer with the address. Each
+    customer's decisions are applied in the post's order, a run of the same status at once: an
+    ``Unsubscribed`` then a ``Subscribed`` event when the post opts out then back in; several opt-outs in
+    a row make one ``Unsubscribed`` event naming the decision the store keeps (the newest)."""
+    wanted = [p for p in fresh if p.kind in SENDGRID_OPT_OUTS or p.kind in SENDGRID_OPT_INS]
+    if not wanted:
         return
-    if kind in SENDGRID_OPT_OUTS or kind in SENDGRID_OPT_INS:
-        if delivery is not None:
-            customers = [delivery.customer_id]
-        else:
-            customers = customers_with(session, "email", email) if email else []
-        decide = opt_out if kind in SENDGRID_OPT_OUTS else opt_in
-        properties = {"delivery_id": delivery.dedupe_key} if delivery is not None else None
-        decide(
+    unmatched = {
+        p.email for p in wanted if p.email and (p.delivery_key is None or p.delivery_key not in deliveries)
+    }
+    holders = customers_with_each(session, "email", unmatched)
+    # Round r holds each customer's r-th run of same-status decisions: a run is applied as one (the
+    # newest decision wins, as one after the other), a change of status waits for the next round.
+    rounds: list[tuple[list[ConsentDecision], dict[tuple[int, str], tuple[datetime, dict]]]] = []
+    runs: dict[tuple[int, str], tuple[int, str]] = {}  # key -> (its round, the status of its run)
+    channel = Channel.EMAIL.value
+    for p in wanted:
+        delivery = deliveries.get(p.delivery_key) if p.delivery_key else None
+        customers = [delivery.customer_id] if delivery is not None else holders.get(p.email or "", [])
+        status = (ConsentStatus.OPTED_OUT if p.kind in SENDGRID_OPT_OUTS else ConsentStatus.OPTED_IN).value
+        properties = {"delivery_id": delivery.dedupe_key} if delivery is not None else {}
+        for customer in customers:
+            key = (customer, channel)
+            index, run_status = runs.get(key, (-1, None))
+            if run_status != status:
+                index += 1
+                runs[key] = (index, status)
+            if index == len(rounds):
+                rounds.append(([], {}))
+            decisions, newest = rounds[index]
+            decisions.append(ConsentDecision(customer, channel, status, f"sendgrid:{p.kind}", p.at))
+            if key not in newest or p.at >= newest[key][0]:
+                newest[key] = (p.at, properties)
+    for decisions, newest in rounds:
+        record_consents(
             session,
-            customers,
-            Channel.EMAIL.value,
-            source=f"sendgrid:{kind}",
+            decisions,
             now=now,
-            at=at,
             touchpoint=Touchpoint.EMAIL.value,
-            properties=properties,
+            properties_of={key: properties for key, (_at, properties) in newest.items()},
         )
 
 
@@ -480,3 +649,36 @@ def apply_twilio_inbound(
             properties={"message_sid": sid},
         )
     return outcome
+
+
+# --- inspection -----------------------------------------------------------------------------------------
+
+# Outcomes of events Omni kept without acting on them fully: a person should look at them.
+UNMATCHED = (UNKNOWN_DELIVERY, UNKNOWN_NUMBER, INVALID)
+
+
+def unmatched_events(
+    session: Session,
+    *,
+    provider: str | None = None,
+    outcomes: Iterable[str] = UNMATCHED,
+    since: datetime | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    """The provider events kept with an unmatched outcome (``unknown_delivery``: no delivery has the id
+    the event names; ``unknown_number``: no customer has the sender's phone; ``invalid``: not an event),
+    newest first, payload included (``omni feedback unmatched``)."""
+    table = ProviderEvent.__table__
+    query = (
+        select(table)
+        .where(table.c.outcome.in_(sorted(set(outcomes))))
+        .order_by(table.c.received_at.desc(), table.c.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    if provider is not None:
+        query = query.where(table.c.provider == provider)
+    if since is not None:
+        query = query.where(table.c.received_at >= since)
+    return [dict(row._mapping) for row in session.execute(query)]

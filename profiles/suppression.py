@@ -23,12 +23,13 @@ own results (``sequences.effects``: ``twilio:21610`` at send time).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
+from omni.core.batching import chunked
 from omni.core.channels import CONSENT_CHANNELS
 from omni.core.statuses import ConsentStatus
 from profiles.bulk import dialect_insert
@@ -41,49 +42,78 @@ EVENT_OF_STATUS = {status.value: name for name, status in CONSENT_EVENTS.items()
 HARD_BOUNCE = "hard_bounce"
 
 
+def live_customers(session: Session, customer_ids: Iterable[int]) -> dict[int, int]:
+    """Each of ``customer_ids`` that exists -> itself, or the customer it was merged into (a few
+    statements whatever the number of ids: merges keep ``merged_into`` one hop)."""
+    customers = Customer.__table__
+    resolved: dict[int, int] = {}
+    pending = {customer_id: customer_id for customer_id in set(customer_ids)}  # asked -> to look up
+    for _ in range(100):  # one or two rounds
+        if not pending:
+            break
+        found: dict[int, int | None] = {}
+        for chunk in chunked(sorted(set(pending.values()))):
+            rows = session.execute(
+                select(customers.c.id, customers.c.merged_into).where(customers.c.id.in_(chunk))
+            )
+            found.update({row.id: row.merged_into for row in rows})
+        following: dict[int, int] = {}
+        for asked, current in pending.items():
+            if current not in found:
+                continue  # no such customer
+            if found[current] is None:
+                resolved[asked] = current
+            else:
+                following[asked] = found[current]
+        pending = following
+    return resolved
+
+
 def live_customer(session: Session, customer_id: int) -> int | None:
     """``customer_id``, or the customer it was merged into; None when there is no such customer."""
-    customers = Customer.__table__
-    for _ in range(100):  # merges keep merged_into one hop: this loops once or twice
-        row = session.execute(
-            select(customers.c.id, customers.c.merged_into).where(customers.c.id == customer_id)
-        ).first()
-        if row is None:
-            return None
-        if row.merged_into is None:
-            return row.id
-        customer_id = row.merged_into
-    return None
+    return live_customers(session, [customer_id]).get(customer_id)
+
+
+def customers_with_each(session: Session, kind: str, addresses: Iterable[str]) -> dict[str, list[int]]:
+    """For each address (an email address or an E.164 number, as stored), the live customers holding it
+    on their profile or as an identity (addresses nobody holds are left out). Two lookups per 1,000
+    addresses, whatever their number."""
+    if kind not in SUPPRESSIBLE:
+        raise ValueError(f"unknown address kind {kind!r}")
+    customers, identities = Customer.__table__, Identity.__table__
+    column = customers.c.email if kind == "email" else customers.c.phone
+    holders: dict[str, set[int]] = {}
+    for chunk in chunked(sorted({a for a in addresses if a})):
+        for address, customer_id in session.execute(select(column, customers.c.id).where(column.in_(chunk))):
+            holders.setdefault(address, set()).add(customer_id)
+        for address, customer_id in session.execute(
+            select(identities.c.value, identities.c.customer_id).where(
+                identities.c.kind == kind, identities.c.value.in_(chunk)
+            )
+        ):
+            holders.setdefault(address, set()).add(customer_id)
+    live = live_customers(session, {c for ids in holders.values() for c in ids})
+    found = {address: sorted({live[c] for c in ids if c in live}) for address, ids in holders.items()}
+    return {address: ids for address, ids in found.items() if ids}
 
 
 def customers_with(session: Session, kind: str, address: str) -> list[int]:
     """The live customers holding ``address`` (an email address or an E.164 number, as stored) on their
     profile or as an identity."""
-    if kind not in SUPPRESSIBLE:
-        raise ValueError(f"unknown address kind {kind!r}")
-    customers, identities = Customer.__table__, Identity.__table__
-    column = customers.c.email if kind == "email" else customers.c.phone
-    found = set(session.execute(select(customers.c.id).where(column == address)).scalars())
-    found |= set(
-        session.execute(
-            select(identities.c.customer_id).where(identities.c.kind == kind, identities.c.value == address)
-        ).scalars()
-    )
-    live = {live_customer(session, customer_id) for customer_id in found}
-    return sorted(customer_id for customer_id in live if customer_id is not None)
+    return customers_with_each(session, kind, [address]).get(address, [])
 
 
 def _recorded(session: Session, keys: set[tuple[int, str]]) -> dict[tuple[int, str], tuple[str, str]]:
     table = Consent.__table__
-    customer_ids = sorted({customer_id for customer_id, _ in keys})
-    rows = session.execute(
-        select(table.c.customer_id, table.c.channel, table.c.status, table.c.source).where(
-            table.c.customer_id.in_(customer_ids)
+    found: dict[tuple[int, str], tuple[str, str]] = {}
+    for chunk in chunked(sorted({customer_id for customer_id, _ in keys})):
+        rows = session.execute(
+            select(table.c.customer_id, table.c.channel, table.c.status, table.c.source).where(
+                table.c.customer_id.in_(chunk)
+            )
         )
-    )
-    return {
-        (r.customer_id, r.channel): (r.status, r.source) for r in rows if (r.customer_id, r.channel) in keys
-    }
+        found.update({(r.customer_id, r.channel): (r.status, r.source) for r in rows})
+    return {key: value for key, value in found.items() if key in keys}
 
 
 def record_consents(
@@ -94,6 +124,7 @@ def record_consents(
     touchpoint: str,
     operator: bool = False,
     properties: dict | None = None,
+    properties_of: Mapping[tuple[int, str], dict] | None = None,
 ) -> list[ConsentDecision]:
     """Apply consent ``decisions`` (:func:`profiles.consent.apply_consents`) and put an ``Unsubscribed``
     / ``Subscribed`` event on the timeline of each customer whose status on a channel changed.
@@ -104,6 +135,7 @@ def record_consents(
         operator: apply whatever the recorded time (a decision made now by the customer on Omni's own
             page, or by the provider for them: see :func:`profiles.consent.apply_consents`).
         properties: more event properties (a delivery id ...).
+        properties_of: more event properties for one (customer, channel), over ``properties``.
 
     Returns the decisions that changed a status (one per customer and channel).
     """
@@ -141,7 +173,12 @@ def record_consents(
                 "type": "track",
                 "name": EVENT_OF_STATUS[status],
                 "channel": touchpoint,
-                "properties": {**(properties or {}), "channel": channel, "source": source},
+                "properties": {
+                    **(properties or {}),
+                    **((properties_of or {}).get(key) or {}),
+                    "channel": channel,
+                    "source": source,
+                },
                 "context": {"library": {"name": "omni"}},
                 "user_id": None,
                 "anonymous_id": None,
@@ -220,6 +257,48 @@ def _decide(session, customer_ids, channel, status, source, now, touchpoint, at,
 # --- addresses that cannot receive ---------------------------------------------------------------------
 
 
+def _address(kind: str, address: str) -> str:
+    return address.strip().lower() if kind == "email" else address.strip()
+
+
+def suppress_addresses(
+    session: Session,
+    kind: str,
+    addresses: Iterable[tuple[str, str, str | None]],
+    *,
+    now: datetime,
+    reason: str = HARD_BOUNCE,
+) -> list[str]:
+    """Suppress each ``(address, source, detail)`` (normalised as the store keeps it: lower-case email,
+    E.164 phone) for every channel that sends to its kind, in one statement; an address given twice keeps
+    its first source. Returns the addresses that are new (a second bounce changes nothing)."""
+    if kind not in SUPPRESSIBLE:
+        raise ValueError(f"only {', '.join(SUPPRESSIBLE)} addresses can be suppressed, not {kind!r}")
+    rows: dict[str, dict] = {}
+    for address, source, detail in addresses:
+        address = _address(kind, address or "")[:512]
+        if address and address not in rows:
+            rows[address] = {
+                "kind": kind,
+                "address": address,
+                "reason": reason[:32],
+                "source": source[:200],
+                "detail": (detail or None) and detail[:2000],
+                "created_at": now,
+            }
+    if not rows:
+        return []
+    table = Suppression.__table__
+    statement = (
+        dialect_insert(session, table)
+        .on_conflict_do_nothing(index_elements=["kind", "address"])
+        .returning(table.c.address)
+    )
+    # RETURNING, not rowcount: psycopg reports a row for an INSERT that ON CONFLICT skipped.
+    new = set(session.execute(statement, list(rows.values())).scalars())
+    return [address for address in rows if address in new]
+
+
 def suppress_address(
     session: Session,
     kind: str,
@@ -230,38 +309,30 @@ def suppress_address(
     reason: str = HARD_BOUNCE,
     detail: str | None = None,
 ) -> bool:
-    """Suppress ``address`` (normalised as the store keeps it: lower-case email, E.164 phone) for every
-    channel that sends to its kind. Returns whether it is new (a second bounce changes nothing)."""
-    if kind not in SUPPRESSIBLE:
-        raise ValueError(f"only {', '.join(SUPPRESSIBLE)} addresses can be suppressed, not {kind!r}")
-    address = address.strip().lower() if kind == "email" else address.strip()
-    if not address:
-        return False
-    table = Suppression.__table__
-    statement = (
-        dialect_insert(session, table)
-        .values(
-            kind=kind,
-            address=address[:512],
-            reason=reason[:32],
-            source=source[:200],
-            detail=(detail or None) and detail[:2000],
-            created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["kind", "address"])
-        .returning(table.c.id)
-    )
-    # RETURNING, not rowcount: psycopg reports a row for an INSERT that ON CONFLICT skipped.
-    return session.execute(statement).first() is not None
+    """Suppress ``address`` (see :func:`suppress_addresses`). Returns whether it is new."""
+    return bool(suppress_addresses(session, kind, [(address, source, detail)], now=now, reason=reason))
 
 
-def lift_suppression(session: Session, kind: str, address: str) -> bool:
-    """Remove the suppression of ``address``; returns whether there was one."""
+def lift_suppression(session: Session, kind: str, address: str) -> dict | None:
+    """Remove the suppression of ``address`` (an operator's call: the address is reachable again, for
+    the customers' consent to decide); returns the row removed, None when there was none."""
     table = Suppression.__table__
-    address = address.strip().lower() if kind == "email" else address.strip()
-    return bool(
-        session.execute(delete(table).where(table.c.kind == kind, table.c.address == address)).rowcount
-    )
+    address = _address(kind, address)
+    row = session.execute(
+        delete(table).where(table.c.kind == kind, table.c.address == address).returning(*table.c)
+    ).first()
+    return dict(row._mapping) if row is not None else None
+
+
+def list_suppressions(
+    session: Session, *, kind: str | None = None, limit: int = 100, offset: int = 0
+) -> list[dict]:
+    """Suppressed addresses, newest first (``omni suppressions list``)."""
+    table = Suppression.__table__
+    query = select(table).order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit).offset(offset)
+    if kind is not None:
+        query = query.where(table.c.kind == kind)
+    return [dict(row._mapping) for row in session.execute(query)]
 
 
 def suppressions_of(session: Session, *, email: str | None, phone: str | None) -> list[dict]:

@@ -433,8 +433,7 @@ REPORT_GLOB = "report-*.html"
 def report_dir(settings: Settings) -> Path:
     """The folder of the HTML reports: ``report_dir`` (``OMNI_REPORT_DIR``), relative to the working
     directory, else ``omni-reports``."""
-    configured = getattr(settings, "report_dir", None)
-    return Path(configured) if configured else DEFAULT_REPORT_DIR
+    return Path(settings.report_dir) if settings.report_dir else DEFAULT_REPORT_DIR
 
 
 def report_file(directory: Path, now: Any) -> Path:

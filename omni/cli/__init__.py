@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "report",
     "serve",
     "keys",
+    "suppressions",
     "demo",
 )
 

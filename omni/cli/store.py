@@ -26,7 +26,7 @@ from omni.cli.common import (
     parse_now,
     print_json,
 )
-from omni.core.channels import CONSENT_CHANNELS
+from omni.core.channels import CONSENT_CHANNELS, OMNI_CHANNEL, TOUCHPOINTS
 from omni.core.settings import get_settings
 from omni.core.statuses import ConsentStatus
 
@@ -248,9 +248,10 @@ def consent_set(
 ) -> None:
     """Record a consent decision by hand: an operator's decision takes effect at once (at --now,
     default the current time), whatever the time of the decision recorded before it."""
-    from profiles.consent import ConsentDecision, apply_consents, consents_of
+    from profiles.consent import ConsentDecision, consents_of
     from profiles.db import session_scope
     from profiles.identity import resolve_customer_key
+    from profiles.suppression import record_consents
 
     statuses = [s.value for s in ConsentStatus]
     if channel not in CONSENT_CHANNELS:
@@ -263,10 +264,13 @@ def consent_set(
         customer_id = resolve_customer_key(session, key, default_region=get_settings().default_phone_region)
         if customer_id is None:
             raise BadInput(f"no customer matches {key!r}")
-        apply_consents(
+        # Through the one suppression rule: the decision and an Unsubscribed / Subscribed event on the
+        # timeline, on the touchpoint the source names (`--source call_center`), else on Omni's own.
+        record_consents(
             session,
             [ConsentDecision(customer_id, channel, status, f"cli:{source}", at)],
             now=at,
+            touchpoint=source if source in TOUCHPOINTS else OMNI_CHANNEL,
             operator=True,
         )
         state = consents_of(session, customer_id)[channel]

@@ -142,7 +142,11 @@ class Settings(BaseSettings):
         default=None, description="Sender: E.164 number, alphanumeric id, or Messaging Service SID (MG...)."
     )
     twilio_base_url: str = Field(default="https://api.twilio.com", description="Twilio REST API host.")
-    twilio_status_callback_url: str | None = Field(default=None, description="Optional StatusCallback URL.")
+    twilio_status_callback_url: str | None = Field(
+        default=None,
+        description="StatusCallback URL for SMS (e.g. `<OMNI_PUBLIC_URL>/webhooks/twilio/status`); each "
+        "message's callback adds `delivery_id=<its delivery>` to it.",
+    )
     # Firebase Cloud Messaging HTTP v1
     fcm_project_id: str | None = Field(default=None, description="Firebase project id.")
     fcm_credentials_file: Path | None = Field(default=None, description="Service-account JSON key file.")
@@ -244,6 +248,21 @@ class Settings(BaseSettings):
     )
     support_ticket_property: str = Field(
         default="ticket_id", description="Property of both support events that holds the ticket id."
+    )
+    report_dir: Path = Field(
+        default=Path("omni-reports"),
+        description="Folder of the HTML reports (build-report flow, the demo); omni serve shows the newest at "
+        "/reports/latest.",
+    )
+    # --- The global control group (profiles/control.py): see the README's "Global control group".
+    global_control_share: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Share of all customers held out of every marketing sequence and campaign; 0: off.",
+    )
+    global_control_salt: str = Field(
+        default="", description="Chooses the global control group; a new salt draws a new, independent group."
     )
 
     @field_validator("database_url")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from dataclasses import replace
 from urllib.parse import quote, quote_plus
 
+import pytest
 from connector_contract import FAST, ConnectorContract, Sleeps
 from connector_fakes import FakeTwilio
 
@@ -96,6 +98,45 @@ class TestTwilioSms(ConnectorContract):
             "From": ["+15005550006"],
             "Body": ["Omni: your order o-1 is ready for pickup. Reply STOP to opt out."],
         }
+
+    def test_the_status_callback_names_the_delivery(self, fake):
+        connector = TwilioSms(
+            account_sid=fake.account_sid,
+            auth_token=fake.auth_token,
+            sender="+15005550006",
+            base_url=fake.url,
+            status_callback_url="https://hooks.shop.example/webhooks/twilio/status",
+        )
+        message = replace(sms(1), delivery_id="enrollment:12:reminder")
+        [result] = connector.send([message])
+        assert result.status is Status.SENT
+        assert fake.requests[0].form["StatusCallback"] == [
+            "https://hooks.shop.example/webhooks/twilio/status?delivery_id=enrollment%3A12%3Areminder"
+        ]
+
+    @pytest.mark.parametrize(
+        ("configured", "expected"),
+        [
+            ("https://h.example/s", "https://h.example/s?delivery_id=campaign%3Aa+b%3A7"),
+            ("https://h.example/s?", "https://h.example/s?delivery_id=campaign%3Aa+b%3A7"),
+            ("https://h.example/s?tenant=eu", "https://h.example/s?tenant=eu&delivery_id=campaign%3Aa+b%3A7"),
+            (
+                "https://h.example/s?tenant=eu&",
+                "https://h.example/s?tenant=eu&delivery_id=campaign%3Aa+b%3A7",
+            ),
+            (" https://h.example/s#frag ", "https://h.example/s?delivery_id=campaign%3Aa+b%3A7#frag"),
+        ],
+    )
+    def test_the_delivery_id_is_added_to_the_configured_query(self, fake, configured, expected):
+        connector = TwilioSms(
+            account_sid=fake.account_sid,
+            auth_token=fake.auth_token,
+            sender="+15005550006",
+            base_url=fake.url,
+            status_callback_url=configured,
+        )
+        message = replace(sms(1), delivery_id="campaign:a b:7")
+        assert connector.form(message)["StatusCallback"] == expected
 
     def test_messaging_service_sid_is_sent_as_such(self, fake):
         connector = self.make_connector(fake, sender="MG" + "a" * 32)

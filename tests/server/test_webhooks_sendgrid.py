@@ -216,3 +216,25 @@ def test_the_official_helper_accepts_what_sendgrid_signs(key):
     helper = EventWebhook(key.public_b64)
     assert helper.verify_signature(body, key.sign(body.encode(), timestamp), timestamp)
     assert not helper.verify_signature(body + " ", key.sign(body.encode(), timestamp), timestamp)
+
+
+def test_the_profile_api_reads_what_the_webhook_learned(engine, sendgrid, key, api_key):
+    """Suppression is one rule: the profile API reports the bounce and the complaint the webhook got."""
+    import httpx
+
+    server, _ana = sendgrid
+    post_sendgrid(server, key, [sg_event("bounce", "pb", type="bounce", reason="550 5.1.1 gone")])
+    read = api_key(engine, scope="read", source="desk")
+    profile = httpx.get(f"{server.url}/v1/profiles/ana@example.org", auth=(read, ""), timeout=30).json()
+    email = profile["consents"]["email"]
+    assert (email["status"], email["allowed"], email["reachable"]) == ("default", True, False)
+    assert email["unreachable_reason"] == "email address suppressed (hard bounce)"
+    assert profile["consents"]["sms"]["reachable"] is True
+    post_sendgrid(server, key, [sg_event("spamreport", "ps")])
+    profile = httpx.get(f"{server.url}/v1/profiles/ana@example.org", auth=(read, ""), timeout=30).json()
+    email = profile["consents"]["email"]
+    assert (email["status"], email["source"], email["allowed"]) == ("opted_out", "sendgrid:spamreport", False)
+    timeline = httpx.get(
+        f"{server.url}/v1/profiles/ana@example.org/timeline", auth=(read, ""), timeout=30
+    ).json()
+    assert "Unsubscribed" in {entry.get("name") for entry in timeline["events"]}
