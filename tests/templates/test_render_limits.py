@@ -83,10 +83,12 @@ def test_a_hostile_template_fails_that_render_quickly(tmp_path, name):
     _write(tmp_path, "email", "evil", "txt", HOSTILE[name])
     (tmp_path / "email" / "evil.subject.j2").write_text("Hi")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.monotonic()
+    # The limit is on the rendering thread's CPU time (a busy machine must not fail good templates), so
+    # that is what is measured: the hostile template is stopped after its budget, however loaded the box.
+    started = time.thread_time()
     with pytest.raises(RenderError) as caught:
         render_context("email/evil", {"customer": {"id": 1}}, directory=tmp_path)
-    elapsed = time.monotonic() - started
+    elapsed = time.thread_time() - started
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert elapsed < 2.0, f"{name}: {elapsed:.2f} s"
     assert grown_mb < 100, f"{name}: peak memory grew {grown_mb:.0f} MB"
@@ -154,10 +156,10 @@ def test_render_many_never_raises_and_fails_every_customer_of_a_broken_template(
 def test_a_template_out_of_time_fails_the_rest_of_the_batch_at_once(engine, tmp_path):
     ids = [seed(engine, user_id=f"u-{n}", phone=f"+1415555{n:04d}", token=f"t-{n}") for n in range(6)]
     settings = _write(tmp_path, "sms", "slow", "txt", HOSTILE["nested loops"])
-    started = time.monotonic()
+    started = time.thread_time()  # CPU time of this thread: see above
     with session_scope(engine) as session:
         outcomes = render_many(session, "sms/slow", ids, now=NOW, settings=settings)
-    assert time.monotonic() - started < 4
+    assert time.thread_time() - started < 4
     assert all(isinstance(o, RenderError) and o.kind == "time" for o in outcomes.values())
     assert "ran out of time for 3 customers" in outcomes[ids[-1]].reason
 
