@@ -26,7 +26,7 @@ from sqlalchemy import JSON, Table
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from profiles.db import UTCDateTime, sqlite_timestamp
+from profiles.db import UTCDateTime, pg_array_literal, sqlite_timestamp
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -45,9 +45,32 @@ def identity(value: Any) -> Any:
     return value
 
 
+def sqlite_text(value: datetime | None) -> str | None:
+    """:func:`profiles.db.sqlite_timestamp`, one C call for the usual case (an aware UTC datetime: its ISO
+    text less the ``+00:00``), which ingest makes hundreds of thousands of times."""
+    if value is not None and value.tzinfo is UTC:
+        return value.isoformat(" ", "microseconds")[:-6]
+    return sqlite_timestamp(value)
+
+
 def timestamp_param(dialect: str) -> Callable[[datetime | None], Any]:
     """How a UTCDateTime parameter is written below SQLAlchemy on ``dialect``."""
-    return sqlite_timestamp if dialect == "sqlite" else aware
+    return sqlite_text if dialect == "sqlite" else aware
+
+
+def _memoized(convert: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``convert`` remembering its results: a column of timestamps mostly repeats a few values (the time
+    of receipt, NULL)."""
+    cache: dict[Any, Any] = {}
+
+    def converted(value: Any) -> Any:
+        try:
+            return cache[value]
+        except KeyError:
+            result = cache[value] = convert(value)
+            return result
+
+    return converted
 
 
 def _parameter(table: Table, name: str, dialect: str) -> tuple[str, Callable[[Any], Any]]:
@@ -89,7 +112,7 @@ def _driver_values(
     values = [
         [row[name] for row in rows]
         if convert is identity
-        else list(map(convert, [row[name] for row in rows]))
+        else list(map(_memoized(convert) if convert is sqlite_text else convert, [row[name] for row in rows]))
         for name, convert in zip(columns, converters, strict=True)
     ]
     return list(zip(*values, strict=True))
@@ -111,6 +134,35 @@ def insert_rows(session: Session, table: Table, rows: Sequence[dict[str, Any]]) 
         _copy(connection, table, columns, values)
     else:
         _executemany(connection, sql, values)
+
+
+def insert_new_rows(
+    session: Session, table: Table, rows: Sequence[dict[str, Any]], conflict: Sequence[str]
+) -> None:
+    """INSERT ``rows`` (dicts with the same keys) into ``table``, skipping each that conflicts on the unique
+    columns ``conflict`` (``ON CONFLICT DO NOTHING``): SQLite by executemany, PostgreSQL in one statement
+    with the rows as one JSON parameter."""
+    if not rows:
+        return
+    columns = tuple(rows[0])
+    connection = session.connection()
+    dialect = connection.dialect.name
+    target = ", ".join(f'"{name}"' for name in conflict)
+    if dialect == "postgresql":
+        sql, timestamps = _recordset_insert_plan(table, columns)
+        for name in timestamps:
+            for row in rows:
+                aware(row[name])
+        execute_sql(
+            session,
+            f"{sql} ON CONFLICT ({target}) DO NOTHING",
+            (orjson.dumps(list(rows), option=orjson.OPT_NON_STR_KEYS).decode(),),
+        )
+        return
+    sql, converters = _plan(table, columns, dialect)
+    _executemany(
+        connection, f"{sql} ON CONFLICT ({target}) DO NOTHING", _driver_values(rows, columns, converters)
+    )
 
 
 def update_rows(session: Session, table: Table, key: str, rows: Sequence[dict[str, Any]]) -> None:
@@ -192,6 +244,24 @@ def _recordset_update_plan(table: Table, columns: tuple[str, ...], key: str) -> 
     return sql, tuple(name for name in names if isinstance(table.c[name].type, UTCDateTime))
 
 
+@lru_cache(maxsize=64)
+def _recordset_insert_plan(table: Table, columns: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """PostgreSQL: one INSERT of every row, the rows bound as one JSON array (as for updates, see
+    :func:`_recordset_update_plan`). Returns the SQL and the timestamp columns."""
+    dialect = postgresql.dialect()
+    record = ", ".join(f'"{name}" {table.c[name].type.compile(dialect=dialect)}' for name in columns)
+    quoted = ", ".join(f'"{name}"' for name in columns)
+    selected = ", ".join(
+        f"coalesce(v.\"{name}\", 'null'::jsonb)" if isinstance(table.c[name].type, JSON) else f'v."{name}"'
+        for name in columns
+    )
+    sql = (
+        f'INSERT INTO "{table.name}" ({quoted}) '
+        f"SELECT {selected} FROM jsonb_to_recordset(?::jsonb) AS v({record})"
+    )
+    return sql, tuple(name for name in columns if isinstance(table.c[name].type, UTCDateTime))
+
+
 # --- Driver-level reads and set-based statements over a list of values.
 #
 # SQLAlchemy's expanding ``IN`` compiles one bind parameter per value (1,000 of them for a chunk) on
@@ -208,9 +278,12 @@ def in_list(column: str, dialect: str) -> str:
 
 
 def list_param(values: Sequence[Any], dialect: str) -> Any:
+    """The list parameter of :func:`in_list` (and of lists cast to an array, ``?::bigint[]``): a JSON array on
+    SQLite, an array literal on PostgreSQL (``{1,2}``: psycopg dumps a list value by value in Python,
+    which cost more than the lookups; see :func:`profiles.db.pg_array_literal`)."""
     if dialect == "sqlite":
         return orjson.dumps(list(values)).decode()
-    return list(values)
+    return pg_array_literal(values)
 
 
 def execute_sql(session: Session, sql: str, params: Sequence[Any] = ()) -> list[tuple]:

@@ -20,12 +20,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, exists, false, insert, not_, or_, select, true, update
+from sqlalchemy import ColumnElement, and_, exists, false, not_, or_, select, true
 from sqlalchemy.orm import Session
 
 from omni.core.batching import chunked
 from omni.core.channels import CONSENT_CHANNELS, SEND_CHANNELS, spec
 from omni.core.statuses import ConsentStatus
+from profiles.bulk import (
+    dialect_of,
+    execute_sql,
+    in_list,
+    insert_rows,
+    list_param,
+    read_timestamp,
+    update_rows,
+)
 from profiles.models import Consent, Customer, Identity, IdentityKind, Suppression
 from profiles.sqlexpr import has_text, in_set
 
@@ -214,16 +223,10 @@ def apply_consents(
     decisions = sorted(decisions, key=lambda d: (d.at, d.status == OPTED_OUT))
     if not decisions:
         return 0
-    table = Consent.__table__
-    customer_ids = sorted({d.customer_id for d in decisions})
-    current: dict[tuple[int, str], dict] = {}
-    for chunk in chunked(customer_ids):
-        for row in session.execute(
-            select(
-                table.c.customer_id, table.c.channel, table.c.status, table.c.source, table.c.updated_at
-            ).where(table.c.customer_id.in_(chunk))
-        ):
-            current[(row.customer_id, row.channel)] = dict(row._mapping, existing=True)
+    # The reads and writes below go to the driver, below the ORM: first write what the caller's session
+    # holds (a customer just added), as SQLAlchemy's autoflush does before a statement of its own.
+    session.flush()
+    current = _recorded(session, sorted({d.customer_id for d in decisions}))
     changed: dict[tuple[int, str], dict] = {}
     for decision in decisions:
         key = (decision.customer_id, decision.channel)
@@ -237,41 +240,58 @@ def apply_consents(
             elif not _supersedes(decision, row["status"], row["updated_at"]):
                 continue
         new = {
+            "id": row["id"] if row else None,
             "customer_id": decision.customer_id,
             "channel": decision.channel,
             "status": decision.status,
             "source": decision.source[:200],
             "updated_at": decision.at,
-            "existing": bool(row and row.get("existing")),
         }
         current[key] = new
         changed[key] = new
-    inserts = [
-        {k: v for k, v in row.items() if k != "existing"} for row in changed.values() if not row["existing"]
-    ]
-    updates = [
-        {
-            "b_customer_id": r["customer_id"],
-            "b_channel": r["channel"],
-            "status": r["status"],
-            "source": r["source"],
-            "updated_at": r["updated_at"],
-        }
-        for r in changed.values()
-        if r["existing"]
-    ]
-    if inserts:
-        session.execute(insert(table), inserts)
-    if updates:
-        session.execute(
-            update(table)
-            # SET columns come from the keys of each parameter row.
-            .where(
-                table.c.customer_id == bindparam("b_customer_id"), table.c.channel == bindparam("b_channel")
-            ),
-            updates,
-        )
+    table = Consent.__table__
+    # One statement each for the new rows and the changed ones, whatever their number.
+    insert_rows(
+        session,
+        table,
+        [{k: v for k, v in row.items() if k != "id"} for row in changed.values() if row["id"] is None],
+    )
+    update_rows(
+        session,
+        table,
+        "id",
+        [
+            {
+                "id": row["id"],
+                "status": row["status"],
+                "source": row["source"],
+                "updated_at": row["updated_at"],
+            }
+            for row in changed.values()
+            if row["id"] is not None
+        ],
+    )
     return len(changed)
+
+
+def _recorded(session: Session, customer_ids: list[int]) -> dict[tuple[int, str], dict]:
+    """(customer, channel) -> the recorded decision (id, status, updated_at) of ``customer_ids``."""
+    dialect = dialect_of(session)
+    sql = (
+        "SELECT id, customer_id, channel, status, updated_at FROM consents "
+        f"WHERE {in_list('customer_id', dialect)}"
+    )
+    current: dict[tuple[int, str], dict] = {}
+    for chunk in chunked(customer_ids, 5000):
+        for consent_id, customer_id, channel, status, updated_at in execute_sql(
+            session, sql, (list_param(chunk, dialect),)
+        ):
+            current[(customer_id, channel)] = {
+                "id": consent_id,
+                "status": status,
+                "updated_at": read_timestamp(updated_at),
+            }
+    return current
 
 
 def consents_of(session: Session, customer_id: int) -> dict[str, dict]:

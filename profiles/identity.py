@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -35,6 +36,7 @@ from profiles.bulk import (
     execute_sql,
     in_list,
     insert_rows,
+    insert_values,
     list_param,
     read_json,
     read_timestamp,
@@ -42,6 +44,7 @@ from profiles.bulk import (
     update_rows,
 )
 from profiles.consent import precedence_order_sql
+from profiles.db import pg_array_literal
 from profiles.models import (
     Customer,
     Identity,
@@ -107,6 +110,23 @@ def _values(dialect: str, element: str) -> str:
     return f"unnest(?::{element}[]) AS v(value)"
 
 
+@dataclass(slots=True)
+class Resolution:
+    """What :func:`resolve_batch` decided for a batch, with the writes it leaves to the caller (who writes
+    each customer's profile once, merged and updated by the batch together)."""
+
+    # The customer of each payload, in order.
+    customer_ids: list[int]
+    # Customers that absorbed a merge (their derived carts and orders must be rebuilt).
+    merged: set[int]
+    # The survivors' merged profiles (rows for update_rows, with ``created_at``), not written yet.
+    profiles: dict[int, dict[str, Any]]
+    # Ids reserved for the batch's new customers (ascending), not inserted yet: see insert_customers.
+    created: list[int]
+    # The batch's new identities (kind, value, customer id), not inserted yet: see insert_identities.
+    identities: list[tuple[str, str, int]]
+
+
 def resolve_customers(
     session: Session, payloads: Sequence[Payload], *, now: datetime
 ) -> tuple[list[int], set[int]]:
@@ -116,6 +136,17 @@ def resolve_customers(
         the customer id of each payload (in order), and the ids of customers that absorbed a merge
         (whose derived carts and orders must be rebuilt).
     """
+    resolution = resolve_batch(session, payloads, now=now)
+    insert_customers(session, [empty_profile(customer_id, now) for customer_id in resolution.created])
+    update_rows(session, Customer.__table__, "id", list(resolution.profiles.values()))
+    insert_identities(session, resolution.identities, now=now)
+    return resolution.customer_ids, resolution.merged
+
+
+def resolve_batch(session: Session, payloads: Sequence[Payload], *, now: datetime) -> Resolution:
+    """:func:`resolve_customers` without its last writes: merges are done (everything of the losers
+    moved, ``merged_into`` set) but the survivors' merged profiles are returned, and the new customers'
+    ids reserved, and their identities listed, for the caller to write (customers first)."""
     wanted: list[tuple[str, str]] = []
     for payload in payloads:
         wanted.extend(payload.identities)
@@ -126,24 +157,25 @@ def resolve_customers(
     existing_keys = set(key_map)
 
     uf = _UnionFind()
+    find = uf.find
     next_temp = -1
     refs: list[int] = []
     for payload in payloads:
-        keys = list(payload.identities)
+        keys = payload.identities
         if payload.previous_id:
             as_user = (IdentityKind.USER_ID.value, payload.previous_id)
             as_anonymous = (IdentityKind.ANONYMOUS_ID.value, payload.previous_id)
-            keys.append(as_user if as_user in key_map else as_anonymous)
+            keys = [*keys, as_user if as_user in key_map else as_anonymous]
         known = [key_map[k] for k in keys if k in key_map]
         if known:
             ref = known[0]
             for other in known[1:]:
                 ref = uf.union(ref, other)
-            ref = uf.find(ref)
+            ref = find(ref)
         else:
             ref = next_temp
             next_temp -= 1
-            uf.find(ref)
+            find(ref)
         for key in keys:
             key_map.setdefault(key, ref)
         refs.append(ref)
@@ -151,7 +183,7 @@ def resolve_customers(
     # Groups of refs that ended up as one customer.
     groups: dict[int, list[int]] = defaultdict(list)
     for ref in list(uf.parent):
-        groups[uf.find(ref)].append(ref)
+        groups[find(ref)].append(ref)
 
     final: dict[int, int] = {}
     new_roots = [root for root in groups if root < 0]
@@ -168,39 +200,80 @@ def resolve_customers(
         elif existing:
             for member in members:
                 final[member] = existing[0]
-    merge_many(session, merges, now=now)
-    merged_survivors = {survivor for survivor, _ in merges}
-    if new_roots:
-        created = create_customers(session, len(new_roots), now=now)
-        for root, customer_id in zip(new_roots, created, strict=True):
-            for member in groups[root]:
-                final[member] = customer_id
+    profiles = _merge(session, merges, now=now)
+    created = reserve_customer_ids(session, len(new_roots))
+    for root, customer_id in zip(new_roots, created, strict=True):
+        for member in groups[root]:
+            final[member] = customer_id
 
-    new_identities = [
-        {"kind": kind, "value": value, "customer_id": final[uf.find(ref)], "created_at": now}
+    # Identities of merged-away customers were moved by the merge already.
+    identities = [
+        (kind, value, final[find(ref)])
         for (kind, value), ref in key_map.items()
         if (kind, value) not in existing_keys
     ]
-    # Identities of merged-away customers were moved by merge_many already.
-    insert_rows(session, Identity.__table__, new_identities)
-    return [final[uf.find(ref)] for ref in refs], merged_survivors
+    return Resolution(
+        [final[find(ref)] for ref in refs],
+        {survivor for survivor, _ in merges},
+        {profile["id"]: profile for profile in profiles},
+        created,
+        identities,
+    )
+
+
+def reserve_customer_ids(session: Session, count: int) -> list[int]:
+    """``count`` ids for new customers (ascending) that :func:`insert_customers` inserts later in the same
+    transaction. PostgreSQL: from the ``customers`` id sequence. SQLite: the ids after the largest, which
+    is what an INSERT would take (its rowid); the transaction holds the write lock (BEGIN IMMEDIATE), so
+    nobody else takes them meanwhile."""
+    if count <= 0:
+        return []
+    if dialect_of(session) == "sqlite":
+        (last,) = execute_sql(session, "SELECT coalesce(max(id), 0) FROM customers")[0]
+        return list(range(last + 1, last + count + 1))
+    sql = "SELECT nextval(pg_get_serial_sequence('customers', 'id')) FROM generate_series(1, ?)"
+    return sorted(row[0] for row in execute_sql(session, sql, (count,)))
+
+
+def empty_profile(customer_id: int, now: datetime) -> dict[str, Any]:
+    """The row of a new customer nothing is known about yet (keys as :func:`insert_customers` takes)."""
+    return {
+        "id": customer_id,
+        **dict.fromkeys(PROFILE_COLUMNS),
+        "traits": {},
+        "traits_at": None,
+        "context_timezone": None,
+        "context_timezone_at": None,
+        "created_at": now,
+        "updated_at": now,
+    }
+
+
+def insert_customers(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert new customers (rows with the keys of :func:`empty_profile`, ids from
+    :func:`reserve_customer_ids`)."""
+    insert_rows(session, Customer.__table__, rows)
+
+
+IDENTITY_COLUMNS = ("kind", "value", "customer_id", "created_at")
+
+
+def insert_identities(session: Session, identities: Sequence[tuple[str, str, int]], *, now: datetime) -> None:
+    """Insert new identities (kind, value, customer id), created ``now``."""
+    created = timestamp_param(dialect_of(session))(now)
+    insert_values(
+        session,
+        Identity.__table__,
+        IDENTITY_COLUMNS,
+        [(kind, value, customer_id, created) for kind, value, customer_id in identities],
+    )
 
 
 def create_customers(session: Session, count: int, *, now: datetime) -> list[int]:
-    """``count`` new, empty customers in one statement; their ids, ascending."""
-    if count <= 0:
-        return []
-    dialect = dialect_of(session)
-    created = timestamp_param(dialect)(now)
-    if dialect == "sqlite":
-        rows = "json_each(?)"
-        size: Any = list_param([0] * count, dialect)
-        empty = "'{}'"
-    else:
-        rows, size, empty = "generate_series(1, ?)", count, "'{}'::jsonb"
-    sql = f"INSERT INTO customers (traits, created_at, updated_at) SELECT {empty}, ?, ? FROM {rows}"
-    sql += " RETURNING id"
-    return sorted(row[0] for row in execute_sql(session, sql, (created, created, size)))
+    """``count`` new, empty customers; their ids, ascending."""
+    created = reserve_customer_ids(session, count)
+    insert_customers(session, [empty_profile(customer_id, now) for customer_id in created])
+    return created
 
 
 def _known_customers(session: Session, customer_ids: Sequence[int]) -> set[int]:
@@ -228,7 +301,10 @@ def _mapping(dialect: str, names: tuple[str, str] = ("loser", "survivor")) -> st
 def _mapping_params(pairs: Sequence[tuple[int, int]], dialect: str) -> tuple:
     if dialect == "sqlite":
         return (list_param([list(pair) for pair in pairs], dialect),)
-    return ([first for first, _ in pairs], [second for _, second in pairs])
+    return (
+        pg_array_literal([first for first, _ in pairs]),
+        pg_array_literal([second for _, second in pairs]),
+    )
 
 
 # Tables whose rows belong to a customer and move to the survivor as they are (consents too, once the
@@ -249,10 +325,17 @@ def merge_many(session: Session, merges: Sequence[tuple[int, Sequence[int]]], *,
     Derived carts of the losers are dropped: the caller rebuilds the survivor's from the events that
     moved.
     """
+    update_rows(session, Customer.__table__, "id", _merge(session, merges, now=now))
+
+
+def _merge(
+    session: Session, merges: Sequence[tuple[int, Sequence[int]]], *, now: datetime
+) -> list[dict[str, Any]]:
+    """:func:`merge_many` but for the survivors' profiles, which it returns (rows for update_rows)."""
     groups = _merge_groups(merges)
     pairs = [(loser, survivor) for survivor, losers in groups.items() for loser in losers]
     if not pairs:
-        return
+        return []
     dialect = dialect_of(session)
     mapping, params = _mapping(dialect), _mapping_params(pairs, dialect)
     profiles = _merged_profiles(session, groups, now=now)
@@ -264,7 +347,6 @@ def merge_many(session: Session, merges: Sequence[tuple[int, Sequence[int]]], *,
             params,
         )
     delete_in(session, "carts", "customer_id", [loser for loser, _ in pairs])
-    update_rows(session, Customer.__table__, "id", profiles)
     # Customers merged into a loser before follow it to its survivor: merged_into stays one hop. The
     # mapping drives the lookup (CROSS JOIN fixes the join order on SQLite), so the plan does not depend
     # on statistics of merged_into, mostly NULL, which make SQLite scan customers once per pair.
@@ -280,6 +362,7 @@ def merge_many(session: Session, merges: Sequence[tuple[int, Sequence[int]]], *,
         "WHERE customers.id = m.loser",
         (timestamp_param(dialect)(now), *_mapping_params(merged, dialect)),
     )
+    return profiles
 
 
 def _merge_groups(merges: Sequence[tuple[int, Sequence[int]]]) -> dict[int, list[int]]:

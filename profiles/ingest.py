@@ -48,10 +48,10 @@ from omni.core.clock import utcnow
 from omni.core.collector import collect_now, collector_paused
 from omni.core.settings import Settings
 from profiles.bulk import (
-    dialect_insert,
     dialect_of,
     execute_sql,
     in_list,
+    insert_new_rows,
     insert_values,
     json_text,
     list_param,
@@ -63,7 +63,14 @@ from profiles.bulk import (
 from profiles.commerce import CARRIED_EVENTS, CommerceEvent, apply_commerce, plan_commerce
 from profiles.consent import ConsentDecision, apply_consents
 from profiles.db import refresh_statistics, session_scope, stale_statistics
-from profiles.identity import PROFILE_COLUMNS, resolve_customers
+from profiles.identity import (
+    PROFILE_COLUMNS,
+    Resolution,
+    empty_profile,
+    insert_customers,
+    insert_identities,
+    resolve_batch,
+)
 from profiles.models import Customer, Event, RejectedEvent
 from profiles.reader import LineChunk, RawItem, iter_input, parse_chunk
 from profiles.segment import (
@@ -192,7 +199,13 @@ class PreparedBatch(NamedTuple):
 
 
 def _prepare_one(
-    item: RawItem, *, now: datetime, default_region: str, timestamp: Callable, future: timedelta | None
+    item: RawItem,
+    *,
+    now: datetime,
+    default_region: str,
+    timestamp: Callable,
+    future: timedelta | None,
+    correct_clock_skew: bool = False,
 ) -> PreparedEvent:
     p = validate_payload(
         item.value,
@@ -201,6 +214,7 @@ def _prepare_one(
         default_region=default_region,
         raw=item.text,
         max_future=future,
+        correct_clock_skew=correct_clock_skew,
     )
     change = None
     if p.type == "identify" or p.consents or p.context_timezone:
@@ -232,8 +246,12 @@ def prepare_batch(
     default_region: str,
     dialect: str,
     future: timedelta | None,
+    correct_clock_skew: bool = False,
 ) -> PreparedBatch:
     """Validate a batch of raw payloads (no database involved); the first of a repeated messageId wins.
+    ``correct_clock_skew``: payloads straight from their senders (the tracking API, see
+    :func:`profiles.segment.validate_payload`); never for files, whose time of receipt is not when they
+    were sent.
 
     Whatever goes wrong with one payload rejects that payload with the reason, never the batch: an
     unexpected error while validating it is a rejection too ("cannot be validated: ...").
@@ -249,7 +267,12 @@ def prepare_batch(
             continue
         try:
             event = _prepare_one(
-                item, now=now, default_region=default_region, timestamp=timestamp, future=future
+                item,
+                now=now,
+                default_region=default_region,
+                timestamp=timestamp,
+                future=future,
+                correct_clock_skew=correct_clock_skew,
             )
         except Rejected as exc:
             rejected.append((item.source, item.text, str(exc)))
@@ -335,6 +358,10 @@ def prepared_batches(
                         job, now=now, default_region=default_region, dialect=dialect, future=future
                     )
                 )
+            if workers > 0 and chunks == 1 and isinstance(job, LineChunk):
+                # The first chunk waits for the next job to be read: when that is a chunk too, the worker
+                # starts (a new interpreter: about a second) and prepares it while this one is stored.
+                continue
             # Only work in a process is worth reading ahead for; the rest is prepared when its turn comes.
             while pending and (not isinstance(pending[0], Future) or len(pending) > workers + 1):
                 yield _result(pending.popleft())
@@ -525,9 +552,19 @@ def store_prepared(session: Session, batch: PreparedBatch, *, now: datetime) -> 
         events = [e for e in events if e.message_id not in stored]
 
     if events:
-        customer_ids, merged = resolve_customers(session, events, now=now)
+        resolution = resolve_batch(session, events, now=now)
+        customer_ids = resolution.customer_ids
         _count_writes(result.written, events, customer_ids)
-        commerce = plan_commerce(session, *_commerce_events(events, customer_ids, merged))
+        changes = [
+            (customer_id, e.change)
+            for e, customer_id in zip(events, customer_ids, strict=True)
+            if e.change is not None
+        ]
+        # Every profile the batch changes is written once: new customers inserted with theirs, merge
+        # survivors and the other customers it identifies updated.
+        _write_profiles(session, changes, resolution, now=now)
+        insert_identities(session, resolution.identities, now=now)
+        commerce = plan_commerce(session, *_commerce_events(events, customer_ids, resolution.merged))
         received = timestamp_param(dialect_of(session))(now)
         insert_values(
             session,
@@ -538,12 +575,6 @@ def store_prepared(session: Session, batch: PreparedBatch, *, now: datetime) -> 
                 for e, customer_id in zip(events, customer_ids, strict=True)
             ],
         )
-        changes = [
-            (customer_id, e.change)
-            for e, customer_id in zip(events, customer_ids, strict=True)
-            if e.change is not None
-        ]
-        _apply_profiles(session, changes, now=now)
         # A feed's consent decision counts from its event time, but never from later than Omni
         # received it: a payload cannot claim a decision from the future (see profiles.consent).
         apply_consents(
@@ -599,9 +630,7 @@ def store_rejections(session: Session, rejected: Sequence[tuple[str, str, str]],
                 "raw_hash": digest,
             },
         )
-    table = RejectedEvent.__table__
-    statement = dialect_insert(session, table).on_conflict_do_nothing(index_elements=[table.c.raw_hash])
-    session.execute(statement, list(rows.values()))
+    insert_new_rows(session, RejectedEvent.__table__, list(rows.values()), ("raw_hash",))
     return len(rows)
 
 
@@ -651,8 +680,26 @@ def _existing_message_ids(session: Session, message_ids: Sequence[str]) -> set[s
     return found
 
 
-def _apply_profiles(session: Session, changes: Sequence[tuple[int, ProfileUpdate]], *, now: datetime) -> None:
-    """Apply identify traits and context timezones to the customers they belong to.
+PROFILE_READ = (
+    "traits",
+    "traits_at",
+    "context_timezone",
+    "context_timezone_at",
+    "created_at",
+    *PROFILE_COLUMNS,
+)
+
+
+def _write_profiles(
+    session: Session,
+    changes: Sequence[tuple[int, ProfileUpdate]],
+    resolution: Resolution,
+    *,
+    now: datetime,
+) -> None:
+    """Write the profile of every customer the batch makes or changes, each once: apply identify traits
+    and context timezones to the profile each customer had before the batch (a new customer's is empty;
+    a merge survivor's is the merged one), insert the new customers and update the others.
 
     A newer identify overwrites; an older one (than the newest already applied) only fills what is
     missing, so the profile does not depend on arrival order.
@@ -666,47 +713,90 @@ def _apply_profiles(session: Session, changes: Sequence[tuple[int, ProfileUpdate
             current = zones.get(customer_id)
             if current is None or change.occurred_at >= current[0]:
                 zones[customer_id] = (change.occurred_at, change.context_timezone)
-    touched = sorted(set(identifies) | set(zones))
-    if not touched:
+    created = resolution.created
+    merged = resolution.profiles
+    new = set(created)
+    stored = {
+        customer_id: profile
+        for customer_id, profile in _stored_profiles(
+            session, sorted((set(identifies) | set(zones)) - new - merged.keys())
+        )
+    }
+    stored.update(merged)
+    updates = [
+        _changed_profile(stored[customer_id], identifies.get(customer_id, ()), zones.get(customer_id), now)
+        for customer_id in sorted(stored)
+    ]
+    inserts = [
+        _changed_profile(
+            empty_profile(customer_id, now), identifies.get(customer_id, ()), zones.get(customer_id), now
+        )
+        if customer_id in identifies or customer_id in zones
+        else empty_profile(customer_id, now)
+        for customer_id in created
+    ]
+    insert_customers(session, inserts)
+    update_rows(session, Customer.__table__, "id", updates)
+
+
+def _stored_profiles(session: Session, customer_ids: Sequence[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(id, profile) of customers as stored, in the form of :func:`profiles.identity.empty_profile`."""
+    if not customer_ids:
         return
     dialect = dialect_of(session)
-    sql = (
-        f"SELECT id, traits, traits_at, context_timezone, context_timezone_at, {', '.join(PROFILE_COLUMNS)}"
-        f" FROM customers WHERE {in_list('id', dialect)}"
-    )
-    updates: list[dict[str, Any]] = []
-    for chunk in chunked(touched, 5000):
-        for customer_id, stored_traits, stored_traits_at, zone, zone_at, *profile in execute_sql(
+    sql = f"SELECT id, {', '.join(PROFILE_READ)} FROM customers WHERE {in_list('id', dialect)}"
+    for chunk in chunked(customer_ids, 5000):
+        for customer_id, traits, traits_at, zone, zone_at, created_at, *profile in execute_sql(
             session, sql, (list_param(chunk, dialect),)
         ):
-            values = dict(zip(PROFILE_COLUMNS, profile, strict=True))
-            traits = dict(read_json(stored_traits) or {})
-            traits_at = read_timestamp(stored_traits_at)
-            zone_at = read_timestamp(zone_at)
-            for payload in sorted(identifies.get(customer_id, ()), key=lambda u: u.occurred_at):
-                if traits_at is None or payload.occurred_at >= traits_at:
-                    traits.update(payload.traits or {})
-                    values.update(payload.profile)
-                    traits_at = payload.occurred_at
-                else:
-                    for key, value in (payload.traits or {}).items():
-                        traits.setdefault(key, value)
-                    for key, value in payload.profile.items():
-                        if values.get(key) is None:
-                            values[key] = value
-            if customer_id in zones:
-                at, name = zones[customer_id]
-                if zone_at is None or at >= zone_at:
-                    zone, zone_at = name, at
-            updates.append(
+            yield (
+                customer_id,
                 {
                     "id": customer_id,
-                    **values,
-                    "traits": traits,
-                    "traits_at": traits_at,
+                    **dict(zip(PROFILE_COLUMNS, profile, strict=True)),
+                    "traits": read_json(traits) or {},
+                    "traits_at": read_timestamp(traits_at),
                     "context_timezone": zone,
-                    "context_timezone_at": zone_at,
-                    "updated_at": now,
-                }
+                    "context_timezone_at": read_timestamp(zone_at),
+                    "created_at": read_timestamp(created_at),
+                },
             )
-    update_rows(session, Customer.__table__, "id", updates)
+
+
+def _changed_profile(
+    profile: dict[str, Any],
+    identifies: Sequence[ProfileUpdate],
+    zone: tuple[datetime, str] | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """``profile`` (a row of :func:`_stored_profiles`) with a batch's identifies and latest context
+    timezone applied, as the row to write (``updated_at`` now)."""
+    values = {column: profile[column] for column in PROFILE_COLUMNS}
+    traits = dict(profile["traits"])
+    traits_at = profile["traits_at"]
+    zone_name, zone_at = profile["context_timezone"], profile["context_timezone_at"]
+    for payload in sorted(identifies, key=lambda u: u.occurred_at):
+        if traits_at is None or payload.occurred_at >= traits_at:
+            traits.update(payload.traits or {})
+            values.update(payload.profile)
+            traits_at = payload.occurred_at
+        else:
+            for key, value in (payload.traits or {}).items():
+                traits.setdefault(key, value)
+            for key, value in payload.profile.items():
+                if values.get(key) is None:
+                    values[key] = value
+    if zone is not None:
+        at, name = zone
+        if zone_at is None or at >= zone_at:
+            zone_name, zone_at = name, at
+    return {
+        "id": profile["id"],
+        **values,
+        "traits": traits,
+        "traits_at": traits_at,
+        "context_timezone": zone_name,
+        "context_timezone_at": zone_at,
+        "created_at": profile["created_at"],
+        "updated_at": now,
+    }
