@@ -15,11 +15,16 @@ the test suite):
 - single: ``--single-clients`` connections (default 32) POST one event a request to ``/v1/track`` etc.
 
 Events: a mix over 20,000 customers (60 % track with properties, 25 % page, 10 % identify with an email,
-5 % Product Added with a cart), each with a unique messageId. Printed per phase: events/s answered 200,
-requests/s, p50/p99 request latency, 429s, and the time from a 200 to the event being visible in the
-store (polled every 20 ms for one sampled event per request in the batched phase and every 10th request
-in the single phase: p50/p95 and the share within 2 s), how long the queue took to drain after the
-phase, and the server's peak resident memory (VmHWM, all its processes). Targets (issue 16) on a 2-core
+5 % Product Added with a cart), each with a unique messageId. A client answered 429 waits 50 ms and
+sends the next request (the shed one is not counted as accepted). Printed per phase: events/s answered
+200 ("accepted") and events/s ingested (accepted events over the phase plus the time the queue took to
+drain after it: what the server sustains), requests/s, p50/p99 latency of the 200s, 429s (and their
+share of all requests), the time from a 200 to the event being visible in the store (polled every 20 ms
+for one sampled event per request in the batched phase and every 10th request in the single phase:
+p50/p95 and the share within 2 s), the CPU each part used per 1,000 accepted events (HTTP processes,
+the intake processor, PostgreSQL's backends of the benchmark's database) and the cores they used
+together (the rest of the machine's load is not Omni's: see the load averages printed), and the
+server's peak resident memory (VmHWM, summed over all its processes). Targets (issue 16) on a 2-core
 machine: >= 5,000 events/s batched, >= 1,000 single-event requests/s with p99 under 100 ms, 95 % of
 events visible within 2 s, memory under 400 MB.
 """
@@ -107,6 +112,7 @@ class Phase:
     unseen: int = 0
     seconds: float = 0.0
     drained_after: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds by role, phase and drain
 
 
 class Watcher(threading.Thread):
@@ -223,16 +229,53 @@ def run_phase(port: int, key: str, watcher: Watcher, *, batched: bool, clients: 
     return phase
 
 
-def peak_rss_mb(pid: int) -> float:
-    """VmHWM of the process and its children (uvicorn workers), in MB."""
+def process_tree(pid: int) -> list[int]:
+    """The process and its descendants (uvicorn workers, the intake processor)."""
     pids = [pid]
+    for parent in pids:
+        for task in Path(f"/proc/{parent}/task").glob("*"):  # each thread's children
+            try:
+                pids += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return pids
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_role(pid: int, database: str | None) -> dict[str, float]:
+    """CPU seconds used so far by the server's HTTP processes, its intake processor and (PostgreSQL) the
+    server's backends of ``database``."""
+    used = {"http": 0.0, "processor": 0.0, "postgres": 0.0}
+    roles = [
+        (p, "processor" if b"omni.server.processor" in _cmdline(p) else "http") for p in process_tree(pid)
+    ]
+    if database:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and f" {database} ".encode() in _cmdline(int(entry.name)):
+                roles.append((int(entry.name), "postgres"))
+    for p, role in roles:
+        try:
+            used[role] += _cpu_seconds(p)
+        except (OSError, IndexError, ValueError):
+            pass
+    return used
+
+
+def _cmdline(pid: int) -> bytes:
     try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
     except OSError:
-        pass
+        return b""
+
+
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM of the process and its descendants (uvicorn workers, the intake processor), in MB."""
     total = 0
-    for p in pids:
+    for p in process_tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -284,13 +327,16 @@ def bench(url: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     watcher = Watcher(url)
     watcher.start()
     try:
+        database = url.rsplit("/", 1)[1] if url.startswith("postgresql") else None
         with serve(url, args.workers, workdir / f"serve-{url.split(':')[0]}.log") as (process, port):
-            batched = run_phase(
-                port, key, watcher, batched=True, clients=args.batch_clients, seconds=args.seconds
-            )
-            single = run_phase(
-                port, key, watcher, batched=False, clients=args.single_clients, seconds=args.seconds
-            )
+            phases = []
+            for batched, clients in ((True, args.batch_clients), (False, args.single_clients)):
+                before = cpu_by_role(process.pid, database)
+                phase = run_phase(port, key, watcher, batched=batched, clients=clients, seconds=args.seconds)
+                after = cpu_by_role(process.pid, database)
+                phase.cpu = {role: after[role] - before[role] for role in after}
+                phases.append(phase)
+            batched, single = phases
             rss = peak_rss_mb(process.pid)
     finally:
         watcher.stop.set()
@@ -317,7 +363,11 @@ def report(results: dict[str, dict[str, Any]]) -> None:
         rows.append((label, [fn(results[n]) for n in names]))
 
     for phase in ("batched", "single"):
-        row(f"{phase}: events/s (200)", lambda r, p=phase: f"{r[p].events / r[p].seconds:,.0f}")
+        row(f"{phase}: accepted events/s (200)", lambda r, p=phase: f"{r[p].events / r[p].seconds:,.0f}")
+        row(
+            f"{phase}: ingested events/s",
+            lambda r, p=phase: f"{r[p].events / (r[p].seconds + r[p].drained_after):,.0f}",
+        )
         row(f"{phase}: requests/s (200)", lambda r, p=phase: f"{len(r[p].latencies) / r[p].seconds:,.0f}")
         row(
             f"{phase}: latency p50 / p99 ms",
@@ -325,7 +375,10 @@ def report(results: dict[str, dict[str, Any]]) -> None:
                 f"{_q(r[p].latencies, 0.5) * 1000:.1f} / {_q(r[p].latencies, 0.99) * 1000:.1f}"
             ),
         )
-        row(f"{phase}: 429 / other errors", lambda r, p=phase: f"{r[p].shed} / {r[p].errors}")
+        row(
+            f"{phase}: 429 (share) / other errors",
+            lambda r, p=phase: f"{r[p].shed} ({r[p].shed / max(1, r[p].requests):.0%}) / {r[p].errors}",
+        )
         row(
             f"{phase}: visible p50 / p95 s",
             lambda r, p=phase: f"{_q(r[p].visible, 0.5):.2f} / {_q(r[p].visible, 0.95):.2f}",
@@ -335,6 +388,17 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             lambda r, p=phase: f"{_within(r[p]):.1%} of {len(r[p].visible) + r[p].unseen}",
         )
         row(f"{phase}: queue drained after", lambda r, p=phase: f"{r[p].drained_after:.1f} s")
+        row(
+            f"{phase}: CPU ms/1k ev http/proc/pg",
+            lambda r, p=phase: "/".join(
+                f"{r[p].cpu.get(role, 0) * 1e6 / max(1, r[p].events):.0f}"
+                for role in ("http", "processor", "postgres")
+            ),
+        )
+        row(
+            f"{phase}: CPU cores used",
+            lambda r, p=phase: f"{sum(r[p].cpu.values()) / (r[p].seconds + r[p].drained_after):.2f}",
+        )
     row("server peak RSS", lambda r: f"{r['rss']:.0f} MB")
     width = max(len(label) for label, _ in rows) + 2
     print(f"{'':{width}}" + "".join(f"{n:>22}" for n in names))

@@ -22,6 +22,11 @@ processor; nothing is ever marked "claimed" on disk, so there is nothing to reco
   transaction deletes them (checking that no other process got there first) and stores their events,
   so the tracking API's inserts wait only for the store's writes, not for parsing.
 
+As Segment's HTTP API does: a batch takes at most 2,500 events (the rest are rejected with that reason;
+the request was answered 200), and an event's time is corrected for the sender's clock when it says
+when it was sent: ``received_at - (sentAt - timestamp)`` (an envelope's ``sentAt`` applies to its
+items; see ``profiles.segment.validate_payload``; files are not corrected).
+
 Each event records the write key's source (``web``, ``pos-lisbon`` ...) as ``context.omni.source``
 (events have no column for it; the key's source replaces whatever a client put there). A rejected
 payload keeps the raw text the client sent (without ``writeKey``) and the source
@@ -34,6 +39,7 @@ import hmac
 import json
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +50,7 @@ import orjson
 from sqlalchemy import Connection, Engine, delete, func, insert, select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from omni.core.settings import Settings
 from profiles.bulk import read_timestamp
 from profiles.db import refresh_statistics, session_scope, stale_statistics
 from profiles.ingest import (
@@ -63,9 +70,14 @@ log = logging.getLogger("omni.intake")
 # The calls of the tracking API (besides batch), as its paths and payload types name them.
 CALLS = ("identify", "track", "page", "screen", "group", "alias")
 BATCH = "batch"
+# Segment takes at most 2,500 events per batch request: the rest are rejected (the request still gets 200).
+MAX_BATCH_ITEMS = 2500
 
 INTAKE = IntakeRequest.__table__
 KEYS = ApiKey.__table__
+
+# The processor measures its capacity over this much time busy.
+CAPACITY_WINDOW_SECONDS = 1.0
 
 # Written rows (all tables) between two checks of the planner statistics (see profiles.ingest).
 STATISTICS_CHECK_ROWS = 5000
@@ -123,10 +135,18 @@ def backlog(conn: Connection) -> int:
     return conn.execute(select(func.count()).select_from(INTAKE)).scalar_one()
 
 
-def queue_state(conn: Connection) -> tuple[int, datetime | None]:
-    """Requests accepted and not ingested yet, and when the oldest of them was received."""
-    count, oldest = conn.execute(select(func.count(), func.min(INTAKE.c.received_at))).one()
-    return count, read_timestamp(oldest)
+class QueueState(NamedTuple):
+    requests: int  # accepted and not ingested yet
+    bytes: int  # the size of their bodies
+    oldest: datetime | None  # when the oldest of them was received
+
+
+def queue_state(conn: Connection) -> QueueState:
+    """What waits in the queue."""
+    count, size, oldest = conn.execute(
+        select(func.count(), func.coalesce(func.sum(INTAKE.c.size), 0), func.min(INTAKE.c.received_at))
+    ).one()
+    return QueueState(count, int(size), read_timestamp(oldest))
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +162,18 @@ class IntakeOptions:
     claim_bytes: int = 1 << 20
     # How often a processor looks for rows other processes accepted (its own wake it at once).
     poll_seconds: float = 0.2
+
+    @classmethod
+    def of(cls, settings: Settings, dialect: str, ingest: IngestOptions | None = None) -> IntakeOptions:
+        """The options of the settings for a store of ``dialect``."""
+        claim_bytes = settings.intake_claim_kb * 1024
+        if dialect == "postgresql":
+            claim_bytes = settings.intake_claim_kb_postgresql * 1024
+        return cls(
+            ingest=ingest or IngestOptions.of(settings),
+            claim_rows=settings.intake_claim_rows,
+            claim_bytes=claim_bytes,
+        )
 
 
 class _Row(NamedTuple):
@@ -159,6 +191,7 @@ class IntakeResult:
 
     requests: int = 0
     ingest: IngestResult = field(default_factory=IngestResult)
+    bytes: int = 0  # the size of the requests' bodies
 
 
 class _Taken(Exception):
@@ -213,11 +246,11 @@ def request_items(row: _Row) -> Iterator[RawItem]:
         yield RawItem(label, row.body, row.size, error=f"invalid JSON: {exc}")
         return
     text = row.body
+    extra: list[Any] = []
     if row.kind == BATCH:
         if isinstance(value, dict):
-            value = {
-                key: item for key, item in value.items() if key != "type"
-            }  # it is a batch: the path says
+            value = {key: item for key, item in value.items() if key != "type"}  # the path says "batch"
+            value, extra = _batch_items(value)
     elif isinstance(value, dict):
         if value.get("type") != row.kind:  # the path names the call, as in Segment's HTTP API
             value = {**value, "type": row.kind}
@@ -226,6 +259,30 @@ def request_items(row: _Row) -> Iterator[RawItem]:
         if item.parsed and isinstance(item.value, dict):
             item = RawItem(item.source, item.text, item.size, with_source(item.value, row.source))
         yield item
+    for index, item in enumerate(extra, start=MAX_BATCH_ITEMS):
+        item_text = dump_json(item).decode()
+        yield RawItem(
+            f"{label} [batch item {index}]",
+            item_text,
+            len(item_text.encode()),
+            error=f"over Segment's limit of {MAX_BATCH_ITEMS:,} events per batch",
+        )
+
+
+def _batch_items(value: dict) -> tuple[dict, list[Any]]:
+    """A batch as the tracking API takes it: the envelope's ``sentAt`` (the SDKs put it there) on each
+    item without one, and the items beyond :data:`MAX_BATCH_ITEMS`, returned apart to be rejected."""
+    items = value.get("batch")
+    if not isinstance(items, list):
+        return value, []
+    items, extra = items[:MAX_BATCH_ITEMS], items[MAX_BATCH_ITEMS:]
+    sent_at = value.get("sentAt")
+    if sent_at not in (None, ""):
+        items = [
+            {**item, "sentAt": sent_at} if isinstance(item, dict) and "sentAt" not in item else item
+            for item in items
+        ]
+    return {**value, "batch": items}, extra
 
 
 def prepare_rows(rows: Sequence[_Row], options: IngestOptions, dialect: str) -> PreparedBatch:
@@ -242,6 +299,7 @@ def prepare_rows(rows: Sequence[_Row], options: IngestOptions, dialect: str) -> 
             default_region=options.default_region,
             dialect=dialect,
             future=options.max_future,
+            correct_clock_skew=True,
         )
         rejected.extend(batch.rejected)
         duplicates += batch.duplicates
@@ -304,7 +362,7 @@ def process_once(
                 return IntakeResult()
             taken = _read_rows(conn, _within_budget(sizes, options))
             batch = prepare_rows(taken, options.ingest, dialect)
-            return IntakeResult(len(taken), _store(session, taken, batch))
+            return IntakeResult(len(taken), _store(session, taken, batch), sum(r.size for r in taken))
     # SQLite: read and validate outside the write lock, then write. The engine begins every transaction
     # IMMEDIATE (taking the write lock); the driver's connection in autocommit reads without it.
     raw = engine.raw_connection()
@@ -329,7 +387,7 @@ def process_once(
     batch = prepare_rows(taken, options.ingest, dialect)
     try:
         with session_scope(engine) as session:
-            return IntakeResult(len(taken), _store(session, taken, batch))
+            return IntakeResult(len(taken), _store(session, taken, batch), sum(r.size for r in taken))
     except _Taken:
         return IntakeResult()
 
@@ -377,10 +435,18 @@ class IntakeProcessor:
         self.engine = engine
         self.options = options
         self.processed = 0  # requests ingested by this processor
+        # Bytes of request bodies it ingests per second, measured over each second it was busy without
+        # a pause (while it keeps up with small claims, this is at least the rate requests arrive at);
+        # None until it has been busy for a second.
+        self.capacity: float | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._written: Counter[str] = Counter()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="omni-intake", daemon=True)
@@ -397,10 +463,14 @@ class IntakeProcessor:
 
     def _run(self) -> None:
         one_by_one = 0  # after a failure: take requests one at a time to find the bad one
+        busy_since: float | None = None  # since when every pass found work (None: idle)
+        busy_bytes = 0
         while not self._stop.is_set():
+            started = time.perf_counter()
             try:
                 result = process_once(self.engine, self.options, rows=1 if one_by_one else None)
             except Exception as exc:  # noqa: BLE001 - the processor must outlive any one failure
+                busy_since = None
                 if _transient(exc):
                     log.warning("intake: the store failed (%s: %s); retrying", type(exc).__name__, exc)
                     self._stop.wait(1.0)
@@ -421,7 +491,16 @@ class IntakeProcessor:
                 one_by_one = max(0, one_by_one - 1)
                 self.processed += result.requests
                 self._note_written(result.ingest)
+                # Capacity: bytes ingested per second of wall time while there was always work.
+                busy_since = started if busy_since is None else busy_since
+                busy_bytes += result.bytes
+                elapsed = time.perf_counter() - busy_since
+                if elapsed >= CAPACITY_WINDOW_SECONDS:
+                    rate = busy_bytes / elapsed
+                    self.capacity = rate if self.capacity is None else (self.capacity + rate) / 2
+                    busy_since, busy_bytes = time.perf_counter(), 0
                 continue  # more may be waiting
+            busy_since, busy_bytes = None, 0
             self._wake.wait(self.options.poll_seconds)
             self._wake.clear()
 
@@ -467,6 +546,7 @@ __all__ = [
     "backlog",
     "drain",
     "process_once",
+    "QueueState",
     "queue_state",
     "quarantine",
 ]

@@ -435,6 +435,7 @@ def validate_payload(
     default_region: str,
     max_future: timedelta | None,
     raw: str | None = None,
+    correct_clock_skew: bool = False,
 ) -> Payload:
     """Validate one Segment payload (already parsed JSON) and normalise it.
 
@@ -446,6 +447,9 @@ def validate_payload(
         max_future: how far ahead of ``received_at`` the event time may be (None: no limit).
         raw: the JSON text ``obj`` was parsed from by orjson, if so: lets the walk of every value for
             text PostgreSQL cannot store be skipped when the text shows there is none.
+        correct_clock_skew: the payload came straight from its sender (the tracking API): with a
+            ``sentAt``, the event time is corrected for the sender's clock as Segment does,
+            ``received_at - (sentAt - timestamp)`` (``timestamp`` defaults to ``sentAt``).
 
     Raises:
         Rejected: with the reason, when the payload cannot be stored.
@@ -522,6 +526,8 @@ def validate_payload(
         occurred_at = parse_timestamp(obj["sentAt"], "sentAt")
     else:
         occurred_at = received_at
+    if correct_clock_skew and obj.get("sentAt") not in (None, ""):
+        occurred_at = received_at - (parse_timestamp(obj["sentAt"], "sentAt") - occurred_at)
     if max_future is not None and occurred_at > received_at + max_future:
         raise Rejected(
             f"event time {occurred_at.isoformat()} is more than {_describe(max_future)} after the time of "

@@ -187,9 +187,21 @@ class Settings(BaseSettings):
         default=10_000, ge=1, description="Accepted tracking requests not yet ingested; more get 429."
     )
     intake_max_lag_seconds: float = Field(
-        default=1.0,
+        default=0.5,
         ge=0,
-        description="429 while the oldest queued tracking request has waited longer than this (0: no limit).",
+        description="429 while the queue holds more than this many seconds of the intake processor's work, "
+        "or its oldest request has waited twice as long (0: no limit).",
+    )
+    intake_claim_rows: int = Field(
+        default=1000, ge=1, description="Tracking requests the intake processor ingests per transaction ..."
+    )
+    intake_claim_kb: int = Field(
+        default=1024,
+        ge=1,
+        description="... and at most about this many KB of their bodies (SQLite; at least one request).",
+    )
+    intake_claim_kb_postgresql: int = Field(
+        default=256, ge=1, description="The same on PostgreSQL (smaller: its transactions are slower)."
     )
     # --- Provider feedback (omni serve: /webhooks/...): see the README's "Deliverability" section.
     sendgrid_webhook_public_key: SecretStr | None = Field(
@@ -251,8 +263,8 @@ class Settings(BaseSettings):
     )
     report_dir: Path = Field(
         default=Path("omni-reports"),
-        description="Folder of the HTML reports (build-report flow, the demo); omni serve shows the newest at "
-        "/reports/latest.",
+        description="Folder of the HTML reports (build-report flow, the demo); omni serve shows the newest "
+        "at /reports/latest.",
     )
     # --- The global control group (profiles/control.py): see the README's "Global control group".
     global_control_share: float = Field(

@@ -16,10 +16,12 @@ analytics.js (``@segment/analytics-next``) posts to when its ``apiHost`` points 
   by one writer thread per process (group commit): one transaction for all requests waiting at that
   moment, so the store sees a few transactions a second rather than one per request.
 - Overload: more than ``max_inflight`` requests being received or committed in this process, more than
-  ``max_backlog`` requests accepted but not yet ingested, or the oldest of those waiting for more than
-  ``max_lag`` seconds (the processors are not keeping up): 429 with ``Retry-After`` (and
-  ``X-RateLimit-Reset``, which analytics.js reads), instead of queueing without bound. Clients retry;
-  what is accepted stays visible in profiles within about ``max_lag`` seconds.
+  ``max_backlog`` requests accepted but not yet ingested, more queued than the processor ingests in
+  ``max_lag`` seconds (its capacity in bytes a second, which it measures and reports, against the bytes
+  queued), or the oldest queued request waiting for more than twice ``max_lag``: 429 with
+  ``Retry-After`` (and ``X-RateLimit-Reset``, which analytics.js reads), instead of queueing without
+  bound. Clients retry; what is accepted is visible in profiles within about ``max_lag`` seconds plus
+  one transaction of the processor.
 - CORS: browsers may call from ``settings.cors_origins`` only; a request with any other ``Origin`` (the
   browser sends one on every cross-site request, preflighted or not) is refused with 403.
 
@@ -63,7 +65,10 @@ router = APIRouter(tags=["tracking"])
 
 DEFAULT_MAX_INFLIGHT = 128
 DEFAULT_MAX_BACKLOG = 10_000
-DEFAULT_MAX_LAG = 1.0
+DEFAULT_MAX_LAG = 0.5
+# Bytes of requests a second the processor is assumed to ingest until it has measured it (about 4,000
+# events a second: a small server with PostgreSQL).
+ASSUMED_CAPACITY = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,22 +99,27 @@ class IntakeWriter:
     commit starts goes into that commit, then each waiting handler is answered. Also keeps the count of
     queued requests (:attr:`backlog`) and when the oldest was received (:attr:`oldest`, epoch seconds) for
     the 429 rules: exact for its own inserts, re-read from the store every ``refresh_seconds`` (other
-    processes insert; processors delete)."""
+    processes insert; processors delete), with the processor's :attr:`capacity`."""
 
     def __init__(
         self,
         engine: Engine,
         *,
         on_commit: Callable[[], None] | None = None,
+        capacity: Callable[[], float | None] | None = None,
         max_group: int = 1000,
         refresh_seconds: float = 0.25,
     ) -> None:
         self.engine = engine
         self.on_commit = on_commit
+        self.read_capacity = capacity
         self.max_group = max_group
         self.refresh_seconds = refresh_seconds
         self.backlog = 0
+        self.backlog_bytes = 0
         self.oldest: float | None = None
+        # Bytes of requests per second the intake processor ingests (None: not measured yet).
+        self.capacity: float | None = None
         self._pending: list[tuple[Accepted, asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._cv = threading.Condition()
         self._stopping = False
@@ -164,6 +174,9 @@ class IntakeWriter:
         else:
             accepted = sum(source is not None for source in outcome)
             self.backlog += accepted
+            self.backlog_bytes += sum(
+                request.size for (request, _, _), source in zip(group, outcome, strict=True) if source
+            )
             if accepted and self.oldest is None:
                 self.oldest = group[0][0].received_at.timestamp()
             if self.on_commit is not None:
@@ -180,8 +193,10 @@ class IntakeWriter:
     def _refresh_backlog(self) -> None:
         try:
             with self.engine.connect() as conn:
-                self.backlog, oldest = queue_state(conn)
+                self.backlog, self.backlog_bytes, oldest = queue_state(conn)
             self.oldest = oldest.timestamp() if oldest is not None else None
+            if self.read_capacity is not None:
+                self.capacity = self.read_capacity()
         except Exception as exc:  # noqa: BLE001 - keep the last estimate; the commit will fail loudly
             log.warning("tracking: could not count the intake queue: %s", type(exc).__name__)
         self._refreshed = time.monotonic()
@@ -212,8 +227,13 @@ def tracking_state(app: Any) -> Tracking:
     state = getattr(app.state, "tracking", None)
     if state is None:
         settings: Settings = app.state.settings
-        processor = getattr(app.state, "intake_processor", None)
-        writer = IntakeWriter(app.state.engine, on_commit=processor.wake if processor else None)
+        # The app's lifespan sets ``wake`` and ``capacity``: what wakes the intake processor (a thread or
+        # a process), and what it says it can ingest.
+        writer = IntakeWriter(
+            app.state.engine,
+            on_commit=getattr(app.state, "wake", None),
+            capacity=getattr(app.state, "capacity", None),
+        )
         writer.start()
         state = Tracking(writer, TrackingLimits.of(settings), frozenset(settings.cors_origins))
         app.state.tracking = state
@@ -225,9 +245,18 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
+def _header(request: Request, name: bytes) -> str | None:
+    """A request header (``name`` in lower case), read from the ASGI scope: Starlette's ``headers.get``
+    costs an exception for each header a request lacks (most lack Origin), on every request."""
+    for key, value in request.scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def _cors(request: Request, state: Tracking) -> dict[str, str] | None:
     """CORS headers for the request's ``Origin`` ({} without one), None when the origin is refused."""
-    origin = request.headers.get("origin")
+    origin = _header(request, b"origin")
     if origin is None:
         return {}
     if origin in state.cors_origins or "*" in state.cors_origins:
@@ -255,7 +284,7 @@ def _decode(body: bytes, encoding: str, limit: int) -> bytes | Response:
 
 
 async def _read_body(request: Request, limit: int) -> bytes | Response:
-    declared = request.headers.get("content-length", "")
+    declared = _header(request, b"content-length") or ""
     if declared.isdigit() and int(declared) > limit:
         return _error(413, "payload_too_large", f"the body is {declared} bytes, over the limit of {limit}")
     chunks: list[bytes] = []
@@ -286,8 +315,16 @@ def _overloaded(state: Tracking) -> str | None:
         return "too many requests at once"
     if writer.backlog >= limits.max_backlog:
         return "the queue is full"
+    if not limits.max_lag:
+        return None
+    # What is queued would take the processor longer than max_lag: admitting more only makes events
+    # wait longer (the wait, not the 429s, is what clients cannot see).
+    capacity = writer.capacity or ASSUMED_CAPACITY
+    if writer.backlog_bytes > capacity * limits.max_lag:
+        return "the queue is behind"
+    # Backstop (a processor that stopped, or slowed down since it measured itself): the oldest waits.
     oldest = writer.oldest
-    if limits.max_lag and oldest is not None and time.time() - oldest > limits.max_lag:
+    if oldest is not None and time.time() - oldest > limits.max_lag * 2:
         return "the queue is behind"
     return None
 
@@ -313,7 +350,7 @@ async def accept(request: Request, kind: str) -> Response:
         limit = MAX_BATCH_BYTES if kind == BATCH else MAX_PAYLOAD_BYTES
         body = await _read_body(request, limit)
         if isinstance(body, bytes):
-            encoding = request.headers.get("content-encoding", "").strip().lower()
+            encoding = (_header(request, b"content-encoding") or "").strip().lower()
             body = _decode(body, encoding, limit)
         if isinstance(body, Response):
             body.headers.update(cors)
@@ -395,3 +432,58 @@ PATHS.update({f"/{letter}": call for letter, call in SHORT_PATHS.items()})
 for _path, _kind in PATHS.items():
     router.add_route(_path, _endpoint(_path, _kind), methods=["POST"], include_in_schema=False)
     router.add_route(_path, _preflight(_path), methods=["OPTIONS"], include_in_schema=False)
+
+
+_CALL_SUMMARY = {
+    "identify": "Who the user is, and their traits",
+    "track": "An action the user took (`event`, `properties`)",
+    "page": "A page the user viewed (web)",
+    "screen": "A screen the user viewed (app)",
+    "group": "The account or group the user belongs to",
+    "alias": "Another id of the same user (`previousId`)",
+    BATCH: "Several calls at once (`batch`: up to 2,500 payloads, 500 KB)",
+}
+
+
+def openapi_paths() -> dict[str, Any]:
+    """The tracking API in OpenAPI terms, for ``/docs`` (its routes are plain ones: FastAPI does not
+    describe them itself)."""
+    errors = {
+        "400": "Not JSON, not an object, or a batch without a `batch` array",
+        "401": "Missing, unknown or revoked write key",
+        "403": "A browser origin not in OMNI_CORS_ORIGINS",
+        "413": "Over 32 KB (a call) or 500 KB (a batch), after decompression",
+        "415": "A Content-Encoding other than gzip or deflate",
+        "429": "Overloaded: retry after `Retry-After` seconds",
+        "503": "The store could not take the request: retry",
+    }
+    paths: dict[str, Any] = {}
+    for path, kind in PATHS.items():
+        short = not path.startswith("/v1/")
+        summary = _CALL_SUMMARY[kind] + (" (analytics.js short path)" if short else "")
+        if path == "/v1/import":
+            summary = "The same as /v1/batch"
+        paths[path] = {
+            "post": {
+                "tags": ["tracking"],
+                "summary": summary,
+                "description": (
+                    "Segment-compatible. The write key as the Basic-auth user name (empty password) or "
+                    "`writeKey` in the body. 200 once the payload is committed; it is in the profile within "
+                    "about a second."
+                ),
+                "security": [{"writeKey": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"type": "object"}},
+                        "text/plain": {"schema": {"type": "string"}},
+                    },
+                },
+                "responses": {
+                    "200": {"description": 'Stored: `{"success": true}`'},
+                    **{code: {"description": text} for code, text in errors.items()},
+                },
+            }
+        }
+    return paths

@@ -135,3 +135,94 @@ def test_a_request_that_cannot_be_stored_is_quarantined_and_the_rest_flow(engine
     assert rejected["source"] == "pos-lisbon request 2"
     assert rejected["reason"].startswith("could not be stored: ValueError: the store refuses this")
     assert orjson.loads(rejected["raw"])["messageId"] == "poison"
+
+
+def test_a_batch_over_2500_events_stores_the_first_2500_and_rejects_the_rest_with_the_reason(
+    engine, write_key
+):
+    items = [{"type": "track", "userId": "big", "event": "E", "messageId": f"b{n}"} for n in range(2503)]
+    queue(engine, write_key, "batch", {"batch": items})
+    result = process_once(engine)
+    assert (result.requests, result.ingest.accepted) == (1, 2500)
+    stored = {e["message_id"] for e in events(engine)}
+    assert stored == {f"b{n}" for n in range(2500)}
+    rejected = rejections(engine)
+    assert [r["source"] for r in rejected] == [
+        f"pos-lisbon request 1 [batch item {n}]" for n in (2500, 2501, 2502)
+    ]
+    assert {r["reason"] for r in rejected} == {"over Segment's limit of 2,500 events per batch"}
+    assert orjson.loads(rejected[0]["raw"])["messageId"] == "b2500"
+
+
+def _occurred(engine, message_id: str) -> datetime:
+    with engine.connect() as conn:
+        value = conn.execute(select(Event.occurred_at).where(Event.message_id == message_id)).scalar_one()
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def test_event_times_are_corrected_for_the_senders_clock_by_sent_at_as_segment_does(engine, write_key):
+    # The device's clock is 1 hour ahead: its timestamp and sentAt both say 10:xx; received at 09:00.
+    ahead = {
+        "userId": "skew",
+        "event": "E",
+        "timestamp": "2026-06-01T09:59:50Z",
+        "sentAt": "2026-06-01T10:00:00Z",
+    }
+    queue(engine, write_key, "track", {**ahead, "messageId": "one"})
+    # analytics-python puts sentAt on the batch envelope; an item's own sentAt wins.
+    queue(
+        engine,
+        write_key,
+        "batch",
+        {
+            "sentAt": "2026-06-01T10:00:00Z",
+            "batch": [
+                {
+                    "type": "track",
+                    "userId": "skew",
+                    "event": "E",
+                    "timestamp": "2026-06-01T09:58:00Z",
+                    "messageId": "env",
+                },
+                {
+                    "type": "track",
+                    "userId": "skew",
+                    "event": "E",
+                    "timestamp": "2026-06-01T09:58:00Z",
+                    "sentAt": "2026-06-01T09:58:30Z",
+                    "messageId": "own",
+                },
+                {"type": "track", "userId": "skew", "event": "E", "messageId": "no-timestamp"},
+            ],
+        },
+    )
+    # Without sentAt the timestamp is taken as it is (a backfill).
+    queue(
+        engine,
+        write_key,
+        "track",
+        {"userId": "skew", "event": "E", "timestamp": "2025-01-01T00:00:00Z", "messageId": "plain"},
+    )
+    drain(engine)
+    assert _occurred(engine, "one") == datetime(2026, 6, 1, 8, 59, 50, tzinfo=UTC)
+    assert _occurred(engine, "env") == datetime(2026, 6, 1, 8, 58, tzinfo=UTC)
+    assert _occurred(engine, "own") == datetime(2026, 6, 1, 8, 59, 30, tzinfo=UTC)
+    assert _occurred(engine, "no-timestamp") == T0  # sent "now": received now
+    assert _occurred(engine, "plain") == datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def test_files_keep_their_timestamps_whatever_their_sent_at(engine, tmp_path):
+    from profiles.ingest import ingest_files
+
+    line = {
+        "userId": "f",
+        "type": "track",
+        "event": "E",
+        "messageId": "file",
+        "timestamp": "2026-06-01T07:00:00Z",
+        "sentAt": "2026-06-01T08:00:00Z",
+    }
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(orjson.dumps(line) + b"\n")
+    ingest_files(engine, [str(path)], now=T0)
+    assert _occurred(engine, "file") == datetime(2026, 6, 1, 7, 0, tzinfo=UTC)

@@ -429,3 +429,23 @@ def test_a_queue_falling_behind_sheds_until_it_catches_up(engine, live_server, a
         lambda: _post(server, "/v1/track", {"userId": "l", "event": "E3"}, key=key).status_code == 200,
         what="the queue to take requests again",
     )
+
+
+def test_sheds_once_the_queue_holds_more_than_the_processor_ingests_in_max_lag(engine, live_server, api_key):
+    """Admission by the processor's measured capacity: a queue the processor needs longer than
+    max_lag for is not allowed to grow (before the oldest request is even late)."""
+    server = live_server(engine, background=False)
+    state = tracking_state(server.app)
+    state.limits = TrackingLimits(max_lag=60)  # the oldest request will never be late in this test
+    state.writer.capacity = 100.0  # bytes a second: 6,000 bytes in 60 s
+    key = api_key(engine)
+    body = {"userId": "c", "event": "E", "properties": {"pad": "x" * 1000}}
+    answers = [_post(server, "/v1/track", body, key=key).status_code for _ in range(8)]
+    assert answers[:6] == [200] * 6  # 6 x ~1 KB accepted, then the queue holds 6,000+ bytes
+    assert answers[6:] == [429, 429]
+    assert state.writer.backlog_bytes > 6000
+    drain(engine)
+    wait_for(
+        lambda: _post(server, "/v1/track", body, key=key).status_code == 200,
+        what="the queue to take requests again",
+    )
