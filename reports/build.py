@@ -72,7 +72,7 @@ def build(
             "journeys", lambda: metrics.journey_lift(conn, sql, min_control=settings.report_min_control)
         )
         report.global_control = timed(
-            "global_control", lambda: metrics.global_control(conn, sql, settings=settings, now=now)
+            "global_control", lambda: metrics.global_control(conn, sql, settings=settings)
         )
         report.funnels = timed("funnels", lambda: metrics.funnels(conn, sql, report.journeys))
         report.channels = timed("channels", lambda: metrics.channel_conversion(conn, sql))
@@ -101,10 +101,10 @@ def build(
 class _snapshot:
     """One read transaction for every statement, so the metrics agree with each other while ingest writes.
 
-    PostgreSQL: REPEATABLE READ, read only (one snapshot). SQLite: the store's engine opens every
-    transaction with ``BEGIN IMMEDIATE`` (the write lock), which would hold ingest and ticks off for the
-    whole report; the report reads through a connection of its own in a deferred transaction instead
-    (in WAL mode, a snapshot that blocks no writer)."""
+    PostgreSQL: REPEATABLE READ, read only (one snapshot), without JIT compilation. SQLite: the store's
+    engine opens every transaction with ``BEGIN IMMEDIATE`` (the write lock), which would hold ingest and
+    ticks off for the whole report; the report reads through a connection of its own in a deferred
+    transaction instead (in WAL mode, a snapshot that blocks no writer)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -122,6 +122,9 @@ class _snapshot:
                 isolation_level="REPEATABLE READ", postgresql_readonly=True
             )
             conn.begin()
+            # The report's statements run once each: compiling them (JIT, on by default for costly plans)
+            # took about 2 s of a 13 s report at 1,000,000 customers (EXPLAIN ANALYZE) and saved none of it.
+            conn.exec_driver_sql("SET LOCAL jit = off")
         self.conn = conn
         return conn
 

@@ -1,10 +1,15 @@
 """The report's metrics: each one SQL statement (or a few), set-based, the same on SQLite and PostgreSQL.
 
 Every statement is bounded by time (the period, the previous period, the window) and driven from the
-small side: orders, enrollments and deliveries of the period look up their customer's events through
-the ``(customer_id, name, occurred_at)`` index; the only scans of the period's events are the
-touchpoint activity count (definition 4) and the named support / feedback events (through the
-``(name, occurred_at)`` index). Python only turns the grouped counts into the model.
+small side: orders, buyers, enrollments and deliveries of the period look up their customer's events
+through the ``(customer_id, name, occurred_at)`` index; the one read of all the period's events is the
+touchpoint activity count (definition 4), and the named support / feedback events are read through the
+``(name, occurred_at)`` index. Python only turns the grouped counts into the model.
+
+Touchpoints (definitions 4 to 7) are the customer's own: events on a touchpoint channel that Omni did not
+write about them (:meth:`reports.sql.Sql.touchpoint`: ``profiles.models.is_touchpoint`` and
+``omni.core.channels.TOUCHPOINTS``) — never a message Omni sent, a staff lookup (``Profile Viewed``) or
+an operator's consent change on Omni's own channel.
 
 Merged customers: a merge moves the loser's events, orders and deliveries to the survivor, not its
 enrollments, so an enrollment's person is ``COALESCE(customers.merged_into, customers.id)``.
@@ -20,10 +25,12 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
-from omni.core.channels import MESSAGE_CHANNELS, TOUCHPOINTS, Channel, Touchpoint
+from omni.core.channels import MESSAGE_CHANNELS, PROFILE_VIEWED, TOUCHPOINTS, Channel, Touchpoint
+from omni.core.settings import Settings
 from omni.core.statuses import DeliveryStatus, EnrollmentStatus
 from profiles.control import GLOBAL_CONTROL
-from profiles.models import Delivery, Fulfillment, metadata
+from profiles.feedback import EMAIL_LINK_CLICKED, EMAIL_OPENED
+from profiles.models import Delivery, Fulfillment
 from profiles.segment import ORDER_COMPLETED
 from reports import stats
 from reports.model import (
@@ -51,11 +58,9 @@ from reports.model import (
 )
 from reports.sql import Sql
 
-# Provider feedback events (helper C's webhooks write them; ``properties.delivery_id`` is the delivery's
-# dedupe key, the id handed to the provider) and the profile API's lookup event (helper B).
-EMAIL_OPENED = "Email Opened"
-EMAIL_CLICKED = "Email Link Clicked"
-PROFILE_VIEWED = "Profile Viewed"
+# Provider feedback events (profiles.feedback writes them; ``properties.delivery_id`` is the delivery's
+# dedupe key, the id handed to the provider) and the profile API's lookup event (profiles.lookup).
+EMAIL_CLICKED = EMAIL_LINK_CLICKED
 
 _HOLDOUT = EnrollmentStatus.HOLDOUT.value
 _EXITED = EnrollmentStatus.EXITED.value
@@ -183,15 +188,12 @@ def lift(messaged: Group, held_out: Group, *, min_control: int) -> Lift:
 # --- Definition 2: the global control group ------------------------------------------------------------
 
 
-def global_control(conn: Connection, sql: Sql, *, settings: Any, now: datetime) -> GlobalControlLift:
+def global_control(conn: Connection, sql: Sql, *, settings: Settings) -> GlobalControlLift:
     """Definition 2. Customers (every customer not merged into another): held out = in the
     ``global_control`` record at any time in the period, messaged = everyone else; converted = an order
     in the period."""
-    share = float(getattr(settings, "global_control_share", 0.0) or 0.0)
-    salt = getattr(settings, "global_control_salt", None)
-    result = GlobalControlLift(enabled=False, share=share, salt=salt or None)
-    if "global_control" not in metadata.tables:
-        return result
+    share = settings.global_control_share
+    result = GlobalControlLift(enabled=False, share=share, salt=settings.global_control_salt or None)
     rows = _rows(
         conn,
         sql,
@@ -376,27 +378,80 @@ def _event_in_period(alias: str) -> str:
     return f"{alias}.occurred_at >= :since AND {alias}.occurred_at < :until AND {alias}.occurred_at <= :now"
 
 
+# The orders a touchpoint event of the period can have led to (attributable: placed in (since, until +
+# window]) and the orders of the period (whose paths are counted): both sets, each order flagged.
+_NEAR_ORDERS = "o.placed_at >= :since AND o.placed_at <= :until_plus_window AND o.placed_at <= :now"
+
+
+def _order_touches(sql: Sql) -> str:
+    """CTEs ``near`` (the orders of :data:`_NEAR_ORDERS`, each with ``window_start`` = placed_at − window
+    and the flags ``in_period`` and ``attributable``) and ``touches`` (order_id, customer_id, channel,
+    occurred_at, placed_at, in_period, attributable): the customer's touchpoint events in [placed_at −
+    window, placed_at] (at or before now), looked up by customer through the ``(customer_id, name,
+    occurred_at)`` index: driven from the orders, not from a scan of the events, and done once for both
+    the touchpoint conversions and the paths."""
+    return f"""
+        near AS MATERIALIZED (
+            SELECT o.order_id AS order_id, o.customer_id AS customer_id, o.channel AS channel,
+                   o.total AS total, o.placed_at AS placed_at, {sql.minus("o.placed_at")} AS window_start,
+                   CASE WHEN {_PERIOD_ORDERS} THEN 1 ELSE 0 END AS in_period,
+                   CASE WHEN {_ATTRIBUTABLE_ORDERS} THEN 1 ELSE 0 END AS attributable
+            FROM orders o WHERE {_NEAR_ORDERS}
+        ),
+        touches AS MATERIALIZED (
+            SELECT n.order_id AS order_id, n.customer_id AS customer_id, ev.channel AS channel,
+                   ev.occurred_at AS occurred_at, n.placed_at AS placed_at, n.in_period AS in_period,
+                   n.attributable AS attributable
+            FROM near n CROSS JOIN events ev
+            WHERE ev.customer_id = n.customer_id AND ev.occurred_at >= n.window_start
+              AND ev.occurred_at <= n.placed_at AND ev.occurred_at <= :now AND {sql.touchpoint("ev")}
+        )"""
+
+
 def channel_conversion(conn: Connection, sql: Sql) -> ChannelConversion:
     """Definition 4."""
-    # One read of the period's events: who was active on each channel, and who of them bought within the
-    # window after one of those events (looked up in orders by customer).
+    # The one read of the period's events: who was active on each touchpoint channel.
     active = _rows(
         conn,
         sql,
         f"""
-        SELECT ev.channel AS channel, COUNT(DISTINCT ev.customer_id) AS customers,
-               COUNT(DISTINCT CASE WHEN ev.customer_id IN (SELECT o.customer_id FROM orders o
-                                                            WHERE {_ATTRIBUTABLE_ORDERS})
-                                    AND EXISTS (
-                   SELECT 1 FROM orders o WHERE o.customer_id = ev.customer_id
-                      AND o.placed_at > ev.occurred_at AND o.placed_at <= :now
-                      AND ev.occurred_at >= {sql.minus("o.placed_at")}
-               ) THEN ev.customer_id END) AS converted
+        SELECT ev.channel AS channel, COUNT(DISTINCT ev.customer_id) AS customers
         FROM {sql.scan("events", "ev")} WHERE {_event_in_period("ev")} AND {sql.touchpoint("ev")}
         GROUP BY ev.channel""",
     )
+    # Who of them bought within the window after one of those events (driven from the orders a period's
+    # event can have led to, each looking up its customer's events of the window before it), and the
+    # period's orders by their path, from the same look-ups.
+    converted: dict[str, int] = {}
+    path_rows: dict[str, Any] = {}
+    for r in _rows(
+        conn,
+        sql,
+        f"""
+        WITH {_order_touches(sql)},
+        touched AS (
+            SELECT order_id, channel FROM touches WHERE in_period = 1
+            UNION
+            SELECT order_id, channel FROM near WHERE in_period = 1
+        ),
+        counted AS (SELECT order_id, COUNT(*) AS channels FROM touched GROUP BY order_id)
+        SELECT 'converted' AS part, channel AS label, COUNT(DISTINCT customer_id) AS customers,
+               NULL AS orders, NULL AS revenue
+        FROM touches
+        WHERE attributable = 1 AND occurred_at < placed_at AND {_event_in_period("touches")}
+        GROUP BY channel
+        UNION ALL
+        SELECT 'path' AS part, CASE WHEN n.channels >= 2 THEN 'cross' ELSE 'single' END AS label,
+               COUNT(DISTINCT po.customer_id) AS customers, COUNT(*) AS orders, SUM(po.total) AS revenue
+        FROM near po JOIN counted n ON n.order_id = po.order_id
+        GROUP BY 2""",
+    ):
+        if r.part == "converted":
+            converted[r.label] = int(r.customers)
+        else:
+            path_rows[r.label] = r
     touchpoints = [
-        _rate(r.channel, int(r.customers), int(r.converted))
+        _rate(r.channel, int(r.customers), converted.get(r.channel, 0))
         for r in sorted(active, key=lambda r: _order(r.channel, TOUCHPOINTS))
     ]
     placed = [
@@ -420,7 +475,7 @@ def channel_conversion(conn: Connection, sql: Sql) -> ChannelConversion:
         )
     ]
     return ChannelConversion(
-        touchpoints=touchpoints, placed=placed, messages=message_channels(conn, sql), paths=paths(conn, sql)
+        touchpoints=touchpoints, placed=placed, messages=message_channels(conn, sql), paths=paths(path_rows)
     )
 
 
@@ -485,34 +540,10 @@ def message_channels(conn: Connection, sql: Sql) -> list[MessageChannelRow]:
     return rows
 
 
-def paths(conn: Connection, sql: Sql) -> list[OrdersRow]:
+def paths(found: dict[str, Any]) -> list[OrdersRow]:
     """Definition 4, paths: each order of the period by the distinct channels of its path (the customer's
-    touchpoint events in [placed_at − window, placed_at], and the channel it was placed on)."""
-    rows = _rows(
-        conn,
-        sql,
-        f"""
-        WITH po AS (
-            SELECT o.order_id AS order_id, o.customer_id AS customer_id, o.channel AS channel,
-                   o.total AS total, o.placed_at AS placed_at
-            FROM orders o WHERE {_PERIOD_ORDERS}
-        ),
-        touched AS (
-            SELECT po.order_id AS order_id, ev.channel AS channel
-            FROM {sql.scan("events", "ev")} JOIN po ON po.customer_id = ev.customer_id
-                 AND ev.occurred_at <= po.placed_at AND ev.occurred_at >= {sql.minus("po.placed_at")}
-            WHERE ev.occurred_at >= :since_minus_window AND ev.occurred_at < :until AND ev.occurred_at <= :now
-              AND {sql.touchpoint("ev")}
-            UNION
-            SELECT order_id, channel FROM po
-        ),
-        counted AS (SELECT order_id, COUNT(*) AS channels FROM touched GROUP BY order_id)
-        SELECT CASE WHEN n.channels >= 2 THEN 'cross' ELSE 'single' END AS kind,
-               COUNT(DISTINCT po.customer_id) AS customers, COUNT(*) AS orders, SUM(po.total) AS revenue
-        FROM po JOIN counted n ON n.order_id = po.order_id
-        GROUP BY 1""",
-    )
-    found = {r.kind: r for r in rows}
+    touchpoint events in [placed_at − window, placed_at], and the channel it was placed on): ``found``
+    maps ``single`` / ``cross`` to its row (customers, orders, revenue)."""
     result = []
     for kind in ("single", "cross"):
         r = found.get(kind)
@@ -537,14 +568,15 @@ _BAND = "CASE WHEN n.channels >= 3 THEN '3+' WHEN n.channels = 2 THEN '2' ELSE '
 
 def _channels_used(sql: Sql, orders_cte: str, since: str, until: str) -> str:
     """CTEs ``used`` and ``counted`` (customer_id, channels): the distinct touchpoint channels of the
-    customers of ``orders_cte`` in [since, until): their touchpoint events' and their orders'."""
+    customers of ``orders_cte`` in [since, until): their touchpoint events' and their orders'. Driven from
+    the buyers: each looks up its own events through the ``(customer_id, name, occurred_at)`` index."""
     return f"""
-        buyers AS (SELECT DISTINCT customer_id FROM {orders_cte}),
+        buyers AS MATERIALIZED (SELECT DISTINCT customer_id FROM {orders_cte}),
         used AS (
-            SELECT ev.customer_id AS customer_id, ev.channel AS channel
-            FROM {sql.scan("events", "ev")}
-            WHERE ev.occurred_at >= {since} AND ev.occurred_at < {until} AND ev.occurred_at <= :now
-              AND {Sql.touchpoint("ev")} AND ev.customer_id IN (SELECT customer_id FROM buyers)
+            SELECT b.customer_id AS customer_id, ev.channel AS channel
+            FROM buyers b CROSS JOIN events ev
+            WHERE ev.customer_id = b.customer_id AND ev.occurred_at >= {since} AND ev.occurred_at < {until}
+              AND ev.occurred_at <= :now AND {Sql.touchpoint("ev")}
             UNION
             SELECT customer_id, channel FROM {orders_cte}
         ),
@@ -667,19 +699,25 @@ def fcr(conn: Connection, sql: Sql, *, contact: str, resolved: str, ticket: str)
             SELECT ticket, resolved_at FROM resolutions
             WHERE ticket IS NOT NULL AND resolved_at >= :since AND resolved_at < :until
         ),
+        contact_events AS MATERIALIZED (
+            SELECT {contact_ticket} AS ticket, c.id AS id, c.customer_id AS customer_id, c.channel AS channel,
+                   c.occurred_at AS occurred_at
+            FROM events c WHERE c.name = :contact_event AND c.occurred_at <= :now
+        ),
         contacts AS (
             SELECT t.ticket AS ticket, t.resolved_at AS resolved_at, c.customer_id AS customer_id,
                    c.channel AS channel, c.occurred_at AS occurred_at,
                    ROW_NUMBER() OVER (PARTITION BY t.ticket ORDER BY c.occurred_at, c.id) AS rn,
                    COUNT(*) OVER (PARTITION BY t.ticket) AS contacts
-            FROM events c JOIN resolved t ON t.ticket = {contact_ticket}
-            WHERE c.name = :contact_event AND c.occurred_at <= t.resolved_at
+            FROM contact_events c JOIN resolved t ON t.ticket = c.ticket
+            WHERE c.occurred_at <= t.resolved_at
         ),
         tickets AS (
             SELECT f.ticket AS ticket, f.channel AS channel, f.contacts AS contacts,
                    CASE WHEN EXISTS (
                        SELECT 1 FROM events p WHERE p.customer_id = f.customer_id AND p.name = :contact_event
-                          AND p.channel <> f.channel AND p.occurred_at < f.occurred_at
+                          AND p.channel <> f.channel AND {sql.touchpoint("p")}
+                          AND p.occurred_at < f.occurred_at
                           AND p.occurred_at >= {sql.minus("f.occurred_at", "recent")}
                    ) THEN 1 ELSE 0 END AS followed,
                    CASE WHEN EXISTS (
@@ -726,6 +764,5 @@ def bind_period(
     sql.bind_time("now", now)
     sql.bind_time("prev_since", since - (until - since))
     sql.bind_time("until_plus_window", until + window)
-    sql.bind_time("since_minus_window", since - window)
     sql.bind_span("window", window)
     sql.bind_span("recent", recent)

@@ -14,18 +14,17 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from omni.core.channels import SENT_EVENTS
+from sqlalchemy import and_, literal_column
+
+from omni.core.channels import TOUCHPOINTS
 from profiles.bulk import sql_string
 from profiles.db import sqlite_timestamp
+from profiles.models import is_touchpoint
 
 
 def whole_seconds(window: timedelta) -> timedelta:
     """The window rounded to whole seconds (at least one)."""
     return timedelta(seconds=max(1, round(window.total_seconds())))
-
-
-# Omni's own "sent" events (Email Sent, ...): on the timeline, but not the customer's touchpoints.
-_SENT = ", ".join(sql_string(name) for name in sorted(set(SENT_EVENTS.values())))
 
 
 @dataclass
@@ -85,8 +84,15 @@ class Sql:
 
     @staticmethod
     def touchpoint(alias: str) -> str:
-        """The event is one of the customer's own touchpoints, not a message Omni sent them."""
-        return f"({alias}.name IS NULL OR {alias}.name NOT IN ({_SENT}))"
+        """The event ``alias`` is one of the customer's own touchpoints: on a touchpoint channel
+        (``omni.core.channels.TOUCHPOINTS``; not ``omni``, where Omni records an operator's decisions) and
+        not an event Omni wrote about them (``profiles.models.is_touchpoint``: a message it sent them, staff
+        looking them up)."""
+        rule = and_(
+            literal_column(f"{alias}.channel").in_(TOUCHPOINTS),
+            is_touchpoint(literal_column(f"{alias}.name")),
+        )
+        return f"({rule.compile(compile_kwargs={'literal_binds': True})})"
 
     @staticmethod
     def literal(value: str) -> str:

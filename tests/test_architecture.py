@@ -12,7 +12,7 @@ from omni.core.channels import SEND_CHANNELS, TOUCHPOINTS
 
 ROOT = Path(__file__).resolve().parent.parent
 # Below the CLI and the flows: these never read the environment's settings themselves.
-LOWER_LAYERS = ("omni/core", "profiles", "audiences", "templates", "connectors", "sequences")
+LOWER_LAYERS = ("omni/core", "profiles", "audiences", "templates", "connectors", "sequences", "reports")
 SOURCE_LAYERS = (*LOWER_LAYERS, "flows", "omni/cli")
 CHANNEL_NAMES = frozenset(SEND_CHANNELS) | frozenset(TOUCHPOINTS)
 

@@ -7,8 +7,29 @@ import math
 from statistics import NormalDist
 
 import pytest
-from report_kit import NOW, SINCE, UNTIL, WINDOW, day, deliver, identify, ingest, order, settings, track
+from report_kit import (
+    NOW,
+    SINCE,
+    UNTIL,
+    WINDOW,
+    customer_id,
+    day,
+    deliver,
+    identify,
+    ingest,
+    order,
+    settings,
+    track,
+)
+from sqlalchemy import func, select
 
+from omni.core.channels import OMNI_CHANNEL
+from omni.core.statuses import ConsentStatus
+from profiles.consent import ConsentDecision
+from profiles.db import session_scope
+from profiles.lookup import record_view
+from profiles.models import Event
+from profiles.suppression import record_consents
 from reports import build_report
 
 Z = NormalDist().inv_cdf(0.975)
@@ -196,3 +217,81 @@ def test_support_event_names_come_from_the_settings(engine):
     )
     assert (report.fcr.overall.customers, report.fcr.overall.converted) == (1, 1)
     assert [r.label for r in report.fcr.by_channel] == ["chat"]
+
+
+def _touchpoint_figures(report) -> dict:
+    """Every figure that counts the customer's touchpoints (definitions 4 to 7), as plain data."""
+    figures = report.to_dict()
+    fcr = figures["fcr"]
+    return {
+        "touchpoints": figures["channels"]["touchpoints"],
+        "paths": figures["channels"]["paths"],
+        "placed": figures["channels"]["placed"],
+        "retention": figures["retention"],
+        "aov": figures["aov"],
+        # FCR's split by a recent contact on another channel (with/without context is the desk's lookup:
+        # a Profile Viewed during the contact counts there, by definition 7, and none is placed in one).
+        "fcr": {k: v for k, v in fcr.items() if k not in ("with_context", "without_context")},
+    }
+
+
+def test_omni_own_events_are_no_touchpoint_of_the_customer(engine):
+    """A staff lookup (Profile Viewed, channel ``omni``) and an operator's unsubscribe (Unsubscribed on
+    ``omni``) sit on the timeline beside the customer's own events, each just before an order or a
+    contact: conversion by touchpoint, paths, retention and AOV bands and FCR stay as they were."""
+    ingest(engine, *(identify(u, day(1, 0, month=3), email=f"{u}@example.com") for u in ("p1", "p2", "p3")))
+    ingest(
+        engine,
+        # p1: ordered in April on the web only (retention band 1), back in May: web visit May 5, web order
+        # May 6 (single-channel path, AOV band 1; web converts).
+        order("p1", "q1", 50.0, day(10, month=4)),
+        track("p1", "Page Viewed", day(5)),
+        order("p1", "q2", 100.0, day(6)),
+        # p2: app on May 10, buys at the till May 12 (a cross-channel path: app + store; AOV band 2).
+        track("p2", "Product Viewed", day(10), "app"),
+        order("p2", "q3", 60.0, day(12), channel="store"),
+        # p3: one chat contact on May 20, resolved the same day (FCR, no recent contact on another channel).
+        contact("p3", "P1", day(20, 10), "chat"),
+        resolved("p3", "P1", day(20, 11), "chat"),
+    )
+    before = _report(engine)
+    figures = _touchpoint_figures(before)
+    assert {r["label"]: (r["customers"], r["converted"]) for r in figures["touchpoints"]} == {
+        "web": (1, 1),
+        "app": (1, 1),
+        "store": (1, 0),
+        "chat": (1, 0),
+    }
+    assert {r["label"]: r["orders"] for r in figures["paths"]} == {"single": 1, "cross": 1}
+    assert {b["label"]: b["customers"] for b in figures["retention"]["bands"]} == {"1": 1, "2": 0, "3+": 0}
+    assert {b["label"]: b["orders"] for b in figures["aov"]["bands"]} == {"1": 1, "2": 1, "3+": 0}
+    assert (before.fcr.overall.customers, before.fcr.after_other_channel.customers) == (1, 0)
+
+    p1, p2, p3 = (customer_id(engine, u) for u in ("p1", "p2", "p3"))
+    with session_scope(engine) as session:
+        # Before p1's April order (previous period), before their May order (period, window, path), before
+        # p2's till purchase, and an hour before p3's chat (a "contact on another channel" if it counted).
+        for person, at in ((p1, day(9, month=4)), (p1, day(5, 18)), (p2, day(11)), (p3, day(20, 9))):
+            record_view(session, person, source="helpdesk", via="api", now=at)
+            record_consents(
+                session,
+                [ConsentDecision(person, "email", ConsentStatus.OPTED_OUT, "cli:operator", at)],
+                now=at,
+                touchpoint=OMNI_CHANNEL,
+                operator=True,
+            )
+            record_consents(
+                session,
+                [ConsentDecision(person, "email", ConsentStatus.OPTED_IN, "cli:operator", at)],
+                now=at,
+                touchpoint=OMNI_CHANNEL,
+                operator=True,
+            )
+    with session_scope(engine) as session:
+        written = session.execute(
+            select(Event.name, func.count()).where(Event.channel == OMNI_CHANNEL).group_by(Event.name)
+        ).all()
+    assert sorted(written) == [("Profile Viewed", 4), ("Subscribed", 4), ("Unsubscribed", 4)]
+    after = _report(engine)
+    assert _touchpoint_figures(after) == figures
+    assert OMNI_CHANNEL not in {r.label for r in after.channels.touchpoints}
