@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
 from feedback_kit import consent
+from serving import free_port
 from sqlalchemy import select
 
 from profiles.db import session_scope

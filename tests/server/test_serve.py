@@ -15,6 +15,7 @@ from collections import Counter
 
 import httpx
 import orjson
+from serving import start_server
 from sqlalchemy import func, select
 from tracking_helpers import (
     event_count,
@@ -67,8 +68,6 @@ def test_the_processor_runs_in_a_child_that_is_restarted_when_it_dies(engine, ap
 
 
 def test_healthz_says_when_the_processor_is_not_running(engine, tmp_path):
-    from conftest import start_server
-
     settings = Settings(database_url=engine.url.render_as_string(hide_password=False))
     live = start_server(create_app(settings, engine=engine, processor_dir=tmp_path))
     try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from conftest import NOW, SETTINGS
+from template_kit import NOW, SETTINGS
 
 from omni.core.settings import Settings
 from profiles.db import session_scope

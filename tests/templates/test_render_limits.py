@@ -7,7 +7,7 @@ import resource
 import time
 
 import pytest
-from conftest import NOW, SETTINGS, seed
+from template_kit import NOW, SETTINGS, seed
 
 from omni.core.settings import Settings
 from profiles.db import session_scope

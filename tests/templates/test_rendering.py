@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import NOW, SETTINGS, seed
 from pydantic import SecretStr
+from template_kit import NOW, SETTINGS, seed
 
 from omni.core.settings import Settings
 from profiles.db import session_scope

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import seed
+from template_kit import seed
 from typer.testing import CliRunner
 
 from omni.cli import app
