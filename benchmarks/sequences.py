@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/sequences.py --customers 10000
     .venv/bin/python benchmarks/sequences.py --prefect              # each tick as the run_sequences flow
     OMNI_BENCH_DATABASE_URL=postgresql://postgres@127.0.0.1/postgres .venv/bin/python benchmarks/sequences.py
+    OMNI_BENCH_DATABASE_URL=... .venv/bin/python benchmarks/sequences.py --shards 2   # PostgreSQL in 2 shards
 
 The store is written straight into the tables with SQL (recursive CTE on SQLite, generate_series on
 PostgreSQL): every customer has an email, a phone with SMS opt-in, a home store and an open cart idle
@@ -18,12 +19,17 @@ Ticks, with every channel on the outbox connector (rows in the ``outbox`` table)
 3. at T + 3 days: the SMS pickup reminder.
 
 Printed per tick: wall time, this process's CPU time (wall time on a busy machine includes waiting for a
-core; CPU time does not, and it includes SQLite's work but not a PostgreSQL server's), messages sent,
-messages per second (of wall time), batches of ``DeliveryPolicy.batch_size``
-the engine walked (enrollments) and dispatched (deliveries), Prefect task runs (with ``--prefect``), and
-the process's peak memory so far (ru_maxrss; SQLite's page cache included, a PostgreSQL server's
-memory not). The baseline, in the same run and store: one plain multi-row INSERT of as many outbox rows
-as the first tick sent (then deleted again before the ticks).
+core; CPU time does not, and it includes SQLite's work but not a PostgreSQL server's), on PostgreSQL the
+CPU time of the server processes serving the run's connections (read from /proc when the server runs on
+this machine), the statements the engine sent (each a round trip on PostgreSQL; commits included),
+messages sent, messages per second (of wall time), batches of ``DeliveryPolicy.batch_size`` the engine
+walked (enrollments) and dispatched (deliveries), Prefect task runs (with ``--prefect``), and the
+process's peak memory so far (ru_maxrss; SQLite's page cache included, a PostgreSQL server's memory
+not). The baseline, in the same run and store: one plain multi-row INSERT of as many outbox rows as the
+first tick sent (then deleted again before the ticks). With both databases, the PostgreSQL/SQLite ratio
+per tick follows: of wall time, and of CPU time (on PostgreSQL this process's plus the server's), the
+steadier figure on a shared machine. ``--shards N`` runs the PostgreSQL ticks in N shards (threads of
+this process, each on its own connections, as ``omni sequences run --shards N``); SQLite always runs one.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, event, func, select, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -103,6 +109,47 @@ def generate(engine: Engine, customers: int) -> None:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
 
 
+def _server_cpu(engine: Engine) -> dict[int, float] | None:
+    """CPU seconds so far of each PostgreSQL server process connected to ``engine``'s database, or None
+    (SQLite; a server on another machine)."""
+    if engine.dialect.name != "postgresql":
+        return None
+    with engine.connect() as conn:
+        pids = conn.execute(
+            text("SELECT pid FROM pg_stat_activity WHERE datname = current_database()")
+        ).scalars()
+        used: dict[int, float] = {}
+        clock = os.sysconf("SC_CLK_TCK")
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                return None
+            used[pid] = (int(fields[11]) + int(fields[12])) / clock  # utime, stime
+    return used
+
+
+class StatementCounter:
+    """Counts the statements (and commits) the engine sends: on PostgreSQL, each is a round trip."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.count = 0
+        event.listen(engine, "before_cursor_execute", self._statement)
+        event.listen(engine, "commit", self._statement)
+
+    def _statement(self, *_args: Any) -> None:
+        self.count += 1
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+    def close(self) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._statement)
+        event.remove(self.engine, "commit", self._statement)
+
+
 def baseline_insert(engine: Engine, rows: int) -> float:
     """Seconds for one plain INSERT of ``rows`` outbox rows (driver executemany), deleted again after."""
     table = OutboxMessage.__table__
@@ -163,14 +210,15 @@ class BatchCounter:
         self.dispatch._dispatch_batch = self._dispatch
 
 
-def engine_ticker(engine: Engine) -> Callable[[datetime], tuple[dict[str, Any], int | None]]:
+def engine_ticker(engine: Engine, shards: int = 1) -> Callable[[datetime], tuple[dict[str, Any], int | None]]:
     from omni.core.settings import Settings
     from sequences.tick import run_tick
 
     settings = Settings()
 
     def tick(at: datetime) -> tuple[dict[str, Any], int | None]:
-        return run_tick(engine, now=at, settings=settings, names=["abandoned_cart"]).as_dict(), None
+        report = run_tick(engine, now=at, settings=settings, names=["abandoned_cart"], shards=shards)
+        return report.as_dict(), None
 
     return tick
 
@@ -202,8 +250,13 @@ def flow_ticker(url: str) -> Callable[[datetime], tuple[dict[str, Any], int | No
     return tick
 
 
-def run(engine: Engine, label: str, customers: int, use_prefect: bool) -> None:
-    print(f"\n{label}: {customers:,} customers entering abandoned_cart", flush=True)
+def run(
+    engine: Engine, label: str, customers: int, use_prefect: bool, shards: int = 1
+) -> list[dict[str, Any]]:
+    """The three ticks on ``engine``; returns per tick its wall and CPU seconds (CPU: this process's plus,
+    on PostgreSQL, the server's when it can be read)."""
+    in_shards = f" in {shards} shards" if shards > 1 and engine.dialect.name == "postgresql" else ""
+    print(f"\n{label}: {customers:,} customers entering abandoned_cart{in_shards}", flush=True)
     upgrade_schema(engine)
     started = time.perf_counter()
     generate(engine, customers)
@@ -215,32 +268,47 @@ def run(engine: Engine, label: str, customers: int, use_prefect: bool) -> None:
         f"({expected_first / base:,.0f} rows/s)"
     )
     url = engine.url.render_as_string(hide_password=False)
-    tick = flow_ticker(url) if use_prefect else engine_ticker(engine)
+    tick = flow_ticker(url) if use_prefect else engine_ticker(engine, shards)
     counter = BatchCounter()
+    statements = StatementCounter(engine)
     print(
-        f"  {'tick':<12}{'wall':>8}{'cpu':>8}{'sent':>9}{'msg/s':>9}{'channel':>9}{'walk b.':>9}"
-        f"{'disp. b.':>10}{'tasks':>7}{'peak MB':>9}"
+        f"  {'tick':<12}{'wall':>8}{'cpu':>8}{'server':>8}{'stmts':>8}{'sent':>9}{'msg/s':>9}{'channel':>9}"
+        f"{'walk b.':>9}{'disp. b.':>10}{'tasks':>7}{'peak MB':>9}"
     )
     total_tasks = 0
+    figures: list[dict[str, Any]] = []
     try:
         for name, offset in TICKS:
             at = T0 + offset
+            statements.take()
+            server_before = _server_cpu(engine)
             t, cpu = time.perf_counter(), time.process_time()
             report, tasks = tick(at)
             seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+            server_after = _server_cpu(engine)
+            server = (
+                sum(used - server_before.get(pid, 0.0) for pid, used in server_after.items())
+                if server_before is not None and server_after is not None
+                else None
+            )
+            sent_statements = statements.take()
             walked, dispatched = counter.take()
             steps = report["sequences"]["abandoned_cart"]["steps"]
             # Messages and ad-audience updates alike: what went out to a provider in this tick.
             sent = sum(s["sent"] + s["added"] + s["removed"] for s in steps.values())
             channel = next((step for step, s in steps.items() if s["sent"] + s["added"] + s["removed"]), "-")
             total_tasks += tasks or 0
+            server_text = f"{server:>7.1f}s" if server is not None else f"{'-':>8}"
             print(
-                f"  {name:<12}{seconds:>7.1f}s{cpu:>7.1f}s{sent:>9,}{sent / seconds:>9,.0f}{channel[:8]:>9}"
-                f"{walked:>9}{dispatched:>10}{tasks if tasks is not None else '-':>7}{peak_mb():>9.0f}",
+                f"  {name:<12}{seconds:>7.1f}s{cpu:>7.1f}s{server_text}{sent_statements:>8,}{sent:>9,}"
+                f"{sent / seconds:>9,.0f}{channel[:8]:>9}{walked:>9}{dispatched:>10}"
+                f"{tasks if tasks is not None else '-':>7}{peak_mb():>9.0f}",
                 flush=True,
             )
+            figures.append({"tick": name, "wall": seconds, "cpu": cpu + (server or 0.0), "sent": sent})
     finally:
         counter.close()
+        statements.close()
     with session_scope(engine) as session:
         by_channel = dict(
             session.execute(
@@ -258,6 +326,20 @@ def run(engine: Engine, label: str, customers: int, use_prefect: bool) -> None:
     else:
         print("  Prefect task runs: not measured (engine called directly; pass --prefect)")
     print(f"  peak memory (this process): {peak_mb():.0f} MB")
+    return figures
+
+
+def print_ratios(sqlite: list[dict[str, Any]], postgresql: list[dict[str, Any]], label: str) -> None:
+    """PostgreSQL's figures over SQLite's, tick by tick (target: within 1.5x)."""
+    print(f"\nPostgreSQL{label} / SQLite, per tick (target: wall within 1.5x)")
+    print(f"  {'tick':<12}{'wall':>14}{'ratio':>7}{'cpu (+server)':>18}{'ratio':>7}")
+    for lite, pg in zip(sqlite, postgresql, strict=True):
+        print(
+            f"  {lite['tick']:<12}{pg['wall']:>6.1f}/{lite['wall']:>5.1f} s{pg['wall'] / lite['wall']:>6.2f}x"
+            f"{pg['cpu']:>10.1f}/{lite['cpu']:>5.1f} s{pg['cpu'] / lite['cpu']:>6.2f}x"
+        )
+    total = sum(p["wall"] for p in postgresql) / sum(s["wall"] for s in sqlite)
+    print(f"  all ticks: wall {total:.2f}x")
 
 
 def main() -> int:
@@ -265,12 +347,18 @@ def main() -> int:
     parser.add_argument("--customers", type=int, default=100_000)
     parser.add_argument("--prefect", action="store_true", help="Run each tick as the run_sequences flow.")
     parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument(
+        "--shards", type=int, default=1, help="Run the PostgreSQL ticks in this many shards (threads)."
+    )
     args = parser.parse_args()
+    if args.shards > 1 and args.prefect:
+        parser.error("--shards runs the engine directly; not with --prefect")
+    sqlite_figures: list[dict[str, Any]] = []
     if not args.skip_sqlite:
         with tempfile.TemporaryDirectory() as folder:
             engine = create_store_engine(f"sqlite:///{Path(folder) / 'bench.db'}")
             try:
-                run(engine, "SQLite", args.customers, args.prefect)
+                sqlite_figures = run(engine, "SQLite", args.customers, args.prefect)
             finally:
                 engine.dispose()
     pg_url = os.environ.get("OMNI_BENCH_DATABASE_URL")
@@ -278,9 +366,11 @@ def main() -> int:
         with scratch_database(pg_url, prefix="omni_bench") as url:
             engine = create_store_engine(url)
             try:
-                run(engine, "PostgreSQL", args.customers, args.prefect)
+                pg_figures = run(engine, "PostgreSQL", args.customers, args.prefect, args.shards)
             finally:
                 engine.dispose()
+        if sqlite_figures:
+            print_ratios(sqlite_figures, pg_figures, f" ({args.shards} shards)" if args.shards > 1 else "")
     else:
         print("\n(PostgreSQL: set OMNI_BENCH_DATABASE_URL to run it too)")
     return 0

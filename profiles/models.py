@@ -320,7 +320,8 @@ ENROLLMENT_OPEN = "status IN ({})".format(", ".join(f"'{status}'" for status in 
 class Enrollment(SQLModel, table=True):
     __tablename__ = "enrollments"
     __table_args__ = (
-        Index("ix_enrollments_sequence_status_next", "sequence", "status", "next_run_at"),
+        # Due enrollments of a sequence in (next run, id) order: a walk's batch is the next entries (0011).
+        Index("ix_enrollments_due", "sequence", "status", "next_run_at", "id"),
         # At most one open enrollment per sequence and customer, whatever the isolation level: two ticks
         # at once both enrolling the same entrants lose the race here (enroll inserts ON CONFLICT DO
         # NOTHING). Migration 0006.
@@ -354,7 +355,21 @@ class Delivery(SQLModel, table=True):
     __table_args__ = (
         UniqueConstraint("enrollment_id", "step_id", name="uq_deliveries_enrollment_step"),
         Index("ix_deliveries_customer_created", "customer_id", "created_at"),
-        Index("ix_deliveries_status_next", "status", "next_attempt_at"),
+        # Pending deliveries in (due time, id) order: a dispatch batch is the next entries; a claimed or
+        # resolved delivery leaves the index. Sends in flight, for the recovery of interrupted ones (0011).
+        Index(
+            "ix_deliveries_due",
+            "next_attempt_at",
+            "id",
+            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status = 'pending'"),
+        ),
+        Index(
+            "ix_deliveries_sending",
+            "updated_at",
+            sqlite_where=text("status = 'sending'"),
+            postgresql_where=text("status = 'sending'"),
+        ),
         # Twilio's status callbacks name the message by its SID (migration 0009).
         Index("ix_deliveries_provider_message_id", "provider_message_id"),
     )

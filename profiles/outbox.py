@@ -9,6 +9,14 @@ Recording a batch is one statement on PostgreSQL: ``INSERT ... SELECT FROM json_
 CONFLICT (delivery_id) DO NOTHING RETURNING delivery_id`` (the batch as one JSON parameter; a concurrent
 writer of the same delivery id waits for the other and skips it). On SQLite (in-process: no round trips
 to save, and executemany runs in C) the ids already recorded are read first and the new rows inserted.
+
+**Staged** (:meth:`OutboxRecorder.stage`, PostgreSQL): the sequence engine records a batch's outbox rows
+in the transaction that records the batch's outcomes, where a provider's answer would be recorded. The
+recorder then keeps the rows it is handed (every one reported recorded) until the engine writes them
+with :meth:`OutboxRecorder.write_staged`, in that transaction: a delivery is ``sent`` exactly when its
+outbox row is in, and a batch costs one transaction and commit fewer. Should that transaction fail, the
+rows are not in and the claimed deliveries are recovered as for any provider (email, SMS and push
+``unknown``, never resent).
 """
 
 from __future__ import annotations
@@ -37,12 +45,17 @@ class OutboxRecorder:
     def __init__(self, engine: Engine, *, clock: Callable[[], datetime] = utcnow) -> None:
         self.engine = engine
         self.clock = clock
+        self._staged: list[Mapping[str, Any]] | None = None
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> set[str]:
-        """Insert the rows whose delivery id is not recorded yet; returns those delivery ids."""
+        """Insert the rows whose delivery id is not recorded yet; returns those delivery ids. Staged: keep
+        them for :meth:`write_staged`, and return every delivery id."""
         now = self.clock()
         if not rows:
             return set()
+        if self._staged is not None:
+            self._staged.extend(rows)
+            return {row["delivery_id"] for row in rows}
         if self.engine.dialect.name == "postgresql":
             with session_scope(self.engine) as session:
                 return _insert_new_pg(session, rows, now)
@@ -51,6 +64,27 @@ class OutboxRecorder:
         except IntegrityError:
             # Another writer recorded some of them between our SELECT and INSERT: look again once.
             return self._insert_new(rows, now)
+
+    def stage(self) -> bool:
+        """From now on keep the rows handed to this recorder for :meth:`write_staged` (PostgreSQL; on SQLite,
+        in-process, nothing to save: rows are recorded when handed over). Returns whether it stages."""
+        if self.engine.dialect.name == "postgresql" and self._staged is None:
+            self._staged = []
+        return self._staged is not None
+
+    def take_staged(self) -> list[Mapping[str, Any]]:
+        """The rows staged since the last call (none when not staging)."""
+        rows, self._staged = (self._staged or []), ([] if self._staged is not None else None)
+        return rows
+
+    def write_staged(self, session: Session, rows: Sequence[Mapping[str, Any]]) -> set[str]:
+        """Record ``rows`` (from :meth:`take_staged`) in ``session``'s transaction, idempotently by delivery
+        id; returns the delivery ids newly recorded."""
+        if not rows:
+            return set()
+        if session.connection().dialect.name != "postgresql":
+            raise NotImplementedError("outbox rows are staged on PostgreSQL only")
+        return _insert_new_pg(session, rows, self.clock())
 
     def _insert_new(self, rows: Sequence[Mapping[str, Any]], now: datetime) -> set[str]:
         with session_scope(self.engine) as session:

@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, literal, or_, select, update
+from sqlalchemy import and_, bindparam, literal, literal_column, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from connectors import provider_for
@@ -100,13 +100,25 @@ def keyset_after(at_column: Any, id_column: Any, after: tuple[datetime, int] | N
     """Rows after ``after`` in (time, id) order: the keyset condition of a batched walk. Each row is
     visited at most once per walk, and the query stays the same size whatever the number of rows already
     walked (a NOT IN of every id seen grew with each batch: quadratic, and over PostgreSQL's 65,535 bind
-    parameters past ~65,000 rows)."""
+    parameters past ~65,000 rows).
+
+    Written as a row comparison, ``(time, id) > (at, id)``: on an index ending in ``(time, id)``
+    (``ix_deliveries_due``, ``ix_enrollments_due``) PostgreSQL starts the scan right after the last row
+    read, in order, and stops at the batch's size; an ``OR`` of the two cases bounded the scan by the time
+    alone, so each batch read (and sorted) every row still due at that time."""
     if after is None:
         return literal(True)
     at, row_id = after
-    # "at_column >= at" is implied by the rest; written out, it bounds the scan of a (..., time) index
-    # to the rows not walked yet (within an OR, neither SQLite nor PostgreSQL take it as a range).
-    return and_(at_column >= at, or_(at_column > at, and_(at_column == at, id_column > row_id)))
+    return tuple_(at_column, id_column) > tuple_(
+        bindparam(None, at, type_=at_column.type), bindparam(None, row_id, type_=id_column.type)
+    )
+
+
+def status_is(column: Any, status: str) -> Any:
+    """``column = 'status'`` with the status written into the SQL, not bound: the planner then knows it
+    when it plans, and can use the partial indexes on a status (``ix_deliveries_due``,
+    ``ix_deliveries_sending``) in every plan, a prepared statement's generic plan included."""
+    return column == literal_column(f"'{DeliveryStatus(status).value}'")
 
 
 def sequence_names(session: Session, enrollment_ids: Iterable[int]) -> dict[int, str]:
@@ -235,7 +247,7 @@ def recover_interrupted(
     enrollments go on; on an at-least-once channel (ad audiences, webhooks) they are due again."""
     deliveries = Delivery.__table__
     stale = and_(
-        deliveries.c.status == DeliveryStatus.SENDING.value,
+        status_is(deliveries.c.status, DeliveryStatus.SENDING),
         deliveries.c.updated_at < now - policy.sending_timeout,
     )
     rows = session.execute(

@@ -8,25 +8,34 @@
    to an unreachable customer is skipped (to the step's ``fallback`` channel when it has one), and quiet
    hours and the frequency cap postpone;
 3. **rendering** (:mod:`sequences.contexts`) of what passed, a template at a time;
-4. **the claim**: ``pending`` → ``sending``, committed before any connector is called, so two ticks
-   never send the same delivery;
+4. **the claim**: ``pending`` → ``sending``, committed (with what the gate decided, in the transaction
+   that read the batch) before any connector is called, so two ticks never send the same delivery;
 5. **sending**, a channel at a time, through the one retry policy (``connectors.send_batch``);
-6. **recording**: ``sent`` (and the ``… Sent`` event on the customer's timeline), ``unknown`` (never
-   resent), retried on a later tick with backoff up to ``delivery_attempts``, or ``failed`` (to the
-   fallback channel when the step has one); the providers' effects are applied and the enrollments
-   move on.
+6. **recording**, in one transaction: ``sent`` (and the ``… Sent`` event on the customer's timeline, and
+   the outbox connector's rows), ``unknown`` (never resent), retried on a later tick with backoff up to
+   ``delivery_attempts``, or ``failed`` (to the fallback channel when the step has one); the providers'
+   effects are applied and the enrollments move on.
+
+On PostgreSQL the recording of a batch whose deliveries all ended ``sent`` or ``unknown`` (what the
+store already counts a claimed delivery as), with no provider effects, runs in a thread of its own
+(:class:`_Recorder`) while the next batch is read, gated and rendered: the server writes one batch while
+this process renders the next. Nothing of the next batch is committed or sent before that recording
+is in (the claim waits for it), a batch sharing an enrollment with the one being recorded is read again
+after it, and :func:`dispatch_due` returns only once everything is recorded. Any other batch (a
+failure, a fallback, a retry, an opt-out from the provider), and every batch on SQLite, is recorded
+before the next one is read, as the rest of the dispatcher expects.
 """
 
 from __future__ import annotations
 
 import time as time_module
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, literal, select
+from sqlalchemy import Engine, Select, literal, select
 from sqlalchemy.orm import Session
 
 from connectors import (
@@ -60,11 +69,13 @@ from sequences.deliveries import (
     keyset_after,
     new_delivery,
     provider_of,
+    status_is,
     step_of,
     write_outcomes,
 )
 from sequences.effects import apply_effects
 from sequences.gate import Contact, DeliveryPolicy, Gate
+from sequences.pipeline import WriteBehind
 from sequences.reports import StepCounts, TickReport
 from sequences.shards import Shard
 from templates.rendering import RenderError
@@ -91,6 +102,8 @@ class Dispatcher:
 
     def __post_init__(self) -> None:
         self.outbox = OutboxRecorder(self.engine, clock=lambda: self.now)
+        # On PostgreSQL the outbox rows of a batch are written where its outcomes are (see _record_batch).
+        self.outbox.stage()
 
     def connector(self, channel: str) -> Connector:
         if channel not in self.connectors:
@@ -120,49 +133,89 @@ class _Due:
     sequence: str | None
 
 
+# The columns of a due delivery read from ``deliveries``: the fields of :class:`_Due` up to its sequence.
+_DELIVERY_COLUMNS = (
+    "id",
+    "dedupe_key",
+    "enrollment_id",
+    "campaign",
+    "step_id",
+    "customer_id",
+    "channel",
+    "template",
+    "ad_audience",
+    "action",
+    "attempts",
+)
+
+
 def dispatch_due(dispatcher: Dispatcher, *, campaign: str | None = None, shard: Shard | None = None) -> int:
     """Send every due pending delivery (or only ``campaign``'s, or only those of ``shard``'s customers), a
     batch at a time; returns how many were resolved or postponed."""
-    deliveries = Delivery.__table__
-    enrollments = Enrollment.__table__
     moved = 0
     after: tuple[datetime, int] | None = None
-    while True:
-        with session_scope(dispatcher.engine) as session:
-            rows = session.execute(
-                select(
-                    deliveries.c.id,
-                    deliveries.c.dedupe_key,
-                    deliveries.c.enrollment_id,
-                    deliveries.c.campaign,
-                    deliveries.c.step_id,
-                    deliveries.c.customer_id,
-                    deliveries.c.channel,
-                    deliveries.c.template,
-                    deliveries.c.ad_audience,
-                    deliveries.c.action,
-                    deliveries.c.attempts,
-                    enrollments.c.sequence,
-                    enrollments.c.status.label("enrollment_status"),
-                    deliveries.c.next_attempt_at,
+    with _Recorder(dispatcher) as recorder:
+        while True:
+            with session_scope(dispatcher.engine) as session:
+                query = due_batch(
+                    now=dispatcher.now,
+                    after=after,
+                    limit=dispatcher.policy.batch_size,
+                    campaign=campaign,
+                    shard=shard,
                 )
-                .select_from(
-                    deliveries.outerjoin(enrollments, enrollments.c.id == deliveries.c.enrollment_id)
-                )
-                .where(
-                    deliveries.c.status == DeliveryStatus.PENDING.value,
-                    deliveries.c.next_attempt_at <= dispatcher.now,
-                    keyset_after(deliveries.c.next_attempt_at, deliveries.c.id, after),
-                    deliveries.c.campaign == campaign if campaign else literal(True),
-                    shard.owns(deliveries.c.customer_id) if shard else literal(True),
-                )
-                .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
-                .limit(dispatcher.policy.batch_size)
-            ).all()
-        if not rows:
-            return moved
-        after = (rows[-1].next_attempt_at, rows[-1].id)
-        moved += _dispatch_batch(dispatcher, rows)
+                rows = session.execute(query).all()
+                if recorder.recording_any(row.enrollment_id for row in rows):
+                    # Their enrollments may move on in the batch being recorded: read them once it is in.
+                    recorder.wait()
+                    rows = session.execute(query).all()
+                if not rows:
+                    return moved
+                after = (rows[-1].next_attempt_at, rows[-1].id)
+                moved += _dispatch_batch(dispatcher, session, rows, recorder)
+
+
+def due_batch(
+    *,
+    now: datetime,
+    after: tuple[datetime, int] | None,
+    limit: int,
+    campaign: str | None = None,
+    shard: Shard | None = None,
+) -> Select:
+    """The next ``limit`` pending deliveries due at ``now`` (of ``campaign``, of ``shard``'s customers, when
+    given) after ``after`` in (due time, id) order, each with its enrollment's sequence and status: a
+    batch of :func:`dispatch_due`.
+
+    The batch is picked from ``deliveries`` alone, along ``ix_deliveries_due`` (the pending ones in that
+    order): the scan starts after the previous batch and stops at the batch's size. Only then are its
+    rows joined to ``enrollments``: joined first, every delivery still due was looked up in
+    ``enrollments`` (and sorted) for each batch, quadratic in the deliveries of a tick."""
+    deliveries = Delivery.__table__
+    enrollments = Enrollment.__table__
+    due = (
+        select(*(deliveries.c[name] for name in _DELIVERY_COLUMNS), deliveries.c.next_attempt_at)
+        .where(
+            status_is(deliveries.c.status, DeliveryStatus.PENDING),
+            deliveries.c.next_attempt_at <= now,
+            keyset_after(deliveries.c.next_attempt_at, deliveries.c.id, after),
+            deliveries.c.campaign == campaign if campaign else literal(True),
+            shard.owns(deliveries.c.customer_id) if shard else literal(True),
+        )
+        .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+        .limit(limit)
+        .subquery("due")
+    )
+    return (
+        select(
+            *(due.c[name] for name in _DELIVERY_COLUMNS),
+            enrollments.c.sequence,
+            enrollments.c.status.label("enrollment_status"),
+            due.c.next_attempt_at,
+        )
+        .select_from(due.outerjoin(enrollments, enrollments.c.id == due.c.enrollment_id))
+        .order_by(due.c.next_attempt_at, due.c.id)
+    )
 
 
 @dataclass
@@ -246,16 +299,67 @@ class _Outcomes:
             "updated_at": self.dispatcher.now,
         }
 
-    def write(self, session: Session) -> None:
+    def write(self, session: Session, report: TickReport) -> None:
+        """Write the outcomes; enrollments completed are counted in ``report``."""
         write_outcomes(session, self.updates)
         insert_new(session, self.fallbacks)
         d = self.dispatcher
-        advance(session, self.resolved, sequences=d.sequences, now=d.now, report=d.report, walked=d.walked)
+        advance(session, self.resolved, sequences=d.sequences, now=d.now, report=report, walked=d.walked)
+
+    def only_counted(self) -> bool:
+        """Whether every outcome is one the store already counted its claimed delivery as (``sent`` or
+        ``unknown``: against the frequency cap, from ``now``), with no new delivery to create: then the
+        next batch reads the same from the store before these outcomes are written as after."""
+        counted = (DeliveryStatus.SENT.value, DeliveryStatus.UNKNOWN.value)
+        return not self.fallbacks and all(u["status"] in counted for u in self.updates.values())
 
 
-def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
-    """One batch through the gate, rendering, the claim, the connectors and the recording (see the
-    module's docstring); returns how many deliveries were resolved or postponed."""
+class _Recorder(WriteBehind):
+    """Records each batch's results (:func:`_record_batch`); on PostgreSQL a batch that allows it (see the
+    module docstring) behind the reading and rendering of the next."""
+
+    def __init__(self, d: Dispatcher) -> None:
+        super().__init__(d.engine, d.report, name="record")
+        self.d = d
+        self.enrollments: set[int] = set()  # of the batch being recorded
+
+    def recording_any(self, enrollment_ids: Iterable[int | None]) -> bool:
+        """Whether the batch being recorded moves any of these enrollments on."""
+        return self.busy and not self.enrollments.isdisjoint(enrollment_ids)
+
+    def record(self, outcomes: _Outcomes, events: list[dict[str, Any]], results: list[Result]) -> None:
+        """Record a batch: behind the next one when its outcomes change nothing the next batch reads
+        (:meth:`_Outcomes.only_counted`, no provider effects), else now."""
+        self.wait()
+        behind = outcomes.only_counted() and not any(r.effects for r in results)
+        self.enrollments = {e for e, _, _ in outcomes.resolved if e is not None} if behind else set()
+        outbox = self.d.outbox.take_staged()
+        self.write(_record_batch, self.d, outcomes, events, results, outbox, behind=behind)
+
+
+def _record_batch(
+    d: Dispatcher,
+    outcomes: _Outcomes,
+    events: list[dict[str, Any]],
+    results: list[Result],
+    outbox: list[Mapping[str, Any]],
+    report: TickReport,
+) -> TickReport:
+    """A batch's results in one transaction: the outbox rows staged for it, the deliveries' outcomes, the
+    enrollments moved on (completions counted in ``report``), the ``… Sent`` events and the providers'
+    effects. Returns ``report``."""
+    with session_scope(d.engine) as session:
+        d.outbox.write_staged(session, outbox)
+        outcomes.write(session, report)
+        insert_rows(session, Event.__table__, events)
+        apply_effects(session, results, now=d.now)
+    return report
+
+
+def _dispatch_batch(d: Dispatcher, session: Session, rows: Sequence[Any], recorder: _Recorder) -> int:
+    """One batch, read in ``session``, through the gate, rendering, the claim (committed in ``session``'s
+    transaction), the connectors and the recording (see the module's docstring); returns how many
+    deliveries were resolved or postponed."""
     # The query's columns, in order: id ... attempts, sequence, enrollment status, next attempt.
     due = [_Due(*row[:12]) for row in rows]
     inactive = {
@@ -271,20 +375,18 @@ def _dispatch_batch(d: Dispatcher, rows: Sequence[Any]) -> int:
             d.connector(item.channel)
 
     gated = _Outcomes(d)
-    with session_scope(d.engine) as session:
-        passed = _gate(d, session, [item for item in due if item.id not in halted], inactive, gated)
-        ready = _render(d, session, passed, gated)
-        gated.write(session)
-    to_send = _claim(d, ready)
+    passed = _gate(d, session, [item for item in due if item.id not in halted], inactive, gated)
+    ready = _render(d, session, passed, gated)
+    recorder.wait()  # nothing more is committed, nor sent, before the batch before is recorded
+    gated.write(session, d.report)
+    to_send = _claim(session, ready, now=d.now)
+    session.commit()  # the claims, before any connector is called
     results = _send(d, to_send)
     recorded = _Outcomes(d)
     events = _record(d, to_send, results, recorded)
-    with session_scope(d.engine) as session:
-        recorded.write(session)
-        insert_rows(session, Event.__table__, events)
-        apply_effects(session, [r for found in results.values() for r in found], now=d.now)
     d.report.written["deliveries"] += len(due) + len(gated.fallbacks) + len(recorded.fallbacks)
     d.report.written["events"] += len(events)
+    recorder.record(recorded, events, [r for found in results.values() for r in found])
     return len(due) - len(halted)
 
 
@@ -347,11 +449,12 @@ def _render(
     return ready
 
 
-def _claim(d: Dispatcher, ready: list[tuple[_Due, list[Message]]]) -> list[tuple[_Due, list[Message]]]:
-    """The deliveries this tick claimed (``pending`` → ``sending``, committed); another tick may have
-    taken the others."""
-    with session_scope(d.engine) as session:
-        claimed = claim(session, [item.id for item, _ in ready], now=d.now)
+def _claim(
+    session: Session, ready: list[tuple[_Due, list[Message]]], *, now: datetime
+) -> list[tuple[_Due, list[Message]]]:
+    """The deliveries this tick claims (``pending`` → ``sending``; the caller commits before sending);
+    another tick may have taken the others."""
+    claimed = claim(session, [item.id for item, _ in ready], now=now)
     return [(item, messages) for item, messages in ready if item.id in claimed]
 
 

@@ -18,6 +18,10 @@ nothing between calls: its definitions travel with it.
 
 With ``shards=n`` (PostgreSQL), steps 4 and 5 run per shard of the customers, in as many workers as the
 caller's ``run_shards`` spreads them over (:func:`run_shard`; the design is :mod:`sequences.shards`).
+
+On PostgreSQL steps 4 and 5 write each batch behind the next one (:mod:`sequences.pipeline`): the server
+writes a walked batch, or the results of a dispatched one, while this process reads and works out the
+next, within the rules :mod:`sequences.walking` and :mod:`sequences.dispatch` give.
 """
 
 from __future__ import annotations

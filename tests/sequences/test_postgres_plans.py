@@ -16,9 +16,12 @@ from profiles.db import pg_array_literal, refresh_statistics, session_scope, sta
 from profiles.models import Delivery, Enrollment, OutboxMessage
 from profiles.outbox import OutboxRecorder
 from sequences.definitions import parse_sequence
+from sequences.dispatch import due_batch
 from sequences.enrollment import enroll
 from sequences.reports import TickReport
+from sequences.shards import Shard
 from sequences.sql import Driver
+from sequences.walking import due_enrollments
 
 # Text that must survive any quoting: quotes, backslashes, JSON and array-literal punctuation, unicode.
 ODD = 'a "quoted" \\ back,slash {braces} [x] \' é 😀\nnew line\ttab NULL'
@@ -175,3 +178,54 @@ def test_enrolling_many_refreshes_the_statistics_the_tick_plans_on(engine):
         enroll(session, sequence, now=T0, report=report)
     assert report.sequences["welcome"].enrolled == 200
     assert stale_statistics(engine, {"enrollments": 1}) == []
+
+
+def _explained(engine, query) -> list[dict]:
+    """The nodes of ``query``'s plan as run (EXPLAIN ANALYZE)."""
+    compiled = query.compile(dialect=engine.dialect)
+    with engine.begin() as conn:
+        (plan,) = conn.exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {compiled}", compiled.params).scalar()
+    return list(_nodes(plan["Plan"] if isinstance(plan, dict) else json.loads(plan)[0]["Plan"]))
+
+
+def _rows_read(nodes: list[dict], table: str) -> int:
+    return sum(n["Actual Rows"] * n["Actual Loops"] for n in nodes if n.get("Relation Name") == table)
+
+
+def test_a_batch_of_due_work_reads_its_own_rows_not_every_row_still_due(engine):
+    """A tick reads due deliveries and enrollments a batch at a time, each batch after the one before.
+    Each batch must read only its own rows from the table, in order along the due-work index, on
+    statistics from when the tables were empty: reading (and joining, and sorting) every row still due
+    for each batch made a tick quadratic in its deliveries."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("a PostgreSQL plan")
+    refresh_statistics(engine, ["deliveries", "enrollments"])  # empty
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO customers (id, traits, created_at, updated_at) "
+            "SELECT i, '{}', now(), now() FROM generate_series(1, 20000) AS g(i)"
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO enrollments (id, sequence, customer_id, status, step_index, next_run_at, "
+            "enrolled_at, updated_at) SELECT i, 's', i, 'active', 1, %s, now(), now() "
+            "FROM generate_series(1, 20000) AS g(i)",
+            (T0,),
+        )
+        conn.exec_driver_sql(
+            "INSERT INTO deliveries (id, dedupe_key, enrollment_id, step_id, customer_id, channel, "
+            "connector, status, attempts, marketing, next_attempt_at, created_at, updated_at) "
+            "SELECT i, 'enrollment:' || i || ':mail', i, 'mail', i, 'email', 'outbox', "
+            "CASE WHEN i %% 4 = 0 THEN 'sent' ELSE 'pending' END, 0, true, %s, now(), now() "
+            "FROM generate_series(1, 20000) AS g(i)",
+            (T0,),
+        )
+    after = (T0, 8000)  # a batch half-way through the tick
+    dispatch = _explained(engine, due_batch(now=T0, after=after, limit=500))
+    assert _rows_read(dispatch, "deliveries") <= 500
+    assert _rows_read(dispatch, "enrollments") <= 500
+    walk = _explained(engine, due_enrollments("s", now=T0, after=after, limit=500))
+    assert _rows_read(walk, "enrollments") <= 500
+    assert not [n for n in dispatch + walk if n["Node Type"] == "Sort" and n["Actual Rows"] > 500]
+    # A shard reads its batch off the same index: about the shard count times as many entries, not all.
+    shard = _explained(engine, due_batch(now=T0, after=after, limit=500, shard=Shard(1, 4)))
+    assert _rows_read(shard, "deliveries") <= 500
