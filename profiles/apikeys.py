@@ -121,14 +121,7 @@ def authenticate(session: Session, plaintext: str | None, scope: str) -> ApiKey 
         return None
     if row.revoked_at is not None or row.scope != KeyScope(scope).value:
         return None
-    return ApiKey(
-        id=row.id,
-        prefix=row.prefix,
-        source=row.source,
-        scope=KeyScope(row.scope),
-        created_at=row.created_at,
-        revoked_at=row.revoked_at,
-    )
+    return _of(row)
 
 
 def list_keys(session: Session, *, include_revoked: bool = True) -> list[ApiKey]:

@@ -56,7 +56,7 @@ from profiles.segment import normalize_email, normalize_phone
 from profiles.suppression import (
     customers_with,
     customers_with_each,
-    opt_in,
+    decide,
     opt_out,
     record_consents,
     suppress_addresses,
@@ -637,11 +637,11 @@ def apply_twilio_inbound(
         ],
     )
     if keyword in ("stop", "start") and customers:
-        decide = opt_out if keyword == "stop" else opt_in
         decide(
             session,
             customers,
             Channel.SMS.value,
+            ConsentStatus.OPTED_OUT if keyword == "stop" else ConsentStatus.OPTED_IN,
             source=f"twilio:{word}",
             now=now,
             touchpoint=Touchpoint.SMS.value,

@@ -508,8 +508,13 @@ def resolve_customer_key(
         )
     if not candidates:
         return None
-    customer_id = candidates[0]
-    # Follow merged_into (merges flatten the chain, so this loops at most a few times).
+    return survivor_of(session, candidates[0])
+
+
+def survivor_of(session: Session, customer_id: int) -> int:
+    """``customer_id``, or the customer it was merged into (following ``merged_into`` to its end; merges
+    flatten the chain, so this loops at most a few times)."""
+    customers = Customer.__table__
     for _ in range(100):
         merged = session.execute(
             select(customers.c.merged_into).where(customers.c.id == customer_id)

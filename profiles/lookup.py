@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 from omni.core.channels import OMNI_CHANNEL as VIEWED_CHANNEL
 from omni.core.channels import PROFILE_VIEWED
 from omni.core.clock import aware
+from profiles.identity import survivor_of
 from profiles.models import Customer, Event, Identity, IdentityKind
 from profiles.segment import normalize_email, normalize_phone
 
@@ -48,7 +49,6 @@ CUSTOMER_ID = "customer_id"
 KEY_KINDS: tuple[str, ...] = (*(kind.value for kind in IdentityKind), CUSTOMER_ID)
 _PHONE_LIKE = re.compile(r"^\+?[0-9(][0-9 ().-]*$")
 # How many hops of merged_into are followed (merges keep it one hop; this only bounds a corrupt chain).
-_MAX_HOPS = 100
 
 
 class BadKey(ValueError):
@@ -126,19 +126,6 @@ def find_customer(session: Session, key: CustomerKey) -> int | None:
     if found is None:
         return None
     return survivor_of(session, found)
-
-
-def survivor_of(session: Session, customer_id: int) -> int:
-    """``customer_id``, or the customer it was merged into (following ``merged_into`` to its end)."""
-    customers = Customer.__table__
-    for _ in range(_MAX_HOPS):
-        merged = session.execute(
-            select(customers.c.merged_into).where(customers.c.id == customer_id)
-        ).scalar()
-        if merged is None:
-            return customer_id
-        customer_id = merged
-    return customer_id
 
 
 def record_view(session: Session, customer_id: int, *, source: str, via: str, now: datetime) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
@@ -153,6 +154,10 @@ def record_consents(
     if not decisions:
         return []
     keys = {(d.customer_id, d.channel) for d in decisions}
+    latest: dict[tuple[int, str, str], datetime] = {}
+    for d in decisions:
+        mark = (d.customer_id, d.channel, d.status)
+        latest[mark] = max(latest.get(mark, d.at), d.at)
     before = _recorded(session, keys)
     apply_consents(session, decisions, now=now, operator=operator)
     after = _recorded(session, keys)
@@ -164,7 +169,7 @@ def record_consents(
             continue
         customer_id, channel = key
         status, source = new
-        at = max(d.at for d in decisions if (d.customer_id, d.channel) == key and d.status == status)
+        at = latest[(customer_id, channel, status)]
         changed.append(ConsentDecision(customer_id, channel, status, source, at))
         events.append(
             {
@@ -191,10 +196,11 @@ def record_consents(
     return changed
 
 
-def opt_out(
+def decide(
     session: Session,
     customer_ids: Iterable[int],
     channel: str,
+    status: str,
     *,
     source: str,
     now: datetime,
@@ -203,55 +209,29 @@ def opt_out(
     operator: bool = False,
     properties: dict | None = None,
 ) -> list[ConsentDecision]:
-    """Opt ``customer_ids`` out of ``channel`` (see :func:`record_consents`)."""
-    return _decide(
-        session,
-        customer_ids,
-        channel,
-        ConsentStatus.OPTED_OUT,
-        source,
-        now,
-        touchpoint,
-        at,
-        operator,
-        properties,
-    )
-
-
-def opt_in(
-    session: Session,
-    customer_ids: Iterable[int],
-    channel: str,
-    *,
-    source: str,
-    now: datetime,
-    touchpoint: str,
-    at: datetime | None = None,
-    operator: bool = False,
-    properties: dict | None = None,
-) -> list[ConsentDecision]:
-    """Opt ``customer_ids`` back in to ``channel`` (see :func:`record_consents`)."""
-    return _decide(
-        session,
-        customer_ids,
-        channel,
-        ConsentStatus.OPTED_IN,
-        source,
-        now,
-        touchpoint,
-        at,
-        operator,
-        properties,
-    )
-
-
-def _decide(session, customer_ids, channel, status, source, now, touchpoint, at, operator, properties):
+    """Record ``status`` (opted in or out) on ``channel`` for ``customer_ids`` (see
+    :func:`record_consents`)."""
     decisions = [
-        ConsentDecision(c, channel, status.value, source, at or now) for c in sorted(set(customer_ids))
+        ConsentDecision(c, channel, ConsentStatus(status).value, source, at or now)
+        for c in sorted(set(customer_ids))
     ]
     return record_consents(
         session, decisions, now=now, touchpoint=touchpoint, operator=operator, properties=properties
     )
+
+
+def opt_out(
+    session: Session, customer_ids: Iterable[int], channel: str, **options: Any
+) -> list[ConsentDecision]:
+    """Opt ``customer_ids`` out of ``channel`` (:func:`decide`)."""
+    return decide(session, customer_ids, channel, ConsentStatus.OPTED_OUT, **options)
+
+
+def opt_in(
+    session: Session, customer_ids: Iterable[int], channel: str, **options: Any
+) -> list[ConsentDecision]:
+    """Opt ``customer_ids`` back in to ``channel`` (:func:`decide`)."""
+    return decide(session, customer_ids, channel, ConsentStatus.OPTED_IN, **options)
 
 
 # --- addresses that cannot receive ---------------------------------------------------------------------

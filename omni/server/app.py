@@ -36,6 +36,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import Engine, text
 
+from omni.core.clock import utcnow
 from omni.core.settings import Settings, get_settings
 from omni.server.processor import RUN_DIR_ENV, Waker, processor_capacity, processor_problem
 from profiles.db import create_store_engine, require_schema
@@ -73,6 +74,7 @@ def create_app(
     app.add_middleware(AccessLog)
     app.state.engine = engine
     app.state.settings = settings
+    app.state.clock = utcnow  # routers read the time through deps.now_of; tests may fix it
     app.state.background = background and processor_dir is None
     app.state.processor_dir = processor_dir
     app.state.intake_processor = None

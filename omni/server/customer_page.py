@@ -21,7 +21,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from omni.core import channels as channel_facts
+from omni.core.channels import TOUCHPOINT_LABELS
 from omni.server.profile_api import TIMELINE_CHANNELS, ReadKey, load_profile, load_timeline
 from profiles.lookup import KEY_KINDS
 
@@ -32,8 +32,7 @@ router = APIRouter(tags=["customer page"])
 
 def channel_label(value: str) -> str:
     """How a channel is shown: its label from :mod:`omni.core.channels` when it has one."""
-    labels = getattr(channel_facts, "TOUCHPOINT_LABELS", None) or {}
-    return labels.get(value) or value.replace("_", " ").capitalize()
+    return TOUCHPOINT_LABELS.get(value) or value.replace("_", " ").capitalize()
 
 
 def channel_tint(value: str) -> str:

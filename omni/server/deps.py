@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from datetime import datetime
 
 from fastapi import HTTPException, Request
 from sqlalchemy import Engine
@@ -24,6 +25,11 @@ def store_engine(request: Request) -> Engine:
 
 def app_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+def now_of(request: Request) -> datetime:
+    """The time now by the app's clock (``app.state.clock``: ``utcnow``, or a fixed clock a test sets)."""
+    return request.app.state.clock()
 
 
 def basic_user(request: Request) -> str | None:

@@ -24,9 +24,8 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from omni.core.channels import TOUCHPOINTS
-from omni.core.clock import utcnow
 from omni.core.definitions import DefinitionError
-from omni.server.deps import app_settings, require_key, store_engine
+from omni.server.deps import app_settings, now_of, require_key, store_engine
 from profiles.apikeys import ApiKey
 from profiles.db import session_scope
 from profiles.lookup import (
@@ -195,12 +194,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(prefix="/v1/profiles", tags=["profiles"])
 
 
-def clock(request: Request) -> datetime:
-    """The time now (``app.state.clock`` when a test set one)."""
-    now = getattr(request.app.state, "clock", None)
-    return now() if now is not None else utcnow()
-
-
 def _customer_id(request: Request, session: Any, key: str) -> int:
     settings = app_settings(request)
     try:
@@ -220,7 +213,7 @@ def load_profile(request: Request, key: str, *, api_key: ApiKey, via: str, recor
         customer_id = _customer_id(request, session, key)
         view = customer_view(session, customer_id, limit=0, orders_limit=ORDERS_SHOWN)
         if record:
-            record_view(session, customer_id, source=api_key.source, via=via, now=clock(request))
+            record_view(session, customer_id, source=api_key.source, via=via, now=now_of(request))
     settings = app_settings(request)
     return profile_of(view, sequence_steps(settings.sequences_dir, settings.audiences_dir))
 
@@ -252,7 +245,7 @@ def load_timeline(
         customer_id = _customer_id(request, session, key)
         events, position = timeline_page(session, customer_id, limit=limit, channels=channels, before=before)
         if (before is None) if record is None else record:
-            record_view(session, customer_id, source=api_key.source, via=via, now=clock(request))
+            record_view(session, customer_id, source=api_key.source, via=via, now=now_of(request))
     return TimelinePage(
         customer_id=customer_id,
         events=[TimelineEvent(**event) for event in events],

@@ -86,11 +86,10 @@ class TrackingLimits:
 
     @classmethod
     def of(cls, settings: Settings) -> TrackingLimits:
-        # getattr: OMNI_INTAKE_MAX_INFLIGHT / OMNI_INTAKE_MAX_BACKLOG, when the settings define them.
         return cls(
-            max_inflight=getattr(settings, "intake_max_inflight", DEFAULT_MAX_INFLIGHT),
-            max_backlog=getattr(settings, "intake_max_backlog", DEFAULT_MAX_BACKLOG),
-            max_lag=getattr(settings, "intake_max_lag_seconds", DEFAULT_MAX_LAG),
+            max_inflight=settings.intake_max_inflight,
+            max_backlog=settings.intake_max_backlog,
+            max_lag=settings.intake_max_lag_seconds,
         )
 
 

@@ -21,9 +21,7 @@ in the URL).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cache
 
 from fastapi import APIRouter, Request
@@ -33,13 +31,12 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from sqlalchemy import select
 
 from omni.core.channels import CONSENT_CHANNELS, Channel, Touchpoint, spec
-from omni.core.clock import utcnow
 from omni.core.statuses import ConsentStatus
-from omni.server.deps import app_settings, store_engine
+from omni.server.deps import app_settings, now_of, store_engine
 from profiles.consent import consents_of, reachability_of
 from profiles.db import session_scope
 from profiles.models import Customer
-from profiles.suppression import live_customer, opt_in, opt_out
+from profiles.suppression import decide, live_customer, opt_out
 from sequences.unsubscribe import InvalidToken, unsubscribe_secret, verify_token
 
 ONE_CLICK = "one_click"
@@ -69,11 +66,6 @@ def _templates() -> Environment:
         autoescape=select_autoescape(default=True, default_for_string=True),
         undefined=StrictUndefined,
     )
-
-
-def _clock(request: Request) -> Callable[[], datetime]:
-    """The app's clock (tests set ``app.state.clock``), else the real one."""
-    return getattr(request.app.state, "clock", None) or utcnow
 
 
 def label(channel: str) -> str:
@@ -177,7 +169,7 @@ async def unsubscribe_post(request: Request, token: str | None = None) -> Respon
         return _bad_link("the request is not a form")
     one_click = str(form.get(ONE_CLICK_FIELD) or "").strip().lower() == ONE_CLICK_VALUE.lower()
     channel, status = str(form.get("channel") or ""), str(form.get("status") or "")
-    now = _clock(request)()
+    now = now_of(request)
     engine, settings = store_engine(request), app_settings(request)
 
     def change() -> Response:
@@ -199,11 +191,11 @@ async def unsubscribe_post(request: Request, token: str | None = None) -> Respon
                 ConsentStatus.OPTED_OUT.value,
             ):
                 raise BadLink("the form names no channel and status")
-            decide = opt_out if status == ConsentStatus.OPTED_OUT.value else opt_in
             decide(
                 session,
                 [visitor.customer_id],
                 channel,
+                status,
                 source=PREFERENCE_CENTRE,
                 now=now,
                 touchpoint=PAGE_TOUCHPOINT,

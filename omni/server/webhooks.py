@@ -26,7 +26,6 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Callable
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -39,9 +38,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sendgrid.helpers.eventwebhook import EventWebhook
 from sendgrid.helpers.eventwebhook.eventwebhook_header import EventWebhookHeader
 
-from omni.core.clock import utcnow
 from omni.core.settings import Settings
-from omni.server.deps import app_settings, store_engine
+from omni.server.deps import app_settings, now_of, store_engine
 from profiles.db import session_scope
 from profiles.feedback import apply_sendgrid_events, apply_twilio_inbound, apply_twilio_status
 
@@ -60,10 +58,6 @@ class Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-def _clock(request: Request) -> Callable[[], datetime]:
-    return getattr(request.app.state, "clock", None) or utcnow
 
 
 def _refusal(exc: Refused) -> Response:
@@ -131,7 +125,7 @@ def verify_sendgrid(
 
 @router.post("/sendgrid", include_in_schema=False)
 async def sendgrid_events(request: Request) -> Response:
-    settings, engine, now = app_settings(request), store_engine(request), _clock(request)()
+    settings, engine, now = app_settings(request), store_engine(request), now_of(request)
     try:
         body = await _body(request)
         verify_sendgrid(
@@ -231,7 +225,7 @@ def _twiml() -> Response:
 
 @router.post("/twilio/status", include_in_schema=False)
 async def twilio_status(request: Request) -> Response:
-    settings, engine, now = app_settings(request), store_engine(request), _clock(request)()
+    settings, engine, now = app_settings(request), store_engine(request), now_of(request)
     try:
         params = dict(await _twilio_params(request, settings))
     except Refused as exc:
@@ -254,7 +248,7 @@ async def twilio_status(request: Request) -> Response:
 
 @router.post("/twilio/inbound", include_in_schema=False)
 async def twilio_inbound(request: Request) -> Response:
-    settings, engine, now = app_settings(request), store_engine(request), _clock(request)()
+    settings, engine, now = app_settings(request), store_engine(request), now_of(request)
     try:
         params = dict(await _twilio_params(request, settings))
     except Refused as exc:
