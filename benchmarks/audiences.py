@@ -40,6 +40,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -308,13 +309,15 @@ def _generate_in_child(url: str, customers: int, events: int) -> None:
         engine.dispose()
 
 
-def run(engine: Engine, label: str, customers: int, events: int) -> bool:
-    print(f"\n{label}: {customers:,} customers, {events:,} events", flush=True)
+def generate_in_child_process(
+    engine: Engine, customers: int, events: int, *, target: Callable[[str, int, int], None] | None = None
+) -> None:
+    """Generate the store (``target(url, customers, events)``, default :func:`generate` on a migrated
+    store) in a child process, so that the peak memory a benchmark prints afterwards is its own work's
+    alone (building the event indexes sorts 10M rows in memory)."""
     started = time.perf_counter()
-    # Generated in a child process, so that the peak memory printed below is the builds' alone
-    # (building the event indexes sorts 10M rows in memory).
     child = multiprocessing.get_context("fork").Process(
-        target=_generate_in_child,
+        target=target or _generate_in_child,
         args=(engine.url.render_as_string(hide_password=False), customers, events),
     )
     child.start()
@@ -322,6 +325,11 @@ def run(engine: Engine, label: str, customers: int, events: int) -> bool:
     if child.exitcode != 0:
         raise SystemExit(f"generating the store failed (exit code {child.exitcode})")
     print(f"  generated in {time.perf_counter() - started:.1f} s", flush=True)
+
+
+def run(engine: Engine, label: str, customers: int, events: int) -> bool:
+    print(f"\n{label}: {customers:,} customers, {events:,} events", flush=True)
+    generate_in_child_process(engine, customers, events)
     return measure(engine, label)
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import multiprocessing
 import os
 import resource
 import sys
@@ -249,16 +248,7 @@ def measure(engine: Engine, label: str, folder: Path) -> bool:
 
 def run(engine: Engine, label: str, customers: int, events: int, folder: Path) -> bool:
     print(f"\n{label}: {customers:,} customers, {events:,} events", flush=True)
-    started = time.perf_counter()
-    child = multiprocessing.get_context("fork").Process(
-        target=_generate_in_child,
-        args=(engine.url.render_as_string(hide_password=False), customers, events),
-    )
-    child.start()
-    child.join()
-    if child.exitcode != 0:
-        raise SystemExit(f"generating the store failed (exit code {child.exitcode})")
-    print(f"  generated in {time.perf_counter() - started:.1f} s", flush=True)
+    BENCH.generate_in_child_process(engine, customers, events, target=_generate_in_child)
     return measure(engine, label, folder)
 
 
