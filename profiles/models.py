@@ -21,12 +21,13 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
     or_,
     text,
 )
 from sqlmodel import Field, SQLModel
 
-from omni.core.channels import OMNI_EVENTS
+from omni.core.channels import OMNI_EVENTS, TOUCHPOINTS
 from omni.core.statuses import EnrollmentStatus
 from profiles.db import JSONType, UTCDateTime
 
@@ -34,12 +35,14 @@ from profiles.db import JSONType, UTCDateTime
 BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 
 
-def is_touchpoint(event_name: Any) -> Any:
+def is_touchpoint(event_name: Any, channel: Any = None) -> Any:
     """SQL: the event is one of the customer's own touchpoints, not one Omni wrote about them: a message
-    it sent them, or staff looking them up (``omni.core.channels.OMNI_EVENTS``). Those show on the
-    timeline, but the ``channels_used`` condition, the profile's channels and the reports read the
-    customer's channels only."""
-    return or_(event_name.is_(None), event_name.not_in(list(OMNI_EVENTS)))
+    it sent them, or staff looking them up (``omni.core.channels.OMNI_EVENTS``), and, given the event's
+    ``channel``, on a touchpoint channel (``TOUCHPOINTS``; not ``omni``, where Omni records an operator's
+    decisions). Those show on the timeline, but the ``channels_used`` condition, the profile's channels
+    and the reports read the customer's channels only."""
+    own = or_(event_name.is_(None), event_name.not_in(list(OMNI_EVENTS)))
+    return own if channel is None else and_(own, channel.in_(TOUCHPOINTS))
 
 
 class IdentityKind(StrEnum):

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, union_all
 from sqlalchemy.orm import Session
 
-from omni.core.channels import OMNI_CHANNEL, SENT_EVENTS
+from omni.core.channels import SENT_EVENTS
 from omni.core.statuses import EnrollmentStatus
 from profiles.consent import consents_of, reachability_of
 from profiles.lookup import PROFILE_VIEWED
@@ -152,8 +152,7 @@ def customer_view(
                 select(events.c.channel)
                 .where(
                     events.c.customer_id == customer_id,
-                    is_touchpoint(events.c.name),
-                    events.c.channel != OMNI_CHANNEL,  # Omni's own writes (an operator's decision)
+                    is_touchpoint(events.c.name, events.c.channel),
                 )
                 .distinct()
             ).scalars()

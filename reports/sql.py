@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, literal_column
+from sqlalchemy import literal_column
 
-from omni.core.channels import TOUCHPOINTS
 from profiles.bulk import sql_string
 from profiles.db import sqlite_timestamp
 from profiles.models import is_touchpoint
@@ -88,10 +87,7 @@ class Sql:
         (``omni.core.channels.TOUCHPOINTS``; not ``omni``, where Omni records an operator's decisions) and
         not an event Omni wrote about them (``profiles.models.is_touchpoint``: a message it sent them, staff
         looking them up)."""
-        rule = and_(
-            literal_column(f"{alias}.channel").in_(TOUCHPOINTS),
-            is_touchpoint(literal_column(f"{alias}.name")),
-        )
+        rule = is_touchpoint(literal_column(f"{alias}.name"), literal_column(f"{alias}.channel"))
         return f"({rule.compile(compile_kwargs={'literal_binds': True})})"
 
     @staticmethod
