@@ -54,8 +54,10 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from omni.core.settings import Settings  # noqa: E402
 from profiles.apikeys import create_key  # noqa: E402
 from profiles.db import create_store_engine, scratch_database, session_scope, upgrade_schema  # noqa: E402
+from profiles.ingest import IngestOptions, ingest_payloads  # noqa: E402
 
 CUSTOMERS = 20_000
 VISIBLE_WITHIN = 2.0
@@ -340,7 +342,23 @@ def bench(url: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             rss = peak_rss_mb(process.pid)
     finally:
         watcher.stop.set()
-    return {"batched": batched, "single": single, "rss": rss}
+    return {"batched": batched, "single": single, "rss": rss, "baseline": baseline(url, batched.events)}
+
+
+def baseline(url: str, events: int) -> float:
+    """The same-run baseline: as many events of the same mix as the batched phase ingested (at most
+    50,000), in batches of 100, stored in the same store by the file pipeline in-process
+    (``ingest_payloads``, what ``omni ingest`` runs) — no HTTP, no queue. Events/s."""
+    count = max(100, min(events, 50_000))
+    maker = Events("baseline", seed=11)
+    batches = [{"batch": [maker.one() for _ in range(100)]} for _ in range(count // 100)]
+    engine = create_store_engine(url)
+    try:
+        started = time.perf_counter()
+        ingest_payloads(engine, batches, options=IngestOptions.of(Settings()), source="baseline")
+        return len(batches) * 100 / (time.perf_counter() - started)
+    finally:
+        engine.dispose()
 
 
 def _q(values: list[float], q: float) -> float:
@@ -400,6 +418,12 @@ def report(results: dict[str, dict[str, Any]]) -> None:
             lambda r, p=phase: f"{sum(r[p].cpu.values()) / (r[p].seconds + r[p].drained_after):.2f}",
         )
     row("server peak RSS", lambda r: f"{r['rss']:.0f} MB")
+    row("baseline: file pipeline, events/s", lambda r: f"{r['baseline']:,.0f}")
+
+    def ingested_rate(phase: Phase) -> float:
+        return phase.events / (phase.seconds + phase.drained_after)
+
+    row("batched ingested / baseline", lambda r: f"{ingested_rate(r['batched']) / r['baseline']:.2f}x")
     width = max(len(label) for label, _ in rows) + 2
     print(f"{'':{width}}" + "".join(f"{n:>22}" for n in names))
     for label, values in rows:
