@@ -15,10 +15,12 @@ deadline on every iteration, calls and operators on every use. A render over a l
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import re
 import string
+import threading
 import time
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from contextvars import ContextVar
@@ -72,27 +74,55 @@ class LimitExceeded(SecurityError):
         self.kind = kind
 
 
+class _GarbageCollectionClock(threading.local):
+    """CPU time each thread spent in the garbage collector.
+
+    A collection runs in whichever thread's allocation triggered it and walks the whole process's heap:
+    in a big process (a shard worker beside seven others, a long test session) a full collection takes
+    longer than a render's whole budget, and it is not the template's doing."""
+
+    started: float | None = None
+    spent: float = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self.started = time.thread_time()
+        elif self.started is not None:
+            self.spent += time.thread_time() - self.started
+            self.started = None
+
+
+_GC_CLOCK = _GarbageCollectionClock()
+gc.callbacks.append(_GC_CLOCK)
+
+
 class Budget:
     """What one render (all parts of a template, for one customer) may still spend.
 
-    The time limit is on the CPU time of the rendering thread: wall-clock time also counts waiting for
-    the GIL or the CPU, which on a busy machine (several shard workers in one process, a garbage
-    collection) made well-behaved templates fail. ``deadline`` is a cheap wall-clock bound checked
-    first; when it passes, :meth:`out_of_time` reads the thread's CPU time and moves the deadline by the
-    time spent waiting."""
+    The time limit is on the CPU time of the rendering thread, less what it spent collecting the
+    process's garbage: wall-clock time also counts waiting for the GIL or the CPU, and a full collection
+    walks every object of the process; on a busy machine (several shard workers in one process) either
+    made well-behaved templates fail. ``deadline`` is a cheap wall-clock bound checked first; when it
+    passes, :meth:`out_of_time` reads the thread's CPU time and moves the deadline by the time spent
+    waiting or collecting."""
 
-    __slots__ = ("cpu_start", "deadline", "output", "output_limit", "seconds")
+    __slots__ = ("cpu_start", "deadline", "gc_start", "output", "output_limit", "seconds")
 
     def __init__(self, seconds: float, output_limit: int) -> None:
         self.seconds = seconds
         self.deadline = time.monotonic() + seconds
         self.cpu_start = time.thread_time()
+        self.gc_start = _GC_CLOCK.spent
         self.output = 0
         self.output_limit = output_limit
 
+    def cpu_used(self) -> float:
+        """CPU time the render itself used so far (garbage collection excluded)."""
+        return time.thread_time() - self.cpu_start - (_GC_CLOCK.spent - self.gc_start)
+
     def out_of_time(self) -> bool:
         """Called once the wall-clock deadline passed: True when the render used up its CPU time."""
-        left = self.seconds - (time.thread_time() - self.cpu_start)
+        left = self.seconds - self.cpu_used()
         if left <= 0:
             return True
         self.deadline = time.monotonic() + left
