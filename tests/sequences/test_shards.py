@@ -372,7 +372,9 @@ def test_a_shard_is_held_by_one_worker_and_freed_when_its_connection_dies(engine
             pass
     pid = holder.execute(text("SELECT pg_backend_pid()")).scalar()
     with engine.connect() as admin:
-        admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        # With a timeout the call returns once the backend is gone (its locks released), not when it is
+        # merely signalled.
+        assert admin.execute(text("SELECT pg_terminate_backend(:pid, 30000)"), {"pid": pid}).scalar()
     holder.invalidate()
     with shard_lease(engine, shard):
         pass
