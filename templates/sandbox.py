@@ -93,6 +93,8 @@ class _GarbageCollectionClock(threading.local):
 
 
 _GC_CLOCK = _GarbageCollectionClock()
+# A render's own CPU time, garbage collections included, may reach this many times its budget.
+GC_ALLOWANCE = 10
 gc.callbacks.append(_GC_CLOCK)
 
 
@@ -121,7 +123,11 @@ class Budget:
         return time.thread_time() - self.cpu_start - (_GC_CLOCK.spent - self.gc_start)
 
     def out_of_time(self) -> bool:
-        """Called once the wall-clock deadline passed: True when the render used up its CPU time."""
+        """Called once the wall-clock deadline passed: True when the render used up its CPU time (or,
+        collections included, :data:`GC_ALLOWANCE` times that: a template cannot hide a runaway loop
+        behind collections it provokes)."""
+        if time.thread_time() - self.cpu_start >= self.seconds * GC_ALLOWANCE:
+            return True
         left = self.seconds - self.cpu_used()
         if left <= 0:
             return True

@@ -109,9 +109,10 @@ def test_campaigns_schedule_without_a_prefect_api_fails_fast_and_writes_nothing(
     expected = "PREFECT_API_URL is not set" if api_url is None else "no Prefect API answers at"
     assert expected in result.stderr and "prefect server start" in result.stderr
     assert list(home.iterdir()) == []  # no ~/.prefect, nothing else
-    # The CLI's own start-up (Python, Typer, the definitions) plus at most the 2 s health check; a
-    # temporary Prefect server would take 5-13 s more.
-    assert elapsed < 8, elapsed
+    # No temporary Prefect server was started to schedule into (it would also take 5-13 s more); the
+    # bound is loose so that a loaded machine's slow start-up does not fail the test.
+    assert "temporary server" not in result.stderr.lower()
+    assert elapsed < 30, elapsed
 
 
 def test_quick_start_command_1_leaves_the_shell_where_it_started(tmp_path):

@@ -28,18 +28,25 @@ def test_cpu_time_spent_rendering_counts():
     assert time.thread_time() - start >= 0.05
 
 
+def _heap_collected_in_over(seconds: float) -> list:
+    """Objects enough that a full collection of the process takes longer than ``seconds`` of CPU."""
+    import gc
+
+    heap: list = []
+    while True:
+        heap.extend([] for _ in range(200_000))
+        start = time.thread_time()
+        gc.collect()
+        if time.thread_time() - start > seconds:
+            return heap
+
+
 def test_garbage_collection_during_a_render_does_not_count():
     """A full collection walks the whole process's heap (in a shard worker, a long test session): it
     runs in whichever thread allocated last, and must not fail that thread's render."""
     import gc
 
-    heap = []
-    while True:  # a heap whose full collection takes well over the budget below
-        heap.extend([] for _ in range(200_000))
-        start = time.thread_time()
-        gc.collect()
-        if time.thread_time() - start > 0.06:
-            break
+    heap = _heap_collected_in_over(0.06)
     budget = Budget(0.02, 1000)
     start = time.thread_time()
     gc.collect()
@@ -47,4 +54,19 @@ def test_garbage_collection_during_a_render_does_not_count():
     budget.deadline = time.monotonic() - 1
     budget.check_time()  # does not raise: the render itself used almost nothing
     assert budget.cpu_used() < 0.02
+    del heap
+
+
+def test_collections_are_forgiven_only_up_to_an_allowance():
+    """A template cannot hide a runaway loop behind the collections it provokes."""
+    import gc
+
+    from templates.sandbox import GC_ALLOWANCE
+
+    heap = _heap_collected_in_over(0.06)
+    budget = Budget(0.05 / GC_ALLOWANCE, 1000)
+    gc.collect()
+    budget.deadline = time.monotonic() - 1
+    with pytest.raises(LimitExceeded, match="longer than"):
+        budget.check_time()
     del heap
