@@ -50,7 +50,7 @@ from profiles.models import (
     Identity,
     IdentityKind,
 )
-from profiles.segment import DEFAULT_PHONE_REGION, Payload, normalize_email, normalize_phone
+from profiles.segment import Payload
 
 PROFILE_COLUMNS = ("email", "phone", "first_name", "last_name", "locale", "timezone", "home_store_id")
 
@@ -476,39 +476,6 @@ def _merged_profiles(
             }
         )
     return merged
-
-
-def resolve_customer_key(
-    session: Session, key: str, *, default_region: str = DEFAULT_PHONE_REGION
-) -> int | None:
-    """A customer id from a key a person types: a customer id, an email, a phone or any identity value.
-
-    Merged-away customers resolve to their survivor.
-    """
-    key = key.strip()
-    customers = Customer.__table__
-    candidates: list[int] = []
-    if key.isdigit():
-        found = session.execute(select(customers.c.id).where(customers.c.id == int(key))).scalar()
-        if found is not None:
-            candidates.append(found)
-    if not candidates:
-        identities = Identity.__table__
-        values = {key}
-        email = normalize_email(key)
-        if email:
-            values.add(email)
-        phone = normalize_phone(key, default_region) if any(ch.isdigit() for ch in key) else None
-        if phone:
-            values.add(phone)
-        candidates = list(
-            session.execute(
-                select(identities.c.customer_id).where(identities.c.value.in_(values)).distinct()
-            ).scalars()
-        )
-    if not candidates:
-        return None
-    return survivor_of(session, candidates[0])
 
 
 def survivor_of(session: Session, customer_id: int) -> int:

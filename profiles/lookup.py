@@ -13,7 +13,10 @@ it. A key resolves to the surviving customer: identities move to the survivor wh
 and a merged-away customer's id follows ``merged_into``. The lookup is one read of the unique index
 ``identities (kind, value)`` and one primary-key read of ``customers`` per hop of ``merged_into``.
 
-Every lookup is recorded on the customer's timeline as a ``Profile Viewed`` event (properties
+The CLI (:func:`resolve_customer_key`) takes every key above and, as a person types them, also a bare
+customer id or any identity value without its kind (``u-42``, a loyalty number).
+
+Every lookup through the API or the page is recorded on the customer's timeline as a ``Profile Viewed`` event (properties
 ``source``: the read key's source, ``via``: ``api`` or ``page``) on the channel :data:`VIEWED_CHANNEL`,
 which is no touchpoint of the customer's: staff looking a customer up is not the customer using a
 channel (reports read it for first-contact resolution with context).
@@ -41,7 +44,7 @@ from omni.core.channels import PROFILE_VIEWED
 from omni.core.clock import aware
 from profiles.identity import survivor_of
 from profiles.models import Customer, Event, Identity, IdentityKind
-from profiles.segment import normalize_email, normalize_phone
+from profiles.segment import DEFAULT_PHONE_REGION, normalize_email, normalize_phone
 
 VIEWED_VIA = ("api", "page")
 
@@ -109,6 +112,46 @@ def _normalised(kind: str, value: str, key: str, default_region: str) -> Custome
     if kind == CUSTOMER_ID and not value.isdigit():
         raise BadKey(f"malformed customer id {value!r} in key {key!r}: expected digits")
     return CustomerKey(kind, value)
+
+
+def resolve_customer_key(
+    session: Session, key: str, *, default_region: str = DEFAULT_PHONE_REGION
+) -> int | None:
+    """A customer id from a key a person types at the CLI: every key the profile API takes (an email, an
+    E.164 phone, ``kind:value``), and also a bare customer id or any identity value (a userId, an
+    anonymousId, a loyalty number). Merged-away customers resolve to their survivor."""
+    key = key.strip()
+    try:
+        parsed = parse_key(key, default_region=default_region)
+    except BadKey:
+        parsed = None
+    if parsed is not None:
+        found = find_customer(session, parsed)
+        if found is not None:
+            return found
+    customers = Customer.__table__
+    candidates: list[int] = []
+    if key.isdigit():
+        found = session.execute(select(customers.c.id).where(customers.c.id == int(key))).scalar()
+        if found is not None:
+            candidates.append(found)
+    if not candidates:
+        identities = Identity.__table__
+        values = {key}
+        email = normalize_email(key)
+        if email:
+            values.add(email)
+        phone = normalize_phone(key, default_region) if any(ch.isdigit() for ch in key) else None
+        if phone:
+            values.add(phone)
+        candidates = list(
+            session.execute(
+                select(identities.c.customer_id).where(identities.c.value.in_(values)).distinct()
+            ).scalars()
+        )
+    if not candidates:
+        return None
+    return survivor_of(session, candidates[0])
 
 
 def find_customer(session: Session, key: CustomerKey) -> int | None:

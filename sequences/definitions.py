@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, time, timedelta
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -391,6 +392,24 @@ def load_sequences(
         lambda raw, file, _text: parse_sequence(raw, file=file, audiences=known),
         kind="sequence",
     )
+
+
+@lru_cache(maxsize=8)
+def step_labels(sequences_dir: Path | None, audiences_dir: Path | None) -> dict[str, tuple[str, ...]]:
+    """sequence -> its steps as shown to people (``retarget (ads)``; a journey's ``step_index`` indexes
+    it), read once per folder; empty when the definitions cannot be read (journeys then show step
+    numbers only)."""
+    try:
+        definitions = load_sequences(sequences_dir, audiences=load_audiences(audiences_dir))
+    except (DefinitionError, OSError):
+        return {}
+    return {
+        name: tuple(
+            f"{step.id} ({step.channel})" if getattr(step, "channel", None) else step.id
+            for step in sequence.steps
+        )
+        for name, sequence in definitions.items()
+    }
 
 
 def load_campaigns(directory: Path | None = None) -> dict[str, CampaignDefinition]:

@@ -32,8 +32,9 @@ from profiles.feedback import (  # noqa: E402
     apply_twilio_status,
     keyword_of,
 )
-from profiles.identity import merge_many, resolve_customer_key  # noqa: E402
+from profiles.identity import merge_many  # noqa: E402
 from profiles.ingest import ingest_payloads  # noqa: E402
+from profiles.lookup import resolve_customer_key  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import select
 
 from profiles.db import session_scope
-from profiles.identity import resolve_customer_key
 from profiles.ingest import IngestOptions, ingest_payloads
+from profiles.lookup import resolve_customer_key
 from profiles.models import Cart, Consent, Customer, Event, Identity, Order
 
 NOW = datetime(2026, 6, 2, 12, 0, tzinfo=UTC)
@@ -150,9 +150,17 @@ def test_email_and_phone_are_normalised_identities_that_link_channels(engine):
             "L-9",
             "pos-77",
             str(customer.id),
+            # every key the profile API takes, too (profiles.lookup.parse_key)
+            "user_id:pos-77",
+            "email:ANA@example.org",
+            "phone:+14155550100",
+            "loyalty_id:L-9",
+            f"customer_id:{customer.id}",
         ):
             assert resolve_customer_key(s, key) == customer.id, key
         assert resolve_customer_key(s, "nobody@example.org") is None
+        assert resolve_customer_key(s, "user_id:nobody") is None
+        assert resolve_customer_key(s, "anonymous_id:pos-77") is None  # the kind is part of the key
 
 
 def test_payload_linking_two_existing_customers_merges_everything_into_the_known_one(engine):

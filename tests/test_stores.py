@@ -12,8 +12,8 @@ import pytest
 
 from omni.core.settings import Settings
 from profiles.db import session_scope
-from profiles.identity import resolve_customer_key
 from profiles.ingest import ingest_payloads
+from profiles.lookup import resolve_customer_key
 from profiles.stores import (
     StoreFileError,
     customer_stores,

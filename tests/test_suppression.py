@@ -47,7 +47,7 @@ def identify(engine, user: str, **traits) -> int:
         now=NOW - timedelta(days=1),
     )
     with session_scope(engine) as session:
-        from profiles.identity import resolve_customer_key
+        from profiles.lookup import resolve_customer_key
 
         return resolve_customer_key(session, user)
 

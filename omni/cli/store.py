@@ -155,7 +155,7 @@ def profile_show(
 ) -> None:
     """The unified profile and timeline of one customer across every channel."""
     from profiles.db import session_scope
-    from profiles.identity import resolve_customer_key
+    from profiles.lookup import resolve_customer_key
     from profiles.timeline import customer_view
 
     engine = open_store(database_url)
@@ -167,14 +167,18 @@ def profile_show(
     if json:
         print_json(view)
         return
-    _print_profile(view)
+    from sequences.definitions import step_labels
+
+    settings = get_settings()
+    _print_profile(view, step_labels(settings.sequences_dir, settings.audiences_dir))
 
 
 def _fmt_time(value) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "-"
 
 
-def _print_profile(view: dict) -> None:
+def _print_profile(view: dict, steps: dict[str, tuple[str, ...]]) -> None:
+    """``steps``: each sequence's step labels (:func:`sequences.definitions.step_labels`)."""
     from profiles.models import CartStatus
 
     c = view["customer"]
@@ -222,6 +226,35 @@ def _print_profile(view: dict) -> None:
             highlight=False,
             markup=False,
         )
+    for journey in view["journeys"]:
+        if journey["open"]:
+            labels, index = steps.get(journey["sequence"]), journey["step_index"]
+            at = labels[index] if labels and 0 <= index < len(labels) else f"step {index + 1}"
+            state = f"{journey['status']} at {at}"
+            if journey["next_run_at"]:
+                state += f", next {_fmt_time(journey['next_run_at'])}"
+        else:
+            state = f"{journey['status']} {_fmt_time(journey['exited_at'])}" + (
+                f" ({journey['exit_reason']})" if journey["exit_reason"] else ""
+            )
+        console.print(
+            f"  journey       {journey['sequence']}: {state} (enrolled {_fmt_time(journey['enrolled_at'])})",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,  # one line per journey, whatever the terminal's width (scripts grep it)
+        )
+    for channel, message in view["last_messages"].items():
+        what = message["subject"] or message["template"] or message["audience"] or message["event"]
+        origin = message["sequence"] or message["campaign"]
+        status = message.get("provider_status") or message["delivery_status"]
+        console.print(
+            f"  last {channel:<9}{_fmt_time(message['sent_at'])} {what}"
+            + (f" ({origin}{'/' + message['step'] if message['step'] else ''})" if origin else "")
+            + (f", {status}" if status else ""),
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     table = Table(title="Timeline (newest first)", title_justify="left", show_lines=False)
     for column in ("time", "channel", "event", "details"):
         table.add_column(column)
@@ -250,7 +283,7 @@ def consent_set(
     default the current time), whatever the time of the decision recorded before it."""
     from profiles.consent import ConsentDecision, consents_of
     from profiles.db import session_scope
-    from profiles.identity import resolve_customer_key
+    from profiles.lookup import resolve_customer_key
     from profiles.suppression import record_consents
 
     statuses = [s.value for s in ConsentStatus]

@@ -58,7 +58,7 @@ def templates_list(json: JsonOption = False) -> None:
 
 def _render(database_url: str | None, name: str, customer: str, now: str | None, settings: Settings):
     from profiles.db import session_scope
-    from profiles.identity import resolve_customer_key
+    from profiles.lookup import resolve_customer_key
     from sequences.contexts import render
     from templates.rendering import RenderError, find_template
 

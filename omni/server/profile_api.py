@@ -16,15 +16,12 @@ JSON ``detail``.
 from __future__ import annotations
 
 from datetime import datetime
-from functools import lru_cache
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from omni.core.channels import TOUCHPOINTS
-from omni.core.definitions import DefinitionError
 from omni.server.deps import app_settings, now_of, require_key, store_engine
 from profiles.apikeys import ApiKey
 from profiles.db import session_scope
@@ -40,6 +37,7 @@ from profiles.lookup import (
 )
 from profiles.models import CartStatus
 from profiles.timeline import customer_view, timeline_page
+from sequences.definitions import step_labels
 
 # Orders a profile shows (newest first); the timeline has every one.
 ORDERS_SHOWN = 10
@@ -215,7 +213,7 @@ def load_profile(request: Request, key: str, *, api_key: ApiKey, via: str, recor
         if record:
             record_view(session, customer_id, source=api_key.source, via=via, now=now_of(request))
     settings = app_settings(request)
-    return profile_of(view, sequence_steps(settings.sequences_dir, settings.audiences_dir))
+    return profile_of(view, step_labels(settings.sequences_dir, settings.audiences_dir))
 
 
 def load_timeline(
@@ -253,26 +251,6 @@ def load_timeline(
     )
 
 
-@lru_cache(maxsize=8)
-def sequence_steps(sequences_dir: Path | None, audiences_dir: Path | None) -> dict[str, tuple[str, ...]]:
-    """sequence -> its steps as shown (``retarget (ads)``), read once per folder; empty when the
-    definitions cannot be read (the journeys then show step numbers only)."""
-    from audiences import load_audiences
-    from sequences.definitions import load_sequences
-
-    try:
-        definitions = load_sequences(sequences_dir, audiences=load_audiences(audiences_dir))
-    except (DefinitionError, OSError):
-        return {}
-    return {
-        name: tuple(
-            f"{step.id} ({step.channel})" if getattr(step, "channel", None) else step.id
-            for step in sequence.steps
-        )
-        for name, sequence in definitions.items()
-    }
-
-
 def _journey(journey: dict[str, Any], steps: dict[str, tuple[str, ...]]) -> JourneyOut:
     known = steps.get(journey["sequence"])
     index = journey["step_index"]
@@ -294,7 +272,7 @@ def _store_ref(store_id: str | None, store: dict | None) -> StoreRef | None:
 
 def profile_of(view: dict[str, Any], steps: dict[str, tuple[str, ...]] | None = None) -> Profile:
     """The API's profile from :func:`profiles.timeline.customer_view`; ``steps``: the sequences' steps
-    (:func:`sequence_steps`), to name the step each journey is at."""
+    (:func:`sequences.definitions.step_labels`), to name the step each journey is at."""
     customer = view["customer"]
     open_cart = next((cart for cart in view["carts"] if cart["status"] == CartStatus.OPEN), None)
     home = view["home_store"]

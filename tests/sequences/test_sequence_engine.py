@@ -327,6 +327,31 @@ def test_messages_omni_sent_are_not_channels_the_customer_used(store):
         assert customer_view(session, n)["channels"] == ["web"]
 
 
+def test_profile_show_names_the_journeys_and_the_last_message_of_each_channel(store):
+    """What a call-centre agent reads in the terminal: the journey the customer is in and what Omni last
+    sent on each channel (the same view the profile API answers with)."""
+    from typer.testing import CliRunner
+
+    from omni.cli import app
+
+    [n] = first_messaged_ids(1)
+    make_customers(store, [n])
+    tick(store, T0)
+    tick(store, T0 + timedelta(days=1))
+    url = store.url.render_as_string(hide_password=False)
+    shown = CliRunner().invoke(app, ["profile", "show", str(n), "--database-url", url])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    [journey] = [line for line in lines if line.strip().startswith("journey")]
+    assert "abandoned_cart: active at" in journey and "next 2026-" in journey
+    assert "step " not in journey  # the step is named, as the profile API names it
+    [email] = [line for line in lines if line.strip().startswith("last email")]
+    assert "(abandoned_cart/cart_email), sent" in email
+    [ads] = [line for line in lines if line.strip().startswith("last ads")]
+    assert "cart_retargeting" in ads and "(abandoned_cart/retarget)" in ads
+    assert not [line for line in lines if line.strip().startswith("last sms")]  # nothing sent there yet
+
+
 def test_a_tick_sets_the_heap_aside_from_the_garbage_collector_and_puts_it_back(store):
     import gc
 

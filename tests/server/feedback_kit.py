@@ -21,8 +21,8 @@ from sqlalchemy import insert, select
 from omni.core.settings import Settings
 from profiles.consent import consents_of
 from profiles.db import session_scope
-from profiles.identity import resolve_customer_key
 from profiles.ingest import ingest_payloads
+from profiles.lookup import resolve_customer_key
 from profiles.models import Delivery, Event, ProviderEvent
 
 NOW = datetime(2026, 6, 2, 15, 0, tzinfo=UTC)

@@ -158,7 +158,7 @@ def test_a_merged_customers_link_reaches_the_survivor(engine, page):
         ],
         now=NOW,
     )
-    from profiles.identity import resolve_customer_key
+    from profiles.lookup import resolve_customer_key
 
     with session_scope(engine) as session:
         old = resolve_customer_key(session, "old")

@@ -8,8 +8,8 @@ from sqlalchemy import Engine
 
 from omni.core.settings import Settings
 from profiles.db import session_scope
-from profiles.identity import resolve_customer_key
 from profiles.ingest import ingest_payloads
+from profiles.lookup import resolve_customer_key
 from profiles.stores import parse_store, upsert_stores
 
 NOW = datetime(2026, 6, 2, 10, 0, tzinfo=UTC)  # a Tuesday

@@ -10,8 +10,8 @@ from template_kit import NOW, SETTINGS
 
 from omni.core.settings import Settings
 from profiles.db import session_scope
-from profiles.identity import resolve_customer_key
 from profiles.ingest import ingest_payloads
+from profiles.lookup import resolve_customer_key
 from profiles.stores import parse_store, upsert_stores
 from profiles.timezones import customer_timezones
 from sequences.contexts import build_contexts

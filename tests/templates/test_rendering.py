@@ -90,7 +90,7 @@ def test_no_open_cart_is_a_clear_error(engine):
         ],
         now=NOW,
     )
-    from profiles.identity import resolve_customer_key
+    from profiles.lookup import resolve_customer_key
 
     with session_scope(engine) as session:
         customer = resolve_customer_key(session, "u-c")

@@ -47,13 +47,16 @@ def test_garbage_collection_during_a_render_does_not_count():
     import gc
 
     heap = _heap_collected_in_over(0.06)
-    budget = Budget(0.02, 1000)
     start = time.thread_time()
     gc.collect()
-    assert time.thread_time() - start > 0.02  # the collection alone is longer than the budget
+    collection = time.thread_time() - start  # in a long test session, more than the heap above
+    budget = Budget(collection / 2, 1000)  # within the allowance for collections (GC_ALLOWANCE budgets)
+    start = time.thread_time()
+    gc.collect()
+    assert time.thread_time() - start > budget.seconds  # the collection alone is longer than the budget
     budget.deadline = time.monotonic() - 1
     budget.check_time()  # does not raise: the render itself used almost nothing
-    assert budget.cpu_used() < 0.02
+    assert budget.cpu_used() < budget.seconds
     del heap
 
 
