@@ -16,10 +16,10 @@ and a merged-away customer's id follows ``merged_into``. The lookup is one read 
 The CLI (:func:`resolve_customer_key`) takes every key above and, as a person types them, also a bare
 customer id or any identity value without its kind (``u-42``, a loyalty number).
 
-Every lookup through the API or the page is recorded on the customer's timeline as a ``Profile Viewed`` event (properties
-``source``: the read key's source, ``via``: ``api`` or ``page``) on the channel :data:`VIEWED_CHANNEL`,
-which is no touchpoint of the customer's: staff looking a customer up is not the customer using a
-channel (reports read it for first-contact resolution with context).
+Every lookup through the API or the page is recorded on the customer's timeline as a ``Profile
+Viewed`` event (properties ``source``: the read key's source, ``via``: ``api`` or ``page``) on the
+channel :data:`VIEWED_CHANNEL`, which is no touchpoint of the customer's: staff looking a customer up is
+not the customer using a channel (reports read it for first-contact resolution with context).
 
 Cursors of the timeline are opaque strings (:func:`encode_cursor`) of an ``(occurred_at, id)`` position.
 """
