@@ -29,9 +29,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
+from sqlalchemy import Engine
 
 from flows.common import artifact_key, check_omni_home, fmt_time, load_settings, ready_store, table_cell
 from omni.core.clock import utcnow
+from omni.core.settings import Settings
 from sequences.reports import DeliveryHalted, ShardsFailed, TickReport, without_empty_columns
 from sequences.shards import Shard, ShardBusy
 from sequences.tick import ShardRunner, run_shard, run_tick
@@ -194,7 +196,9 @@ def _shard_outcome(result: Any, shard: Shard) -> TickReport | BaseException:
     return TickReport.from_shard_dict(result)
 
 
-def _task_runner(engine: Any, *, now: datetime, names: list[str] | None, settings: Any) -> ShardRunner:
+def _task_runner(
+    engine: Engine, *, now: datetime, names: list[str] | None, settings: Settings
+) -> ShardRunner:
     """The shards as concurrent tasks of this run (threads of this process, each on its own connections)."""
 
     def run_shards(shards: list[Shard]) -> list[TickReport | BaseException]:

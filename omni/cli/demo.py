@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -35,6 +35,11 @@ from omni.cli.common import (
     handle_errors,
     print_json,
 )
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from omni.core.settings import Settings
 
 WHAT = {"bought_online": "bought online", "bought_in_store": "bought at the till", "picked_up": "picked up"}
 # PREFECT.md §1: quiet runs of a temporary server.
@@ -167,7 +172,7 @@ def demo(
         engine.dispose()
 
 
-def _report_directory(engine: Any, settings: Any) -> Path:
+def _report_directory(engine: Engine, settings: Settings) -> Path:
     """Where the demo writes its HTML report: ``report_dir``, beside the demo's store when it is a SQLite
     file and the folder is relative (the demo's own folder), else as configured."""
     from reports.html import report_dir
@@ -179,7 +184,7 @@ def _report_directory(engine: Any, settings: Any) -> Path:
     return directory
 
 
-def _flow_report(engine: Any, at: datetime, directory: Path) -> dict[str, Any]:
+def _flow_report(engine: Engine, at: datetime, directory: Path) -> dict[str, Any]:
     """The closing report through the ``build-report`` flow (its artifacts under the ``demo`` prefix)."""
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
