@@ -30,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from omni.core.batching import chunked
+from omni.core.statuses import EnrollmentStatus
 from profiles.bulk import (
     delete_in,
     dialect_of,
@@ -318,7 +319,8 @@ def merge_many(session: Session, merges: Sequence[tuple[int, Sequence[int]]], *,
 
     Every merge of the call is done together, in a fixed number of statements whatever their number (the
     pairs are bound as one parameter): one read of the customers merged, one statement per table moved,
-    one for the survivors' profiles, two for ``merged_into``. Merges that chain (a survivor that is
+    two for the enrollments (:func:`_move_enrollments`), one for the survivors' profiles, two for
+    ``merged_into``. Merges that chain (a survivor that is
     another merge's loser) are followed to the last survivor. Losers and survivors must be live
     customers (not merged away), as :func:`resolve_customers` finds them.
 
@@ -346,6 +348,7 @@ def _merge(
             f"UPDATE {table} SET customer_id = m.survivor FROM {mapping} WHERE {table}.customer_id = m.loser",
             params,
         )
+    _move_enrollments(session, mapping, params)
     delete_in(session, "carts", "customer_id", [loser for loser, _ in pairs])
     # Customers merged into a loser before follow it to its survivor: merged_into stays one hop. The
     # mapping drives the lookup (CROSS JOIN fixes the join order on SQLite), so the plan does not depend
@@ -363,6 +366,51 @@ def _merge(
         (timestamp_param(dialect)(now), *_mapping_params(merged, dialect)),
     )
     return profiles
+
+
+def _move_enrollments(session: Session, mapping: str, params: tuple) -> None:
+    """Journeys follow the customer into the survivor.
+
+    The losers' finished enrollments move (re-entry rules and reports see one history). Per sequence, the
+    losers' earliest open enrollment moves too when the survivor has none open: the journey goes on where
+    it was, with its holdout assignment, instead of starting again for the same person (a second
+    abandoned-cart email). Open enrollments that do not move stay with their merged-away customer and
+    exit at the next tick ("customer merged into another", ``sequences.exits``), which also skips their
+    pending deliveries.
+
+    On PostgreSQL a tick may enroll the survivor while this runs: the move then meets the one-open-
+    enrollment index and is left out (those enrollments exit as above) rather than failing the ingest.
+    """
+    open_statuses = ", ".join(f"'{status}'" for status in EnrollmentStatus.open())
+    execute_sql(
+        session,
+        f"UPDATE enrollments SET customer_id = m.survivor FROM {mapping} "
+        f"WHERE enrollments.customer_id = m.loser AND enrollments.status NOT IN ({open_statuses})",
+        params,
+    )
+    chosen = (
+        "SELECT e.id AS id, m.survivor AS survivor, ROW_NUMBER() OVER (PARTITION BY m.survivor, e.sequence "
+        "ORDER BY e.enrolled_at, e.id) AS standing "
+        f"FROM {mapping} CROSS JOIN enrollments AS e WHERE e.customer_id = m.loser "
+        f"AND e.status IN ({open_statuses}) AND NOT EXISTS (SELECT 1 FROM enrollments AS s "
+        f"WHERE s.customer_id = m.survivor AND s.sequence = e.sequence AND s.status IN ({open_statuses}))"
+    )
+    move = (
+        f"UPDATE enrollments SET customer_id = chosen.survivor FROM ({chosen}) AS chosen "
+        "WHERE enrollments.id = chosen.id AND chosen.standing = 1"
+    )
+    if dialect_of(session) != "postgresql":  # SQLite: one writer, nothing can enroll meanwhile
+        execute_sql(session, move, params)
+        return
+    execute_sql(session, "SAVEPOINT omni_move_enrollments")
+    try:
+        execute_sql(session, move, params)
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != "23505":  # unique_violation: a tick enrolled the survivor
+            raise
+        execute_sql(session, "ROLLBACK TO SAVEPOINT omni_move_enrollments")
+    else:
+        execute_sql(session, "RELEASE SAVEPOINT omni_move_enrollments")
 
 
 def _merge_groups(merges: Sequence[tuple[int, Sequence[int]]]) -> dict[int, list[int]]:

@@ -92,11 +92,12 @@ def _history(engine) -> dict[str, str]:
         track("u1", "Email Link Clicked", sent + timedelta(minutes=6), "email", delivery_id=keys["u1"]),
         track("u2", "Email Opened", sent + timedelta(minutes=7), "email"),  # no delivery id: not counted
     )
-    # u7 logs in on the anonymous device: anon-7 merges into u7 (its orders, events and deliveries move;
-    # its enrollment keeps the old id). u7 is enrolled again on May 12 and mailed again.
-    ingest(engine, identify("u7", day(12, 0), anonymousId="anon-7"))
+    # u7, known, is enrolled on May 12 (from another device) and mailed; then logs in on the anonymous
+    # device: anon-7 merges into u7 (its orders, events and deliveries move; its open enrollment stays
+    # with the old id, u7 having its own, and exits at the next tick). Two enrollments, one person.
     again = enroll(engine, "u7", "cart", day(12, 0))
     deliver(engine, "u7", "email", step="cart_email", created=day(12, 1), enrollment=again)
+    ingest(engine, identify("u7", day(12, 2), anonymousId="anon-7"))
     return keys
 
 

@@ -327,6 +327,55 @@ def test_messages_omni_sent_are_not_channels_the_customer_used(store):
         assert customer_view(session, n)["channels"] == ["web"]
 
 
+def test_a_guest_who_signs_in_keeps_the_journey_and_gets_no_second_cart_email(store):
+    """A guest (anonymous, email given at checkout) abandons a cart and gets the cart email; then signs
+    in as a known customer: the guest merges into them, the journey goes on under the survivor, and
+    nothing of it starts again for the same person."""
+    from profiles.ingest import ingest_payloads
+
+    def ingest(at, *payloads):
+        ingest_payloads(store, [{"timestamp": at.isoformat(), **p} for p in payloads], now=at)
+
+    ingest(
+        T0 - timedelta(days=10),
+        {"type": "identify", "userId": "known-b", "messageId": "b1", "traits": {"first_name": "Bo"}},
+    )
+    ingest(
+        T0 - timedelta(hours=3),
+        {
+            "type": "identify",
+            "anonymousId": "guest-a",
+            "messageId": "a1",
+            "traits": {"email": "guest@example.org", "first_name": "Bo", "home_store_id": "nyc"},
+        },
+    )
+    ingest(
+        T0 - timedelta(hours=2),
+        {
+            "type": "track",
+            "anonymousId": "guest-a",
+            "event": "Product Added",
+            "messageId": "a2",
+            "properties": {"product_id": "tee", "name": "Black Tee", "price": 19.5, "quantity": 2},
+        },
+    )
+    tick(store, T0)
+    [email] = outbox(store, "email")
+    guest = email.customer_id
+    [journey] = [e for e in enrollments(store) if e.status == "active"]
+    assert journey.customer_id == guest
+    ingest(
+        T0 + timedelta(hours=1),
+        {"type": "identify", "userId": "known-b", "anonymousId": "guest-a", "messageId": "b2"},
+    )
+    tick(store, T0 + timedelta(days=1))
+    assert len(outbox(store, "email")) == 1  # no second cart email
+    [moved] = [e for e in enrollments(store) if e.status in ("active", "holdout")]
+    assert moved.id == journey.id and moved.customer_id != guest  # the same journey, now the survivor's
+    assert [m.customer_id for m in outbox(store, "ads")] == [moved.customer_id]  # and it went on
+    assert len(enrollments(store)) == 1
+
+
 def test_profile_show_names_the_journeys_and_the_last_message_of_each_channel(store):
     """What a call-centre agent reads in the terminal: the journey the customer is in and what Omni last
     sent on each channel (the same view the profile API answers with)."""
