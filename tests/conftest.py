@@ -118,3 +118,22 @@ def prefect_harness() -> Iterator[None]:
     with prefect_test_harness(server_startup_timeout=90):
         with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
             yield
+
+
+def _wait_until_waiting_on_a_lock(engine: Engine, pid: int, what: str = "the backend") -> None:
+    """Until PostgreSQL backend ``pid`` waits on a lock (bounded: the test fails rather than hangs)."""
+    for _ in range(20_000):
+        with engine.connect() as conn:
+            waiting = conn.execute(
+                text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+            ).scalar()
+        if waiting == "Lock":
+            return
+    raise AssertionError(f"{what} never waited on a lock")
+
+
+@pytest.fixture
+def wait_until_blocked():
+    """``wait_until_blocked(engine, pid, what)``: for concurrency tests on PostgreSQL, until backend ``pid``
+    waits on a lock another connection holds."""
+    return _wait_until_waiting_on_a_lock

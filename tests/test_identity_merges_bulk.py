@@ -611,7 +611,9 @@ def test_enrollments_follow_the_survivor_without_two_open_journeys_in_one_sequen
 
 
 @pytest.mark.postgresql
-def test_a_tick_enrolling_the_survivor_meanwhile_leaves_the_losers_journey_to_exit(engine):
+def test_a_tick_enrolling_the_survivor_meanwhile_leaves_the_losers_journey_to_exit(
+    engine, wait_until_blocked
+):
     """PostgreSQL, real parallel connections: a tick has enrolled the survivor and not committed when a
     merge moves the loser's open journey in the same sequence. The merge waits on the one-open-enrollment
     index, then leaves the loser's journey where it is (the next tick exits it) instead of failing."""
@@ -643,15 +645,7 @@ def test_a_tick_enrolling_the_survivor_meanwhile_leaves_the_losers_journey_to_ex
 
             thread = threading.Thread(target=merge)
             thread.start()
-            for _ in range(20_000):  # until the merge waits on the tick's row (bounded)
-                with engine.connect() as conn:
-                    waiting = conn.execute(
-                        text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
-                    ).scalar()
-                if waiting == "Lock":
-                    break
-            else:
-                raise AssertionError("the merge never waited for the tick")
+            wait_until_blocked(engine, pid, "the merge")  # on the tick's uncommitted row
             tick.commit()
             thread.join(60)
     assert not thread.is_alive() and errors == []

@@ -69,20 +69,8 @@ def _open_enrollments(engine) -> list[tuple[int, int]]:
         ).all()
 
 
-def _wait_until_blocked(engine, pid: int) -> None:
-    """Until backend ``pid`` waits on a lock (bounded: the test fails rather than hangs)."""
-    for _ in range(20_000):
-        with engine.connect() as conn:
-            waiting = conn.execute(
-                text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
-            ).scalar()
-        if waiting == "Lock":
-            return
-    raise AssertionError("the second enrollment never waited for the first")
-
-
 @pytest.mark.postgresql
-def test_second_enrollment_waits_for_the_first_and_enrolls_nobody_twice(shoppers):
+def test_second_enrollment_waits_for_the_first_and_enrolls_nobody_twice(shoppers, wait_until_blocked):
     """The race itself, made deterministic: tick A enrolls and has not committed when tick B enrolls the
     same entrants. Without the unique index B inserts them all again; with it B waits, then adds none."""
     if shoppers.dialect.name != "postgresql":
@@ -108,7 +96,7 @@ def test_second_enrollment_waits_for_the_first_and_enrolls_nobody_twice(shoppers
             thread = threading.Thread(target=run_b)
             thread.start()
             try:
-                _wait_until_blocked(shoppers, pid)
+                wait_until_blocked(shoppers, pid, "the second enrollment")
             finally:
                 a.commit()
                 thread.join(timeout=60)

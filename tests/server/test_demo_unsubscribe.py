@@ -13,7 +13,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -21,22 +20,12 @@ import pytest
 from feedback_kit import consent
 from serving import free_port
 from sqlalchemy import select
+from tracking_helpers import wait_for
 
 from profiles.db import session_scope
 from profiles.models import OutboxMessage
 
 OMNI = str(Path(sys.executable).with_name("omni"))
-
-
-def wait_for(condition, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling a process or the browser with a deadline, not waiting for behaviour
 
 
 def _env(url: str, port: int) -> dict[str, str]:
@@ -75,7 +64,7 @@ def demo_store(engine, tmp_path):
             return False
 
     try:
-        wait_for(up, "omni serve to answer")
+        wait_for(up, timeout=30, what="omni serve to answer")
         yield base
     finally:
         server.send_signal(signal.SIGTERM)
@@ -111,7 +100,9 @@ def test_the_demo_unsubscribe_link_works_in_a_browser_against_omni_serve(engine,
     assert browser.find_element(By.ID, "address").text == first.recipient
     assert consent(engine, first.customer_id, "email")["allowed"]  # opening the page changes nothing
     browser.find_element(By.CSS_SELECTOR, "#confirm button").click()
-    wait_for(lambda: browser.find_elements(By.ID, "unsubscribed"), "the unsubscribed message")
+    wait_for(
+        lambda: browser.find_elements(By.ID, "unsubscribed"), timeout=30, what="the unsubscribed message"
+    )
     state = consent(engine, first.customer_id, "email")
     assert (state["status"], state["source"], state["allowed"]) == ("opted_out", "preference_centre", False)
     assert "unsubscribed" in browser.find_element(By.ID, "pref-email").text

@@ -3,9 +3,7 @@ it answered 200 for, and ingests none twice once restarted."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -13,36 +11,12 @@ from pathlib import Path
 import httpx
 import orjson
 from sqlalchemy import func, select
-from tracking_helpers import free_port, queued, wait_for
+from tracking_helpers import free_port, queued, start_omni_serve, wait_for
 
 from profiles.models import Event, RejectedEvent
 
 OMNI = str(Path(sys.executable).with_name("omni"))
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _start(database_url: str, port: int, log: Path) -> subprocess.Popen:
-    # PYTHONPATH: this checkout's packages, whatever the installed distribution lists.
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "OMNI_DATABASE_URL": database_url, "PYTHONPATH": path}
-    process = subprocess.Popen(
-        [OMNI, "serve", "--port", str(port), "--no-access-log"],
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if process.poll() is not None:
-            raise AssertionError(f"omni serve exited with {process.returncode}: {log.read_text()[-2000:]}")
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, timeout=60, what="omni serve to listen")
-    return process
 
 
 def _batch(sender: int, n: int) -> dict:
@@ -60,7 +34,7 @@ def test_sigkill_loses_no_acknowledged_event_and_ingests_none_twice(engine, api_
     key = api_key(engine, source="web")
     port = free_port()
     log = tmp_path / "serve.log"
-    server = _start(database_url, port, log)
+    server = start_omni_serve(database_url, port, log, "--no-access-log")
     acknowledged: list[str] = []  # message ids of batches answered 200
     lock = threading.Lock()
     stop = threading.Event()
@@ -94,7 +68,7 @@ def test_sigkill_loses_no_acknowledged_event_and_ingests_none_twice(engine, api_
             thread.join(30)
     assert len(acknowledged) == killed_at  # nothing was answered after the kill
 
-    server = _start(database_url, port, log)
+    server = start_omni_serve(database_url, port, log, "--no-access-log")
     try:
         wait_for(lambda: queued(engine) == 0, timeout=60, what="the restarted server to drain the queue")
     finally:

@@ -7,27 +7,16 @@ from __future__ import annotations
 import html
 import re
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "sequences"))  # journey_kit
 
 from feedback_kit import consent, events  # noqa: E402
 from journey_kit import T0, customer, no_sleep, outbox, seed_stores  # noqa: E402
+from tracking_helpers import wait_for  # noqa: E402
 
 from omni.core.settings import Settings  # noqa: E402
 from sequences.tick import run_tick  # noqa: E402
-
-
-def wait_for(condition, what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)  # polling the browser with a deadline, not waiting for behaviour
 
 
 def test_the_link_of_a_real_email_changes_a_preference(engine, live_server, browser):
@@ -48,7 +37,7 @@ def test_the_link_of_a_real_email_changes_a_preference(engine, live_server, brow
     assert browser.find_element(By.ID, "address").text == "cust1@example.org"
     assert consent(engine, customer_id, "email")["status"] == "default"  # opening the page changes nothing
     browser.find_element(By.ID, "change-sms").click()
-    notice = wait_for(lambda: browser.find_elements(By.ID, "notice"), "the saved notice")
+    notice = wait_for(lambda: browser.find_elements(By.ID, "notice"), what="the saved notice")
     assert notice[0].text == "Saved: you are unsubscribed from SMS."
     state = consent(engine, customer_id, "sms")
     assert (state["status"], state["source"]) == ("opted_out", "preference_centre")
@@ -56,10 +45,10 @@ def test_the_link_of_a_real_email_changes_a_preference(engine, live_server, brow
     assert "unsubscribed" in row.text and browser.find_element(By.ID, "change-sms").text == "Subscribe"
 
     browser.find_element(By.CSS_SELECTOR, "#confirm button").click()
-    wait_for(lambda: browser.find_elements(By.ID, "unsubscribed"), "the unsubscribed message")
+    wait_for(lambda: browser.find_elements(By.ID, "unsubscribed"), what="the unsubscribed message")
     assert consent(engine, customer_id, "email")["status"] == "opted_out"
     browser.find_element(By.ID, "change-email").click()  # and back in
-    wait_for(lambda: consent(engine, customer_id, "email")["status"] == "opted_in", "the opt-in")
+    wait_for(lambda: consent(engine, customer_id, "email")["status"] == "opted_in", what="the opt-in")
     assert [(e.name, e.properties["channel"]) for e in events(engine, "Unsubscribed", "Subscribed")] == [
         ("Unsubscribed", "sms"),
         ("Unsubscribed", "email"),
