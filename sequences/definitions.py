@@ -412,6 +412,13 @@ def step_labels(sequences_dir: Path | None, audiences_dir: Path | None) -> dict[
     }
 
 
+def step_label(steps: Mapping[str, tuple[str, ...]], sequence: str, index: int) -> str | None:
+    """The label of step ``index`` of ``sequence`` in ``steps`` (:func:`step_labels`); None when the
+    sequence or the step is not known (a definition changed or could not be read)."""
+    labels = steps.get(sequence)
+    return labels[index] if labels and 0 <= index < len(labels) else None
+
+
 def load_campaigns(directory: Path | None = None) -> dict[str, CampaignDefinition]:
     """Every campaign in ``directory`` (default: ``./campaigns``; a missing folder holds none). Raises
     DefinitionError."""

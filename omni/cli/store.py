@@ -180,6 +180,7 @@ def _fmt_time(value) -> str:
 def _print_profile(view: dict, steps: dict[str, tuple[str, ...]]) -> None:
     """``steps``: each sequence's step labels (:func:`sequences.definitions.step_labels`)."""
     from profiles.models import CartStatus
+    from sequences.definitions import step_label
 
     c = view["customer"]
     name = " ".join(p for p in (c["first_name"], c["last_name"]) if p) or "(no name)"
@@ -228,9 +229,8 @@ def _print_profile(view: dict, steps: dict[str, tuple[str, ...]]) -> None:
         )
     for journey in view["journeys"]:
         if journey["open"]:
-            labels, index = steps.get(journey["sequence"]), journey["step_index"]
-            at = labels[index] if labels and 0 <= index < len(labels) else f"step {index + 1}"
-            state = f"{journey['status']} at {at}"
+            at = step_label(steps, journey["sequence"], journey["step_index"])
+            state = f"{journey['status']} at {at or 'step ' + str(journey['step_index'] + 1)}"
             if journey["next_run_at"]:
                 state += f", next {_fmt_time(journey['next_run_at'])}"
         else:

@@ -37,7 +37,7 @@ from profiles.lookup import (
 )
 from profiles.models import CartStatus
 from profiles.timeline import customer_view, timeline_page
-from sequences.definitions import step_labels
+from sequences.definitions import step_label, step_labels
 
 # Orders a profile shows (newest first); the timeline has every one.
 ORDERS_SHOWN = 10
@@ -253,10 +253,9 @@ def load_timeline(
 
 def _journey(journey: dict[str, Any], steps: dict[str, tuple[str, ...]]) -> JourneyOut:
     known = steps.get(journey["sequence"])
-    index = journey["step_index"]
     return JourneyOut(
         **journey,
-        step=known[index] if known and 0 <= index < len(known) else None,
+        step=step_label(steps, journey["sequence"], journey["step_index"]),
         steps=len(known) if known else None,
     )
 
